@@ -1,0 +1,1 @@
+"""proposals stage (not built yet)."""

@@ -1,0 +1,136 @@
+"""The one box convention of the project, and the conversions at its edges.
+
+Every box inside the toolkit is a float ``(x1, y1, x2, y2)`` in continuous pixel coordinates:
+the image spans ``[0, W] x [0, H]``, a box's width is ``x2 - x1`` and a one-pixel box at column
+``c`` is ``(c, ., c + 1, .)``. Loaders convert at the edge (VOC's 1-based inclusive corners, COCO's
+``xywh``) and evaluators convert back for their pixel-inclusive rules.
+
+Arrays are numpy ``float32``/``float64`` of shape ``[N, 4]``; IoU and NMS run in
+``torchvision.ops`` and accept numpy arrays or tensors (numpy in, numpy out).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision import ops
+
+__all__ = [
+    "as_boxes",
+    "voc_to_xyxy",
+    "xyxy_to_voc",
+    "xywh_to_xyxy",
+    "xyxy_to_xywh",
+    "normalize",
+    "denormalize",
+    "area",
+    "clip",
+    "is_valid",
+    "iou",
+    "nms",
+    "batched_nms",
+]
+
+
+def as_boxes(boxes, dtype=np.float32) -> np.ndarray:
+    """Any ``[N, 4]``-like input (list, array, empty) -> ``np.ndarray[N, 4]`` of ``dtype``."""
+    arr = np.asarray(boxes, dtype=dtype)
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=dtype)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"boxes must have shape [N, 4], got {arr.shape}")
+    return arr
+
+
+def voc_to_xyxy(boxes) -> np.ndarray:
+    """VOC/ILSVRC 1-based inclusive ``(xmin, ymin, xmax, ymax)`` -> continuous ``xyxy``.
+
+    Pixel ``xmin`` (1-based) starts at continuous ``xmin - 1``; pixel ``xmax`` ends at ``xmax``.
+    """
+    b = as_boxes(boxes, np.float64).copy()
+    b[:, :2] -= 1.0
+    return b.astype(np.float32)
+
+
+def xyxy_to_voc(boxes) -> np.ndarray:
+    """Continuous ``xyxy`` -> VOC 1-based inclusive corners (inverse of :func:`voc_to_xyxy`)."""
+    b = as_boxes(boxes, np.float64).copy()
+    b[:, :2] += 1.0
+    return b
+
+
+def xywh_to_xyxy(boxes) -> np.ndarray:
+    """COCO ``(x, y, w, h)`` -> ``(x1, y1, x2, y2)``."""
+    b = as_boxes(boxes, np.float64)
+    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1).astype(np.float32)
+
+
+def xyxy_to_xywh(boxes) -> np.ndarray:
+    """``(x1, y1, x2, y2)`` -> COCO ``(x, y, w, h)``."""
+    b = as_boxes(boxes, np.float64)
+    return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
+
+
+def normalize(boxes, width: float, height: float) -> np.ndarray:
+    """Pixel ``xyxy`` -> ``xyxy`` in ``[0, 1]`` relative to the image size."""
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    return (as_boxes(boxes, np.float64) / scale).astype(np.float32)
+
+
+def denormalize(boxes, width: float, height: float) -> np.ndarray:
+    """Normalised ``xyxy`` -> pixel ``xyxy`` (inverse of :func:`normalize`)."""
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    return (as_boxes(boxes, np.float64) * scale).astype(np.float32)
+
+
+def area(boxes) -> np.ndarray:
+    """``[N, 4]`` -> ``[N]`` areas; boxes with ``x2 < x1`` or ``y2 < y1`` have area 0."""
+    b = as_boxes(boxes, np.float64)
+    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+
+
+def clip(boxes, width: float, height: float) -> np.ndarray:
+    """Clip ``[N, 4]`` boxes to the image ``[0, width] x [0, height]`` (returns a new array)."""
+    b = as_boxes(boxes).copy()
+    b[:, 0::2] = np.clip(b[:, 0::2], 0, width)
+    b[:, 1::2] = np.clip(b[:, 1::2], 0, height)
+    return b
+
+
+def is_valid(boxes, min_size: float = 0.0) -> np.ndarray:
+    """``[N]`` bool: finite, and both sides strictly longer than ``min_size``."""
+    b = as_boxes(boxes, np.float64)
+    finite = np.isfinite(b).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        return finite & (b[:, 2] - b[:, 0] > min_size) & (b[:, 3] - b[:, 1] > min_size)
+
+
+def _tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def iou(boxes1, boxes2):
+    """Pairwise IoU: ``[N, 4]``, ``[M, 4]`` -> ``[N, M]`` (``torchvision.ops.box_iou``).
+
+    Numpy in gives numpy out (float64 inputs stay float64); tensors give tensors.
+    """
+    numpy_in = not isinstance(boxes1, torch.Tensor)
+    if numpy_in:
+        boxes1, boxes2 = as_boxes(boxes1, np.float64), as_boxes(boxes2, np.float64)
+    out = ops.box_iou(_tensor(boxes1), _tensor(boxes2))
+    return out.numpy() if numpy_in else out
+
+
+def nms(boxes, scores, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS (``torchvision.ops.nms``): indices kept, highest score first, ``[K]`` int64."""
+    b, s = as_boxes(boxes), np.asarray(scores, dtype=np.float32).reshape(-1)
+    return ops.nms(_tensor(b), _tensor(s), float(iou_threshold)).numpy()
+
+
+def batched_nms(boxes, scores, labels, iou_threshold: float) -> np.ndarray:
+    """NMS within each label (``torchvision.ops.batched_nms``): kept indices ``[K]``, by score."""
+    b, s = as_boxes(boxes), np.asarray(scores, dtype=np.float32).reshape(-1)
+    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+    return ops.batched_nms(_tensor(b), _tensor(s), _tensor(lab), float(iou_threshold)).numpy()

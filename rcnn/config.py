@@ -1,0 +1,297 @@
+"""The configuration: typed defaults (a comment on every key), dataset presets, and override parsing.
+
+Overrides use Hydra's grammar (``key=value``, ``group=option``, lists as ``[a,b]``) and are composed
+with Hydra's compose API against the dataclasses below, so unknown keys, unknown choices and wrong
+types fail before any work, with a message that lists what is valid.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+__all__ = ["Stage", "Config", "ConfigError", "load_config", "DATASET_PRESETS", "usage"]
+
+
+class Stage(Enum):
+    """The stages, in pipeline order; ``all`` runs them one after another."""
+
+    data = "data"  # load and check the dataset; per-split counts
+    proposals = "proposals"  # selective search (+ MultiBox) boxes per image
+    multibox = "multibox"  # train the MultiBox proposer
+    finetune = "finetune"  # fine-tune the backbone on warped proposals
+    features = "features"  # 1024-d GoogLeNet features per proposal
+    svm = "svm"  # per-class linear SVMs + box regressors -> detector file
+    detect = "detect"  # run the detector on the test split (or on image=PATH)
+    eval = "eval"  # VOC / ILSVRC / COCO mAP of the detections
+    benchmark = "benchmark"  # the whole chain, one report
+    all = "all"  # data -> proposals -> ... -> eval
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets. One schema per kind of dataset; a preset is an instance with its paths filled in.
+# Relative paths are relative to the current working directory.
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # names the run folder, data/runs/<name>
+    train_split: str = "train"  # split used for training
+    test_split: str = "test"  # split used for testing and evaluation
+    classes: Optional[List[str]] = None  # class names in label order; null = every class found
+    limit: Optional[int] = None  # keep only the first N images of each split (quick trials)
+
+
+@dataclass
+class VocConfig(DatasetConfig):
+    """A PASCAL VOC tree: Annotations/<id>.xml, JPEGImages/<id><image_ext>, ImageSets/Main/<split>.txt."""
+
+    name: str = "voc"
+    root: str = MISSING  # the folder holding Annotations/, JPEGImages/ and ImageSets/
+    train_split: str = "trainval"
+    test_split: str = "test"
+    image_ext: str = ".jpg"  # image file = JPEGImages/<id><image_ext> (else the XML's <filename>)
+
+
+@dataclass
+class CocoConfig(DatasetConfig):
+    """COCO instances JSON files, one per split, each with its image folder."""
+
+    name: str = "coco"
+    root: Optional[str] = None  # base folder that the presets' paths below are built from
+    train_json: str = MISSING  # instances JSON of the training split
+    train_images: str = MISSING  # folder of the training images (file_name is relative to it)
+    test_json: str = MISSING  # instances JSON of the test split
+    test_images: str = MISSING  # folder of the test images
+
+
+@dataclass
+class IlsvrcConfig(DatasetConfig):
+    """ILSVRC DET: VOC-like XML whose object names are WordNet synset ids (n01443537, ...)."""
+
+    name: str = "ilsvrc"
+    root: str = MISSING  # the ILSVRC folder (holding Annotations/, Data/, ImageSets/, devkit/)
+    train_split: str = "train"
+    test_split: str = "val"
+    annotations: str = "Annotations/DET"  # <root>/<annotations>/<split>/<id>.xml
+    images: str = "Data/DET"  # <root>/<images>/<split>/<id><image_ext>
+    image_sets: str = "ImageSets/DET"  # <root>/<image_sets>/<split>.txt, lines "<id> <index>"
+    image_ext: str = ".JPEG"
+    # Lines "<image index> <synset>": image/class pairs ignored by the ILSVRC evaluator (test split).
+    blacklist: Optional[str] = "devkit/data/ILSVRC2015_det_validation_blacklist.txt"
+    # Lines "<synset> <index> <name>": class order and readable names; null = synsets found in XML.
+    synsets: Optional[str] = "devkit/data/map_det.txt"
+
+
+@dataclass
+class DemoConfig(DatasetConfig):
+    """The synthetic demo: coloured shapes on cluttered backgrounds, generated into `root` (VOC layout)."""
+
+    name: str = "demo"
+    root: str = "data/demo"  # where it is generated (regenerated if the settings below change)
+    seed: int = 0  # generator seed: same seed, same images
+    train_images: int = 64  # images in the train split
+    test_images: int = 32  # images in the test split
+    width: int = 320  # image width in pixels
+    height: int = 240  # image height in pixels
+    max_objects: int = 4  # objects per image: 1..max_objects
+    min_size: int = 32  # smallest object side in pixels
+    max_size: int = 120  # largest object side in pixels
+
+
+_COCO128 = "../shared/datasets/coco128"
+
+DATASET_PRESETS: dict[str, DatasetConfig] = {
+    "demo": DemoConfig(),
+    "voc": VocConfig(),
+    "coco": CocoConfig(),
+    "ilsvrc": IlsvrcConfig(),
+    "coco128": CocoConfig(
+        name="coco128",
+        root=_COCO128,
+        train_split="train2017",
+        test_split="val2017",
+        train_json="${.root}/annotations/instances_train2017.json",
+        train_images="${.root}/train2017",
+        test_json="${.root}/annotations/instances_val2017.json",
+        test_images="${.root}/val2017",
+    ),
+    "voc2007": VocConfig(
+        name="voc2007",
+        root="data/VOCdevkit/VOC2007",
+        train_split="trainval",
+        test_split="test",
+        classes=[
+            "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+            "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+            "train", "tvmonitor",
+        ],  # fmt: skip
+    ),
+    "coco2017": CocoConfig(
+        name="coco2017",
+        root="data/coco",
+        train_split="train2017",
+        test_split="val2017",
+        train_json="${.root}/annotations/instances_train2017.json",
+        train_images="${.root}/train2017",
+        test_json="${.root}/annotations/instances_val2017.json",
+        test_images="${.root}/val2017",
+    ),
+    "ilsvrc2014": IlsvrcConfig(name="ilsvrc2014", root="data/ILSVRC"),
+}
+DATASET_PRESETS["voc2012"] = VocConfig(
+    name="voc2012",
+    root="data/VOCdevkit/VOC2012",
+    train_split="train",
+    test_split="val",
+    classes=list(DATASET_PRESETS["voc2007"].classes),
+)
+
+# Where a preset's data comes from, shown when it is missing.
+DATASET_HINTS = {
+    "voc2007": "extract VOCtrainval_06-Nov-2007.tar and VOCtest_06-Nov-2007.tar (PASCAL VOC site) in data/",
+    "voc2012": "extract VOCtrainval_11-May-2012.tar (PASCAL VOC site) in data/",
+    "coco2017": "unzip train2017.zip, val2017.zip and annotations_trainval2017.zip (cocodataset.org) in data/coco/",
+    "ilsvrc2014": "extract the ILSVRC DET images, annotations, image sets and devkit (image-net.org) in data/ILSVRC/",
+    "coco128": "it is expected in ../shared/datasets/coco128 beside the repository",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole configuration.
+
+
+@dataclass
+class Config:
+    defaults: List[Any] = field(default_factory=lambda: [{"dataset": "demo"}, "_self_"])
+    stage: Stage = Stage.all  # which stage to run (see Stage); `all` runs the chain in order
+    dataset: Any = MISSING  # a dataset preset: dataset=<name>, then dataset.<key>=... to adjust it
+    out: str = "data/runs/${dataset.name}"  # the run folder; each stage writes <out>/<stage>/
+    seed: int = 0  # seeds Python's, numpy's and torch's generators
+    workers: int = 0  # worker processes for per-image work; 0 = one per CPU core
+    progress: bool = True  # show progress bars
+
+
+class ConfigError(ValueError):
+    """A bad command line: unknown key, unknown choice or wrong type."""
+
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config", node=Config)
+    for name, node in DATASET_PRESETS.items():
+        cs.store(group="dataset", name=name, node=node)
+    _registered = True
+
+
+def _missing(node: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted names of the keys still set to ``???``."""
+    out = []
+    for k in node.keys():
+        if OmegaConf.is_missing(node, k):
+            out.append(f"{prefix}{k}")
+        elif isinstance(node[k], DictConfig):
+            out += _missing(node[k], f"{prefix}{k}.")
+    return out
+
+
+def _explain(override: str, base: DictConfig, cause: BaseException | None) -> str:
+    """A readable reason for a rejected override, listing the valid keys or choices."""
+    key, _, value = override.partition("=")
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(base, parent) if parent else base
+    if not isinstance(node, DictConfig) or leaf not in node:
+        where = f"'{parent}'" if parent else "the top level"
+        valid = ", ".join(node.keys()) if isinstance(node, DictConfig) else ""
+        extra = "; choose a dataset with dataset=<name>" if key.startswith("dataset.") else ""
+        return f"unknown key '{key}' at {where}. Valid keys: {valid}{extra}"
+    if key == "stage":
+        return f"unknown stage '{value}'. Valid stages: {', '.join(s.value for s in Stage)}"
+    reason = str(cause).splitlines()[0] if cause else "wrong type"
+    return f"bad value for '{key}': {reason}"
+
+
+def usage() -> str:
+    _register()
+    cfg = load_config([])
+    groups = ", ".join(DATASET_PRESETS)
+    return (
+        "usage: python -m rcnn.run [key=value ...]\n\n"
+        f"  stage=<{'|'.join(s.value for s in Stage)}>   (default: all)\n"
+        f"  dataset=<{'|'.join(DATASET_PRESETS)}>   (default: demo)\n"
+        "  dataset.<key>=value   adjusts the chosen dataset, e.g. dataset.limit=10\n\n"
+        f"Dataset presets: {groups}.\nDefaults (with dataset=demo):\n\n"
+        + OmegaConf.to_yaml(cfg)
+    )
+
+
+def load_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose the configuration from the defaults and ``key=value`` overrides.
+
+    Raises :class:`ConfigError` with a message that lists the valid keys or choices.
+    """
+    _register()
+    from hydra import compose, initialize
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides or [])
+    for ov in overrides:
+        if ov.startswith(("+", "~")):
+            raise ConfigError(f"'{ov}': adding or deleting keys is not supported; set existing keys with key=value")
+        if "=" not in ov:
+            raise ConfigError(f"'{ov}' is not a key=value override (see --help)")
+    with initialize(version_base="1.3", config_path=None, job_name="rcnn"):
+        try:
+            cfg = compose(config_name="config", overrides=overrides)
+        except MissingConfigException as e:
+            group = next((o.split("=", 1) for o in overrides if o.startswith("dataset=")), ["dataset", "?"])
+            raise ConfigError(
+                f"unknown {group[0]} '{group[1]}'. Valid choices: {', '.join(DATASET_PRESETS)}"
+            ) from e
+        except (ConfigCompositionException, OmegaConfBaseException) as e:
+            msg = str(e)
+            bad = next((o for o in overrides if f"override {o}" in msg or f"'{o.split('=')[0]}'" in msg), None)
+            base = compose(
+                config_name="config", overrides=[o for o in overrides if o.startswith("dataset=")]
+            )
+            raise ConfigError(_explain(bad, base, e.__cause__) if bad else msg) from e
+    missing = _missing(cfg)
+    if missing:
+        raise ConfigError(f"missing value for {', '.join(missing)}: set it with {missing[0]}=...")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"could not resolve the configuration: {e}") from e
+    if cfg.workers < 0:
+        raise ConfigError(f"workers must be >= 0 (0 = one per core), got {cfg.workers}")
+    if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
+        raise ConfigError(f"dataset.limit must be >= 1 or null, got {cfg.dataset.limit}")
+    return cfg
+
+
+def num_workers(cfg: DictConfig) -> int:
+    """``cfg.workers``, with 0 meaning one per CPU core available to this process."""
+    if cfg.workers:
+        return int(cfg.workers)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def to_dict(node: DictConfig) -> dict:
+    """A resolved plain ``dict`` of a config node (enums as their names), for hashing and JSON."""
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)

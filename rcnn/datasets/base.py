@@ -1,0 +1,252 @@
+"""The dataset interface shared by every loader: ids, images, ground truth, classes, splits."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from .. import boxes as B
+
+__all__ = ["DatasetError", "Annotation", "ImageRecord", "DetectionDataset", "read_image", "check_boxes"]
+
+log = logging.getLogger("rcnn.datasets")
+
+ImageId = Union[int, str]
+
+
+class DatasetError(ValueError):
+    """Missing or bad data. The message names the file, and the image or box, at fault."""
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """Ground truth of one image.
+
+    boxes: float32 [N, 4] continuous (x1, y1, x2, y2); labels: int64 [N] in [0, num_classes);
+    difficult: bool [N] (VOC "difficult", COCO "iscrowd": neither counted nor penalised).
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    difficult: np.ndarray
+    width: int
+    height: int
+
+    @staticmethod
+    def empty(width: int, height: int) -> "Annotation":
+        return Annotation(
+            np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool), int(width), int(height)
+        )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: ImageId
+    path: Path  # the image file
+    source: str  # where its annotation came from (for messages)
+    annotation: Annotation
+
+
+@dataclass
+class BoxReport:
+    """What happened to boxes on load: clipped or dropped, with one message each."""
+
+    clipped: int = 0
+    dropped: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def add(self, msg: str, dropped: bool) -> None:
+        if dropped:
+            self.dropped += 1
+        else:
+            self.clipped += 1
+        self.messages.append(msg)
+
+
+def check_boxes(
+    boxes: np.ndarray, width: int, height: int, where: str, report: BoxReport, names: Sequence[str] = ()
+) -> np.ndarray:
+    """Clip boxes partly outside the image, flag degenerate ones; every change is reported.
+
+    Args:
+        boxes: float [N, 4] xyxy. width, height: the image size. where: file (and image) named in
+        messages. names: per-box descriptions (e.g. class names) for the messages.
+
+    Returns: ``keep`` bool [N]; boxes are clipped in place. Non-finite coordinates raise.
+    """
+    keep = np.ones(len(boxes), dtype=bool)
+    for i, box in enumerate(boxes):
+        what = f"{where}: box {i}" + (f" ({names[i]})" if i < len(names) else "") + f" {np.round(box, 2).tolist()}"
+        if not np.isfinite(box).all():
+            raise DatasetError(f"{what}: coordinates are not finite numbers")
+        x1, y1, x2, y2 = box
+        if x2 <= x1 or y2 <= y1:
+            report.add(f"{what}: x2 <= x1 or y2 <= y1, dropped", dropped=True)
+            keep[i] = False
+        elif x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            report.add(f"{what}: entirely outside the {width}x{height} image, dropped", dropped=True)
+            keep[i] = False
+        elif x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            boxes[i] = B.clip(box[None], width, height)[0]
+            report.add(f"{what}: partly outside the {width}x{height} image, clipped", dropped=False)
+    return keep
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as RGB uint8 ``[H, W, 3]``: grayscale, 16-bit, CMYK, palette and alpha converted."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                a = np.asarray(im, dtype=np.float64)
+                hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+                gray = np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8)
+                return np.repeat(gray[:, :, None], 3, axis=2)
+            if im.mode == "P":
+                im = im.convert("RGBA")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: unreadable image ({e})") from e
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable image ({e})") from e
+
+
+class DetectionDataset:
+    """A detection dataset: images by id, their ground truth, class names and splits.
+
+    Built by the loaders in this package (``build_dataset(cfg.dataset)``); every split is a list of
+    image ids in the order of the dataset's own lists, already cut to ``dataset.limit``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        classes: Sequence[str],
+        records: Iterable[ImageRecord],
+        splits: dict[str, list[ImageId]],
+        train_split: str,
+        test_split: str,
+        report: BoxReport | None = None,
+        category_ids: Sequence[int] | None = None,
+        display_names: Sequence[str] | None = None,
+        blacklist: Iterable[tuple[ImageId, int]] = (),
+    ):
+        self.name = name
+        self.classes = tuple(classes)
+        self.records = {r.image_id: r for r in records}
+        self.splits = {k: list(v) for k, v in splits.items()}
+        self.train_split, self.test_split = train_split, test_split
+        self.report = report or BoxReport()
+        # COCO category id of each label (COCO keeps its own ids; other datasets use label + 1).
+        self.category_ids = tuple(category_ids) if category_ids else tuple(range(1, len(self.classes) + 1))
+        self.display_names = tuple(display_names) if display_names else self.classes
+        self.blacklist = frozenset(blacklist)  # (image id, label) pairs the ILSVRC evaluator ignores
+        for split in (train_split, test_split):
+            if split not in self.splits:
+                raise DatasetError(f"{name}: no split named '{split}' (splits: {', '.join(self.splits)})")
+        for split, ids in self.splits.items():
+            unknown = [i for i in ids if i not in self.records]
+            if unknown:
+                raise DatasetError(f"{name}: split {split} lists images without a record: {unknown[:5]}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def image_ids(self, split: str) -> list[ImageId]:
+        try:
+            return self.splits[split]
+        except KeyError:
+            raise DatasetError(f"{self.name}: no split named '{split}' (splits: {', '.join(self.splits)})") from None
+
+    def record(self, image_id: ImageId) -> ImageRecord:
+        try:
+            return self.records[image_id]
+        except KeyError:
+            raise DatasetError(f"{self.name}: no image with id {image_id!r}") from None
+
+    def annotation(self, image_id: ImageId) -> Annotation:
+        return self.record(image_id).annotation
+
+    def image_path(self, image_id: ImageId) -> Path:
+        return self.record(image_id).path
+
+    def load_image(self, image_id: ImageId) -> np.ndarray:
+        """RGB uint8 ``[H, W, 3]``; its size is checked against the annotation's."""
+        rec = self.record(image_id)
+        img = read_image(rec.path)
+        h, w = img.shape[:2]
+        a = rec.annotation
+        if (w, h) != (a.width, a.height):
+            hint = " (rotated by its EXIF orientation?)" if (h, w) == (a.width, a.height) else ""
+            raise DatasetError(
+                f"{rec.path}: image is {w}x{h} but {rec.source} says {a.width}x{a.height}{hint}"
+            )
+        return img
+
+    def fingerprint(self) -> str:
+        """Hash of everything that identifies the data: classes, splits, boxes, image files' stats."""
+        h = hashlib.sha256()
+        h.update(repr((self.classes, self.category_ids, sorted(self.splits.items(), key=str))).encode())
+        for split in sorted(self.splits):
+            for image_id in self.splits[split]:
+                rec = self.records[image_id]
+                a = rec.annotation
+                try:
+                    st = rec.path.stat()
+                    stamp = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    stamp = None
+                h.update(repr((image_id, str(rec.path), stamp, a.width, a.height)).encode())
+                for arr in (a.boxes, a.labels, a.difficult):
+                    h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()[:16]
+
+    def split_stats(self, split: str) -> dict:
+        """Counts of one split: images, boxes, difficult boxes, classes present, boxes per class."""
+        ids = self.image_ids(split)
+        per_class = np.zeros(self.num_classes, dtype=np.int64)
+        boxes = difficult = empty = 0
+        for i in ids:
+            a = self.annotation(i)
+            boxes += len(a.labels)
+            difficult += int(a.difficult.sum())
+            empty += int(len(a.labels) == 0)
+            np.add.at(per_class, a.labels, 1)
+        return {
+            "images": len(ids),
+            "boxes": boxes,
+            "difficult": difficult,
+            "classes": int((per_class > 0).sum()),
+            "images_without_boxes": empty,
+            "boxes_per_class": {c: int(n) for c, n in zip(self.classes, per_class) if n},
+        }
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{k}: {len(v)}" for k, v in self.splits.items())
+        return f"DetectionDataset({self.name!r}, {self.num_classes} classes, {sizes})"
+
+
+def log_box_report(report: BoxReport, limit: int = 10) -> None:
+    for msg in report.messages[:limit]:
+        log.warning(msg)
+    if len(report.messages) > limit:
+        log.warning("... and %d more box warnings (counted in the data stage's metrics.json)", len(report.messages) - limit)

@@ -1,0 +1,164 @@
+"""COCO instances JSON: one file and one image folder per split."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .. import boxes as B
+from .base import Annotation, BoxReport, DatasetError, DetectionDataset, ImageRecord, check_boxes, log_box_report
+
+__all__ = ["load_coco", "read_coco_json"]
+
+log = logging.getLogger("rcnn.datasets")
+
+
+def read_coco_json(path: str | Path, hint: str = "") -> dict:
+    """Read an instances file and check its top-level layout."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        where = f"; {hint}" if hint else ""
+        raise DatasetError(f"{path}: COCO annotation file not found{where}") from None
+    if not text.strip():
+        raise DatasetError(f"{path}: empty annotation file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object with images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{path}: missing or non-list '{key}'")
+    return data
+
+
+def _categories(data: dict, path: Path) -> dict[int, str]:
+    cats = {}
+    for c in data["categories"]:
+        try:
+            cats[int(c["id"])] = str(c["name"])
+        except (KeyError, TypeError, ValueError):
+            raise DatasetError(f"{path}: malformed category {c!r} (needs 'id' and 'name')") from None
+    return cats
+
+
+def _split(
+    data: dict,
+    path: Path,
+    images_dir: Path,
+    cats: dict[int, str],
+    label_of: dict[int, int],
+    report: BoxReport,
+    limit: int | None,
+) -> tuple[list[ImageRecord], list[int]]:
+    """Records of one split's images (the first ``limit``), in the file's order."""
+    images = {}
+    for im in data["images"]:
+        try:
+            image_id, file_name = int(im["id"]), str(im["file_name"])
+            width, height = int(im["width"]), int(im["height"])
+        except (KeyError, TypeError, ValueError):
+            raise DatasetError(f"{path}: malformed image entry {im!r} (needs id, file_name, width, height)") from None
+        if image_id in images:
+            raise DatasetError(f"{path}: image id {image_id} appears twice")
+        images[image_id] = (file_name, width, height)
+    order = list(images)[:limit] if limit else list(images)
+    wanted = set(order)
+
+    per_image: dict[int, list] = {i: [] for i in order}
+    for ann in data["annotations"]:
+        aid = ann.get("id", "?")
+        image_id = ann.get("image_id")
+        if image_id not in images:
+            raise DatasetError(f"{path}: annotation {aid} refers to image {image_id!r}, which is not in 'images'")
+        if image_id not in wanted:
+            continue
+        cat = ann.get("category_id")
+        if cat not in cats:
+            raise DatasetError(f"{path}: annotation {aid} (image {image_id}) has unknown category_id {cat!r}")
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+            raise DatasetError(f"{path}: annotation {aid} (image {image_id}) has bbox {bbox!r}, not [x, y, w, h]")
+        if cat in label_of:  # categories left out of dataset.classes are skipped
+            per_image[image_id].append((aid, bbox, label_of[cat], bool(ann.get("iscrowd", 0))))
+
+    records = []
+    for image_id in order:
+        file_name, width, height = images[image_id]
+        anns = per_image[image_id]
+        where = f"{path}: image {image_id} ({file_name})"
+        try:
+            xywh = np.array([a[1] for a in anns], dtype=np.float64).reshape(-1, 4)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{where}: a bbox holds a value that is not a number") from None
+        boxes = B.xywh_to_xyxy(xywh)
+        keep = check_boxes(boxes, width, height, where, report, [f"annotation {a[0]}" for a in anns])
+        ann = Annotation(
+            boxes=boxes[keep],
+            labels=np.array([a[2] for a in anns], dtype=np.int64)[keep],
+            difficult=np.array([a[3] for a in anns], dtype=bool)[keep],
+            width=width,
+            height=height,
+        )
+        img = images_dir / file_name
+        if not img.exists():
+            raise DatasetError(f"{img}: image file not found (image {image_id} of {path})")
+        records.append(ImageRecord(image_id, img, str(path), ann))
+    return records, order
+
+
+def load_coco(cfg, hint: str = "") -> DetectionDataset:
+    """COCO JSON splits. Labels are contiguous (categories sorted by id); ``iscrowd`` boxes are
+    flagged ``difficult`` (ignored, as COCOeval does)."""
+    files = {
+        cfg.train_split: (Path(cfg.train_json), Path(cfg.train_images)),
+        cfg.test_split: (Path(cfg.test_json), Path(cfg.test_images)),
+    }
+    datas = {split: read_coco_json(js, hint) for split, (js, _) in files.items()}
+    first_split = next(iter(files))
+    cats = _categories(datas[first_split], files[first_split][0])
+    for split, data in datas.items():
+        if _categories(data, files[split][0]) != cats:
+            raise DatasetError(
+                f"{files[split][0]}: its categories differ from those of {files[first_split][0]}; "
+                "all splits must share one category list"
+            )
+    by_id = sorted(cats)
+    if cfg.classes:
+        names = {n: i for i, n in cats.items()}
+        unknown = [c for c in cfg.classes if c not in names]
+        if unknown:
+            raise DatasetError(f"dataset.classes names {unknown}, not categories of {files[first_split][0]}")
+        by_id = [names[c] for c in cfg.classes]
+        log.info("keeping %d of %d COCO categories (dataset.classes)", len(by_id), len(cats))
+    label_of = {cat: k for k, cat in enumerate(by_id)}
+
+    report = BoxReport()
+    records, splits = [], {}
+    seen: dict[int, Path] = {}
+    for split, data in datas.items():
+        json_path, images_dir = files[split]
+        recs, order = _split(data, json_path, images_dir, cats, label_of, report, cfg.limit)
+        for r in recs:
+            if r.image_id in seen and seen[r.image_id] != r.path:
+                raise DatasetError(f"{json_path}: image id {r.image_id} is also used by {seen[r.image_id]}")
+            seen[r.image_id] = r.path
+        records += recs
+        splits[split] = order
+    log_box_report(report)
+    return DetectionDataset(
+        cfg.name,
+        [cats[c] for c in by_id],
+        records,
+        splits,
+        cfg.train_split,
+        cfg.test_split,
+        report,
+        category_ids=by_id,
+    )

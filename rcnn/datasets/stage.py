@@ -1,0 +1,83 @@
+"""``stage=data``: load the dataset, decode and check every image, count boxes and classes."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import numpy as np
+
+from ..config import to_dict
+from ..parallel import process_images
+from ..store import StageStore
+from .base import DetectionDataset
+
+FORMAT_VERSION = 1
+
+
+def data_store(ctx) -> StageStore:
+    """The data stage's store: keyed by the dataset config and a fingerprint of its contents."""
+    ds = ctx.dataset
+    return StageStore(
+        ctx.run_dir,
+        "data",
+        {"dataset": to_dict(ctx.cfg.dataset), "fingerprint": ds.fingerprint()},
+        version=FORMAT_VERSION,
+    )
+
+
+def check_image(ds: DetectionDataset, image_id) -> dict[str, np.ndarray]:
+    """Decode one image (raising a DatasetError naming it if bad) and return its ground truth."""
+    img = ds.load_image(image_id)
+    a = ds.annotation(image_id)
+    return {
+        "boxes": a.boxes,
+        "labels": a.labels,
+        "difficult": a.difficult,
+        "size": np.array(img.shape[:2], dtype=np.int64),
+    }
+
+
+def format_table(metrics: dict) -> str:
+    rows = [("split", "images", "boxes", "classes", "difficult")]
+    for split, s in metrics["splits"].items():
+        rows.append((split, s["images"], s["boxes"], s["classes"], s["difficult"]))
+    widths = [max(len(str(r[k])) for r in rows) for k in range(len(rows[0]))]
+    lines = ["  ".join(str(v).rjust(w) if k else str(v).ljust(w) for k, (v, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines)
+
+
+def run(ctx) -> dict:
+    start = time.perf_counter()
+    ds = ctx.dataset
+    store = data_store(ctx)
+    splits = list(dict.fromkeys([ds.train_split, ds.test_split]))
+    computed = 0
+    for split in splits:
+        computed += process_images(
+            store,
+            ds.image_ids(split),
+            partial(check_image, ds),
+            workers=ctx.workers,
+            progress=ctx.cfg.progress,
+            desc=f"data {split}",
+        )
+    seconds = time.perf_counter() - start
+    metrics = {
+        "stage": "data",
+        "dataset": ds.name,
+        "key": store.key,
+        "num_classes": ds.num_classes,
+        "classes": list(ds.classes),
+        "splits": {split: ds.split_stats(split) for split in splits},
+        "boxes_clipped": ds.report.clipped,
+        "boxes_dropped": ds.report.dropped,
+        "images_checked_now": computed,
+        "seconds": round(seconds, 3),
+    }
+    store.finish(metrics)
+    print(f"{ds.name}: {ds.num_classes} classes")
+    print(format_table(metrics))
+    if ds.report.clipped or ds.report.dropped:
+        print(f"boxes clipped: {ds.report.clipped}, dropped: {ds.report.dropped} (see the warnings above)")
+    return metrics

@@ -1,0 +1,224 @@
+"""PASCAL VOC trees and ILSVRC DET (VOC-like XML with synset ids as class names)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .. import boxes as B
+from .base import (
+    Annotation,
+    BoxReport,
+    DatasetError,
+    DetectionDataset,
+    ImageRecord,
+    check_boxes,
+    image_size,
+    log_box_report,
+)
+
+__all__ = ["load_voc", "load_ilsvrc", "parse_voc_xml", "VocObject"]
+
+
+@dataclass(frozen=True)
+class VocObject:
+    name: str
+    box: tuple[float, float, float, float]  # as written: 1-based inclusive (xmin, ymin, xmax, ymax)
+    difficult: bool
+
+
+@dataclass(frozen=True)
+class VocFile:
+    filename: str | None
+    width: int
+    height: int
+    objects: list[VocObject]
+
+
+def _number(node: ET.Element | None, tag: str, where: str) -> float:
+    text = node.findtext(tag) if node is not None else None
+    if text is None:
+        raise DatasetError(f"{where}: missing <{tag}>")
+    try:
+        return float(text)
+    except ValueError:
+        raise DatasetError(f"{where}: <{tag}> is {text!r}, not a number") from None
+
+
+def parse_voc_xml(path: Path) -> VocFile:
+    """Parse one VOC/ILSVRC annotation file; every problem is a DatasetError naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: annotation file not found") from None
+    if not data.strip():
+        raise DatasetError(f"{path}: empty annotation file")
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as e:
+        raise DatasetError(f"{path}: malformed XML ({e})") from None
+    if root.tag != "annotation":
+        raise DatasetError(f"{path}: root element is <{root.tag}>, expected <annotation>")
+    size = root.find("size")
+    width = int(_number(size, "width", f"{path}: <size>")) if size is not None else 0
+    height = int(_number(size, "height", f"{path}: <size>")) if size is not None else 0
+    objects = []
+    for k, obj in enumerate(root.findall("object")):
+        where = f"{path}: object {k}"
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise DatasetError(f"{where}: missing <name>")
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise DatasetError(f"{where} ({name}): missing <bndbox>")
+        box = tuple(_number(bb, t, f"{where} ({name}) <bndbox>") for t in ("xmin", "ymin", "xmax", "ymax"))
+        difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true", "True")
+        objects.append(VocObject(name, box, difficult))
+    return VocFile(root.findtext("filename"), width, height, objects)
+
+
+def _read_lines(path: Path, what: str) -> list[list[str]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} not found") from None
+    return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def _build(
+    name: str,
+    split_ids: dict[str, list[str]],
+    xml_path: Callable[[str, str], Path],
+    image_path: Callable[[str, str, VocFile], Path],
+    classes: Sequence[str] | None,
+) -> tuple[list[ImageRecord], list[str], BoxReport]:
+    """Parse every listed annotation into records; derive the class list when it is not given."""
+    parsed: dict[str, tuple[Path, Path, VocFile]] = {}
+    for split, ids in split_ids.items():
+        for image_id in ids:
+            if image_id in parsed:
+                continue
+            xml = xml_path(split, image_id)
+            vf = parse_voc_xml(xml)
+            parsed[image_id] = (xml, image_path(split, image_id, vf), vf)
+    if classes is None:
+        classes = sorted({o.name for _, _, vf in parsed.values() for o in vf.objects})
+    label = {c: i for i, c in enumerate(classes)}
+    report = BoxReport()
+    records = []
+    for image_id, (xml, img, vf) in parsed.items():
+        if not img.exists():
+            raise DatasetError(f"{img}: image file not found (annotated in {xml})")
+        width, height = vf.width, vf.height
+        if width <= 0 or height <= 0:  # no usable <size>: read it from the image header
+            width, height = image_size(img)
+        for k, o in enumerate(vf.objects):
+            if o.name not in label:
+                raise DatasetError(
+                    f"{xml}: object {k} has class '{o.name}', which is not in dataset.classes "
+                    f"({', '.join(classes)})"
+                )
+        names = [o.name for o in vf.objects]
+        boxes = B.voc_to_xyxy([o.box for o in vf.objects])
+        keep = check_boxes(boxes, width, height, str(xml), report, names)
+        ann = Annotation(
+            boxes=boxes[keep],
+            labels=np.array([label[o.name] for o in vf.objects], dtype=np.int64)[keep],
+            difficult=np.array([o.difficult for o in vf.objects], dtype=bool)[keep],
+            width=width,
+            height=height,
+        )
+        records.append(ImageRecord(image_id, img, str(xml), ann))
+    log_box_report(report)
+    return records, list(classes), report
+
+
+def _limit(ids: list, limit: int | None) -> list:
+    return ids[:limit] if limit else ids
+
+
+def load_voc(cfg, hint: str = "") -> DetectionDataset:
+    """A VOC tree: ``Annotations/<id>.xml``, ``JPEGImages/<id><ext>``, ``ImageSets/Main/<split>.txt``."""
+    root = Path(cfg.root)
+    if not (root / "Annotations").is_dir():
+        where = f"; {hint}" if hint else ""
+        raise DatasetError(
+            f"{root}: not a VOC dataset folder (no Annotations/ inside){where}, or set dataset.root=PATH"
+        )
+    split_ids = {}
+    for split in dict.fromkeys([cfg.train_split, cfg.test_split]):
+        rows = _read_lines(root / "ImageSets" / "Main" / f"{split}.txt", f"split list of '{split}'")
+        split_ids[split] = _limit([r[0] for r in rows], cfg.limit)
+
+    def image_path(split: str, image_id: str, vf) -> Path:
+        p = root / "JPEGImages" / f"{image_id}{cfg.image_ext}"
+        if not p.exists() and vf.filename and (root / "JPEGImages" / vf.filename).exists():
+            return root / "JPEGImages" / vf.filename
+        return p
+
+    records, classes, report = _build(
+        cfg.name,
+        split_ids,
+        lambda split, i: root / "Annotations" / f"{i}.xml",
+        image_path,
+        list(cfg.classes) if cfg.classes else None,
+    )
+    return DetectionDataset(cfg.name, classes, records, split_ids, cfg.train_split, cfg.test_split, report)
+
+
+def _optional_file(root: Path, value: str | None) -> Path | None:
+    if not value:
+        return None
+    p = Path(value)
+    return p if p.is_absolute() else root / p
+
+
+def load_ilsvrc(cfg, hint: str = "") -> DetectionDataset:
+    """ILSVRC DET: ``<annotations>/<split>/<id>.xml``, ``<images>/<split>/<id>.JPEG``, split lists
+    ``<image_sets>/<split>.txt`` with lines ``<id> <index>``; optional synset map and blacklist."""
+    root = Path(cfg.root)
+    if not (root / cfg.annotations).is_dir():
+        where = f"; {hint}" if hint else ""
+        raise DatasetError(f"{root}: no {cfg.annotations}/ folder inside{where}, or set dataset.root=PATH")
+    split_ids, index_of = {}, {}
+    for split in dict.fromkeys([cfg.train_split, cfg.test_split]):
+        rows = _read_lines(root / cfg.image_sets / f"{split}.txt", f"split list of '{split}'")
+        rows = _limit(rows, cfg.limit)
+        split_ids[split] = [r[0] for r in rows]
+        if split == cfg.test_split:
+            index_of = {r[1]: r[0] for r in rows if len(r) > 1}
+
+    synsets_file = _optional_file(root, cfg.synsets)
+    classes = list(cfg.classes) if cfg.classes else None
+    display = None
+    if synsets_file is not None:
+        rows = _read_lines(synsets_file, "synset list (set dataset.synsets=null to take classes from the XML)")
+        if classes is None:
+            classes = [r[0] for r in rows]
+        names = {r[0]: " ".join(r[2:]) or r[0] for r in rows}
+        display = [names.get(c, c) for c in classes]
+
+    records, classes, report = _build(
+        cfg.name,
+        split_ids,
+        lambda split, i: root / cfg.annotations / split / f"{i}.xml",
+        lambda split, i, vf: root / cfg.images / split / f"{i}{cfg.image_ext}",
+        classes,
+    )
+    blacklist = []
+    blacklist_file = _optional_file(root, cfg.blacklist)
+    if blacklist_file is not None:
+        label = {c: k for k, c in enumerate(classes)}
+        for n, row in enumerate(_read_lines(blacklist_file, "blacklist (set dataset.blacklist=null for none)")):
+            if len(row) < 2 or row[1] not in label:
+                raise DatasetError(f"{blacklist_file}: line {n + 1} {' '.join(row)!r} is not '<image index> <synset>'")
+            if row[0] in index_of:  # pairs of images outside the (limited) test split do not apply
+                blacklist.append((index_of[row[0]], label[row[1]]))
+    return DetectionDataset(
+        cfg.name, classes, records, split_ids, cfg.train_split, cfg.test_split, report,
+        display_names=display, blacklist=blacklist,
+    )  # fmt: skip

@@ -1,0 +1,71 @@
+"""Per-image work over a split, in worker processes, written to a stage store as it arrives."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from .store import StageStore
+
+__all__ = ["process_images"]
+
+
+_FN = None  # the per-image function, set once in each worker (not pickled with every task)
+
+
+def _init_worker(fn) -> None:
+    global _FN
+    _FN = fn
+    # One process per core already: keep each worker's libraries single-threaded.
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # pragma: no cover - opencv is a dependency
+        pass
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _call(image_id):
+    return image_id, _FN(image_id)
+
+
+def process_images(
+    store: StageStore,
+    image_ids: Sequence,
+    fn: Callable[[object], Mapping[str, np.ndarray]],
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    desc: str | None = None,
+) -> int:
+    """Compute ``fn(image_id)`` for every id that has no entry in ``store`` yet, and store it.
+
+    Entries are written one by one in the calling process as results arrive, so a run that is
+    killed keeps every finished image and a rerun computes only the rest. ``fn`` must be
+    picklable (a module-level function or ``functools.partial`` of one) when ``workers > 1``.
+
+    Returns the number of images computed now.
+    """
+    todo = store.missing(image_ids)
+    total = len(image_ids)
+    bar = tqdm(total=total, initial=total - len(todo), desc=desc or store.stage, unit="img", disable=not progress)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for image_id in todo:
+                store.put(image_id, fn(image_id))
+                bar.update()
+        else:
+            pool = mp.get_context().Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(fn,))
+            with pool:
+                for image_id, arrays in pool.imap_unordered(_call, todo, chunksize=1):
+                    store.put(image_id, arrays)
+                    bar.update()
+    finally:
+        bar.close()
+    return len(todo)

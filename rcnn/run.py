@@ -1,0 +1,60 @@
+"""Entry point: ``python -m rcnn.run [stage=...] [dataset=...] [key=value ...]``.
+
+Load config -> apply overrides -> seed -> dispatch. No argument runs the whole pipeline on the demo.
+Exit codes: 0 done, 1 bad data or cache, 2 bad command line, 3 stage not built yet, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+
+__all__ = ["main"]
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError, load_config, usage
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(usage())
+        return 0
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from .datasets import DatasetError
+    from .stages import RunContext, StageNotBuilt, run_stage
+    from .store import StoreError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    seed_everything(cfg.seed)
+    ctx = RunContext(cfg)
+    try:
+        run_stage(ctx, cfg.stage.value)
+    except StageNotBuilt as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (DatasetError, StoreError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished images are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

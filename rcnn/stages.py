@@ -1,0 +1,97 @@
+"""The stage registry: what each stage name runs, what ``all`` runs, and the run context."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import Stage, num_workers
+
+__all__ = ["RunContext", "StageNotBuilt", "run_stage", "PIPELINE", "BUILT"]
+
+log = logging.getLogger("rcnn")
+
+
+class StageNotBuilt(RuntimeError):
+    """The stage exists in the design but is not implemented yet."""
+
+
+@dataclass
+class RunContext:
+    """What every stage gets: the resolved config, the run folder, the dataset (loaded once)."""
+
+    cfg: DictConfig
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def workers(self) -> int:
+        return num_workers(self.cfg)
+
+    @cached_property
+    def dataset(self):
+        from .datasets import build_dataset
+
+        return build_dataset(self.cfg.dataset)
+
+
+def _data(ctx: RunContext) -> dict:
+    from .datasets.stage import run
+
+    return run(ctx)
+
+
+def _not_built(stage: str, issue: int) -> Callable[[RunContext], dict]:
+    def run(ctx: RunContext) -> dict:
+        raise StageNotBuilt(
+            f"stage '{stage}' is not built yet (issue #{issue}); built stages: {', '.join(BUILT)}"
+        )
+
+    run.not_built = True  # type: ignore[attr-defined]
+    return run
+
+
+STAGES: dict[str, Callable[[RunContext], dict]] = {
+    Stage.data.value: _data,
+    Stage.proposals.value: _not_built("proposals", 3),
+    Stage.multibox.value: _not_built("multibox", 3),
+    Stage.finetune.value: _not_built("finetune", 4),
+    Stage.features.value: _not_built("features", 4),
+    Stage.svm.value: _not_built("svm", 5),
+    Stage.detect.value: _not_built("detect", 5),
+    Stage.eval.value: _not_built("eval", 6),
+    Stage.benchmark.value: _not_built("benchmark", 6),
+}
+BUILT = [name for name, fn in STAGES.items() if not getattr(fn, "not_built", False)]
+
+# What `stage=all` runs, in order.
+PIPELINE = ["data", "multibox", "proposals", "finetune", "features", "svm", "detect", "eval"]
+
+
+def run_stage(ctx: RunContext, stage: str) -> dict:
+    """Run one stage (or the pipeline for ``all``); returns the last stage's metrics."""
+    if stage == Stage.all.value:
+        metrics = {}
+        for name in PIPELINE:
+            metrics = run_stage(ctx, name)
+        return metrics
+    fn = STAGES[stage]
+    if getattr(fn, "not_built", False):
+        fn(ctx)  # raises StageNotBuilt before anything is written
+    stage_dir = ctx.run_dir / stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(ctx.cfg, resolve=True))
+    log.info("stage %s -> %s", stage, stage_dir)
+    start = time.perf_counter()
+    metrics = fn(ctx)
+    ctx.timings[stage] = time.perf_counter() - start
+    return metrics

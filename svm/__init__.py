@@ -1,0 +1,1 @@
+"""svm stage (not built yet)."""
