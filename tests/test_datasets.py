@@ -1,0 +1,340 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from rcnn.config import load_config
+from rcnn.datasets import DatasetError, build_dataset, read_image
+from rcnn.datasets.demo import CLASSES
+
+from .fakes import coco_json, voc_xml, write_coco, write_ilsvrc, write_image, write_voc
+
+
+def voc(root, *extra):
+    return build_dataset(load_config(["dataset=voc", f"dataset.root={root}", *extra]).dataset)
+
+
+def coco(paths, *extra):
+    return build_dataset(load_config(["dataset=coco", *[f"dataset.{k}={v}" for k, v in paths.items()], *extra]).dataset)
+
+
+# -- VOC ---------------------------------------------------------------------------------------
+
+
+def test_voc_loads_splits_boxes_and_classes(tmp_path):
+    ds = voc(write_voc(tmp_path))
+    assert ds.classes == ("cat", "dog")  # sorted names found in the annotations
+    assert ds.splits == {"trainval": ["img1", "img2"], "test": ["img3", "img1"]}
+    a = ds.annotation("img1")
+    # VOC 1-based inclusive (1, 1, 10, 20) is continuous (0, 0, 10, 20): 10 pixels wide.
+    np.testing.assert_array_equal(a.boxes, [[0, 0, 10, 20], [4, 5, 30, 40]])
+    assert a.labels.tolist() == [0, 1] and a.difficult.tolist() == [False, True]
+    assert (a.width, a.height) == (64, 48)
+    assert ds.annotation("img3").boxes.shape == (0, 4)
+    img = ds.load_image("img2")
+    assert img.shape == (48, 64, 3) and img.dtype == np.uint8
+    stats = ds.split_stats("trainval")
+    assert stats["images"] == 2 and stats["boxes"] == 3 and stats["difficult"] == 1 and stats["classes"] == 2
+
+
+def test_voc_given_classes_fix_the_label_order(tmp_path):
+    ds = voc(write_voc(tmp_path), "dataset.classes=[dog,cat,bird]")
+    assert ds.classes == ("dog", "cat", "bird")
+    assert ds.annotation("img1").labels.tolist() == [1, 0]
+
+
+def test_voc_limit_keeps_the_first_images_of_each_split(tmp_path):
+    ds = voc(write_voc(tmp_path), "dataset.limit=1")
+    assert ds.splits == {"trainval": ["img1"], "test": ["img3"]}
+
+
+def test_voc_custom_split_names(tmp_path):
+    write_voc(tmp_path, splits={"train": ["img1"], "val": ["img2", "img3"]})
+    ds = voc(tmp_path, "dataset.train_split=train", "dataset.test_split=val")
+    assert ds.image_ids(ds.test_split) == ["img2", "img3"]
+
+
+def test_voc_size_missing_is_read_from_the_image(tmp_path):
+    write_voc(tmp_path)
+    (tmp_path / "Annotations" / "img3.xml").write_text(voc_xml("img3.jpg", None, None, []))
+    a = voc(tmp_path).annotation("img3")
+    assert (a.width, a.height) == (64, 48)
+
+
+def test_voc_uses_filename_tag_when_id_ext_is_absent(tmp_path):
+    write_voc(tmp_path)
+    (tmp_path / "JPEGImages" / "img3.jpg").rename(tmp_path / "JPEGImages" / "photo3.jpeg")
+    (tmp_path / "Annotations" / "img3.xml").write_text(voc_xml("photo3.jpeg", 64, 48, []))
+    assert voc(tmp_path).image_path("img3").name == "photo3.jpeg"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "empty annotation file"), ("<annotation><object>", "malformed XML"), ("<foo/>", "expected <annotation>")],
+)
+def test_voc_bad_annotation_file_names_it(tmp_path, content, message):
+    write_voc(tmp_path)
+    (tmp_path / "Annotations" / "img2.xml").write_text(content)
+    with pytest.raises(DatasetError, match=message) as e:
+        voc(tmp_path)
+    assert "img2.xml" in str(e.value)
+
+
+def test_voc_non_numeric_coordinate_names_file_and_object(tmp_path):
+    write_voc(tmp_path)
+    (tmp_path / "Annotations" / "img2.xml").write_text(voc_xml("img2.jpg", 64, 48, [("dog", "a", 1, 5, 5)]))
+    with pytest.raises(DatasetError, match=r"img2.xml: object 0 \(dog\) <bndbox>: <xmin> is 'a'"):
+        voc(tmp_path)
+
+
+def test_voc_missing_image_names_the_file(tmp_path):
+    write_voc(tmp_path)
+    (tmp_path / "JPEGImages" / "img2.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"img2.jpg: image file not found \(annotated in .*img2.xml\)"):
+        voc(tmp_path)
+
+
+def test_voc_missing_annotation_and_split_list(tmp_path):
+    write_voc(tmp_path)
+    (tmp_path / "Annotations" / "img2.xml").unlink()
+    with pytest.raises(DatasetError, match="img2.xml: annotation file not found"):
+        voc(tmp_path)
+    with pytest.raises(DatasetError, match="nosuch.txt: split list of 'nosuch' not found"):
+        voc(tmp_path, "dataset.test_split=nosuch")
+
+
+def test_voc_not_a_dataset_folder(tmp_path):
+    with pytest.raises(DatasetError, match="not a VOC dataset folder"):
+        voc(tmp_path / "nothing")
+
+
+def test_voc_unreadable_image_names_the_file(tmp_path):
+    write_voc(tmp_path)
+    (tmp_path / "JPEGImages" / "img2.jpg").write_bytes(b"not a jpeg at all")
+    ds = voc(tmp_path)
+    with pytest.raises(DatasetError, match=r"img2.jpg: unreadable image"):
+        ds.load_image("img2")
+
+
+def test_voc_image_size_disagreeing_with_annotation(tmp_path):
+    write_voc(tmp_path)
+    write_image(tmp_path / "JPEGImages" / "img2.jpg", width=48, height=64)
+    with pytest.raises(DatasetError, match=r"img2.jpg: image is 48x64 but .*img2.xml says 64x48 \(rotated"):
+        voc(tmp_path).load_image("img2")
+
+
+def test_voc_unknown_class_names_file_and_object(tmp_path):
+    write_voc(tmp_path)
+    with pytest.raises(DatasetError, match=r"img1.xml: object 1 has class 'dog', which is not in dataset.classes"):
+        voc(tmp_path, "dataset.classes=[cat]")
+
+
+def test_bad_boxes_are_clipped_or_dropped_with_a_warning_naming_them(tmp_path, caplog):
+    objects = {
+        "img1": [
+            ("cat", 1, 1, 10, 10),  # fine
+            ("cat", -5, 1, 10, 10),  # partly outside: clipped to x1 = 0
+            ("cat", 10, 5, 10, 20),  # x2 <= x1 (continuous 9..10 is fine: one pixel) -> kept
+            ("cat", 12, 5, 10, 20),  # xmax < xmin: dropped
+            ("dog", 70, 50, 90, 60),  # entirely outside the 64x48 image: dropped
+            ("dog", 60, 40, 80, 60),  # partly outside: clipped to (59, 39, 64, 48)
+        ]
+    }
+    write_voc(tmp_path, images=objects, splits={"trainval": ["img1"], "test": ["img1"]})
+    with caplog.at_level(logging.WARNING, logger="rcnn.datasets"):
+        ds = voc(tmp_path)
+    a = ds.annotation("img1")
+    np.testing.assert_array_equal(a.boxes, [[0, 0, 10, 10], [0, 0, 10, 10], [9, 4, 10, 20], [59, 39, 64, 48]])
+    assert ds.report.clipped == 2 and ds.report.dropped == 2
+    text = caplog.text
+    assert "img1.xml: box 1 (cat) [-6.0, 0.0, 10.0, 10.0]: partly outside the 64x48 image, clipped" in text
+    assert "img1.xml: box 3 (cat) [11.0, 4.0, 10.0, 20.0]: x2 <= x1 or y2 <= y1, dropped" in text
+    assert "img1.xml: box 4 (dog)" in text and "entirely outside the 64x48 image, dropped" in text
+
+
+# -- image modes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "P", "RGBA", "I;16"])
+def test_read_image_is_always_rgb_uint8(tmp_path, mode):
+    path = write_image(tmp_path / f"x.{mode.replace(';', '')}", 20, 10, mode=mode)
+    img = read_image(path)
+    assert img.shape == (10, 20, 3) and img.dtype == np.uint8
+    if mode == "L":
+        assert (img[..., 0] == img[..., 1]).all()
+
+
+def test_read_image_missing_and_unreadable(tmp_path):
+    with pytest.raises(DatasetError, match="nope.jpg: image file not found"):
+        read_image(tmp_path / "nope.jpg")
+    (tmp_path / "truncated.jpg").write_bytes(write_image(tmp_path / "ok.jpg").read_bytes()[:200])
+    with pytest.raises(DatasetError, match="truncated.jpg: unreadable image"):
+        read_image(tmp_path / "truncated.jpg")
+
+
+# -- COCO ----------------------------------------------------------------------------------------
+
+
+def test_coco_maps_categories_to_contiguous_labels_and_back(tmp_path):
+    ds = coco(write_coco(tmp_path))
+    assert ds.classes == ("person", "car", "dog")  # sorted by category id 1, 3, 18
+    assert ds.category_ids == (1, 3, 18)
+    assert ds.splits == {"train": [7, 9], "test": [11]}
+    a = ds.annotation(7)
+    np.testing.assert_allclose(a.boxes, [[1.5, 2, 11.5, 22], [0, 0, 64, 48]])
+    assert a.labels.tolist() == [1, 2]
+    assert a.difficult.tolist() == [False, True]  # iscrowd -> ignored like a difficult box
+    assert [ds.category_ids[k] for k in a.labels] == [3, 18]
+    assert ds.load_image(11).shape == (48, 64, 3)
+
+
+def test_coco_split_names_and_limit(tmp_path):
+    ds = coco(write_coco(tmp_path), "dataset.train_split=train2017", "dataset.limit=1")
+    assert ds.splits == {"train2017": [7], "test": [11]}
+    assert len(ds.annotation(7).labels) == 2
+
+
+def test_coco_classes_subset(tmp_path):
+    ds = coco(write_coco(tmp_path), "dataset.classes=[dog]")
+    assert ds.classes == ("dog",) and ds.category_ids == (18,)
+    assert ds.annotation(9).labels.tolist() == []
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["annotations"][0].update(category_id=99), "annotation 1 .*unknown category_id 99"),
+        (lambda d: d["annotations"][0].update(image_id=12345), "annotation 1 refers to image 12345"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotation 1 \(image 7\) has bbox \[1, 2, 3\]"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, "x", 4]), "image 7 .*not a number"),
+        (lambda d: d["images"].append(dict(d["images"][0])), "image id 7 appears twice"),
+        (lambda d: d.pop("categories"), "missing or non-list 'categories'"),
+    ],
+)
+def test_coco_bad_json_names_file_and_annotation(tmp_path, mutate, message):
+    paths = write_coco(tmp_path)
+    data = json.loads((tmp_path / "train.json").read_text())
+    mutate(data)
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=message) as e:
+        coco(paths)
+    assert "train.json" in str(e.value)
+
+
+def test_coco_empty_malformed_and_missing_files(tmp_path):
+    paths = write_coco(tmp_path)
+    (tmp_path / "train.json").write_text("")
+    with pytest.raises(DatasetError, match="train.json: empty annotation file"):
+        coco(paths)
+    (tmp_path / "train.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="train.json: malformed JSON"):
+        coco(paths)
+    (tmp_path / "train.json").unlink()
+    with pytest.raises(DatasetError, match="train.json: COCO annotation file not found"):
+        coco(paths)
+
+
+def test_coco_missing_image_and_mismatched_categories(tmp_path):
+    paths = write_coco(tmp_path)
+    (tmp_path / "test" / "c.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"c.jpg: image file not found \(image 11 of .*test.json\)"):
+        coco(paths)
+    write_coco(tmp_path)
+    (tmp_path / "test.json").write_text(json.dumps(coco_json([], [], [{"id": 1, "name": "person"}])))
+    with pytest.raises(DatasetError, match="categories differ"):
+        coco(paths)
+
+
+def test_coco_degenerate_box_dropped_with_warning(tmp_path, caplog):
+    paths = write_coco(tmp_path)
+    data = json.loads((tmp_path / "train.json").read_text())
+    data["annotations"][2]["bbox"] = [30, 10, 0, 5]
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="rcnn.datasets"):
+        ds = coco(paths)
+    assert ds.annotation(9).boxes.shape == (0, 4)
+    assert "image 9 (b.jpg): box 0 (annotation 3) [30.0, 10.0, 30.0, 15.0]: x2 <= x1" in caplog.text
+
+
+# -- ILSVRC --------------------------------------------------------------------------------------
+
+
+def test_ilsvrc_synsets_names_and_blacklist(tmp_path):
+    root = write_ilsvrc(tmp_path)
+    ds = build_dataset(load_config(["dataset=ilsvrc", f"dataset.root={root}"]).dataset)
+    assert ds.classes == ("n02084071", "n01443537", "n09999999")  # map_det.txt order
+    assert ds.display_names == ("dog", "goldfish", "unused class")
+    assert ds.splits["val"] == ["ILSVRC2013_val_00000001", "ILSVRC2013_val_00000002", "ILSVRC2013_val_00000003"]
+    a = ds.annotation("ILSVRC2013_val_00000002")
+    assert a.labels.tolist() == [0, 1]
+    np.testing.assert_array_equal(a.boxes[0], [0, 0, 8, 8])
+    # blacklist line "2 n02084071": image index 2 of val.txt, class dog
+    assert ds.blacklist == {("ILSVRC2013_val_00000002", 0)}
+    assert ds.load_image("tr/x_1").shape == (48, 64, 3)
+
+
+def test_ilsvrc_without_synset_map_or_blacklist(tmp_path):
+    root = write_ilsvrc(tmp_path)
+    cfg = load_config(["dataset=ilsvrc", f"dataset.root={root}", "dataset.synsets=null", "dataset.blacklist=null"])
+    ds = build_dataset(cfg.dataset)
+    assert ds.classes == ("n01443537", "n02084071") and not ds.blacklist
+
+
+def test_ilsvrc_bad_blacklist_and_unknown_synset(tmp_path):
+    root = write_ilsvrc(tmp_path)
+    bl = root / "devkit" / "data" / "ILSVRC2015_det_validation_blacklist.txt"
+    bl.write_text("2 n00000000\n")
+    with pytest.raises(DatasetError, match=r"blacklist.txt: line 1 '2 n00000000'"):
+        build_dataset(load_config(["dataset=ilsvrc", f"dataset.root={root}"]).dataset)
+    (root / "devkit" / "data" / "map_det.txt").write_text("n02084071 1 dog\n")
+    with pytest.raises(DatasetError, match="class 'n01443537', which is not in dataset.classes"):
+        build_dataset(load_config(["dataset=ilsvrc", f"dataset.root={root}"]).dataset)
+
+
+# -- presets and the demo ------------------------------------------------------------------------
+
+
+def test_missing_preset_data_says_where_to_put_it(tmp_path):
+    cfg = load_config(["dataset=voc2007", f"dataset.root={tmp_path / 'VOC2007'}"])
+    with pytest.raises(DatasetError, match="VOCtrainval_06-Nov-2007.tar .* or set dataset.root=PATH"):
+        build_dataset(cfg.dataset)
+    cfg = load_config(["dataset=coco2017", f"dataset.root={tmp_path}"])
+    with pytest.raises(DatasetError, match="instances_train2017.json: COCO annotation file not found; unzip"):
+        build_dataset(cfg.dataset)
+
+
+def demo(root, *extra):
+    return build_dataset(load_config(["dataset=demo", f"dataset.root={root}", *extra]).dataset)
+
+
+def test_demo_is_deterministic_and_regenerates_on_new_settings(tmp_path):
+    small = ["dataset.train_images=6", "dataset.test_images=3"]
+    a, b = demo(tmp_path / "a", *small), demo(tmp_path / "b", *small)
+    assert a.classes == b.classes == CLASSES
+    for i in a.image_ids("train") + a.image_ids("test"):
+        np.testing.assert_array_equal(a.annotation(i).boxes, b.annotation(i).boxes)
+        assert a.image_path(i).read_bytes() == b.image_path(i).read_bytes()
+    before = a.load_image("train_0000")
+    c = demo(tmp_path / "a", "dataset.train_images=6", "dataset.test_images=3", "dataset.seed=1")
+    assert len(c.image_ids("test")) == 3
+    assert not np.array_equal(c.load_image("train_0000"), before)  # regenerated in place
+
+
+def test_demo_has_varied_objects_and_valid_boxes(tmp_path):
+    ds = demo(tmp_path, "dataset.train_images=30", "dataset.test_images=2")
+    boxes = np.concatenate([ds.annotation(i).boxes for i in ds.image_ids("train")])
+    labels = np.concatenate([ds.annotation(i).labels for i in ds.image_ids("train")])
+    assert set(labels.tolist()) == set(range(len(CLASSES)))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (w > 0).all() and (h > 0).all() and boxes.min() >= 0
+    assert (boxes[:, 2] <= 320).all() and (boxes[:, 3] <= 240).all()
+    assert w.max() / w.min() > 2 and (w / h).max() > 1.5 and (w / h).min() < 0.67
+    assert ds.report.clipped == ds.report.dropped == 0
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a demo dataset folder"):
+        demo(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "precious"

@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rcnn.run import main
+
+from .fakes import write_voc
+
+REPO = Path(__file__).resolve().parents[1]
+COCO128 = REPO.parent / "shared" / "datasets" / "coco128"
+
+
+def run(*args):
+    return main(["progress=false", *args])
+
+
+def test_data_stage_on_a_voc_tree(tmp_path, capsys):
+    root, out = write_voc(tmp_path / "voc"), tmp_path / "run"
+    assert run("stage=data", "dataset=voc", f"dataset.root={root}", f"out={out}") == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "split images boxes classes difficult trainval 2 3 2 1 test 2 2 2 1" in printed
+    m = json.loads((out / "data" / "metrics.json").read_text())
+    assert m["splits"]["trainval"]["images"] == 2 and m["splits"]["trainval"]["boxes"] == 3
+    assert m["splits"]["test"] == {**m["splits"]["test"], "images": 2, "boxes": 2, "classes": 2}
+    assert m["num_classes"] == 2 and m["images_checked_now"] == 3
+    saved = yaml.safe_load((out / "data" / "config.yaml").read_text())
+    assert saved["dataset"]["root"] == str(root) and saved["stage"] == "data"
+    key_dir = out / "data" / m["key"]
+    assert json.loads((key_dir / "manifest.json").read_text())["complete"]
+
+    # A rerun finds every image done; another setting gets a new key and folder.
+    assert run("stage=data", "dataset=voc", f"dataset.root={root}", f"out={out}") == 0
+    assert json.loads((out / "data" / "metrics.json").read_text())["images_checked_now"] == 0
+    assert run("stage=data", "dataset=voc", f"dataset.root={root}", f"out={out}", "dataset.classes=[dog,cat]") == 0
+    m2 = json.loads((out / "data" / "metrics.json").read_text())
+    assert m2["key"] != m["key"] and m2["images_checked_now"] == 3
+
+
+def test_changed_annotation_invalidates_the_cache(tmp_path):
+    root, out = write_voc(tmp_path / "voc"), tmp_path / "run"
+    args = ("stage=data", "dataset=voc", f"dataset.root={root}", f"out={out}")
+    assert run(*args) == 0
+    key = json.loads((out / "data" / "metrics.json").read_text())["key"]
+    xml = root / "Annotations" / "img2.xml"
+    xml.write_text(xml.read_text().replace("<xmin>11</xmin>", "<xmin>12</xmin>"))
+    assert run(*args) == 0
+    assert json.loads((out / "data" / "metrics.json").read_text())["key"] != key
+
+
+def test_bad_image_fails_naming_it_and_keeps_finished_work(tmp_path, capsys):
+    root, out = write_voc(tmp_path / "voc"), tmp_path / "run"
+    (root / "JPEGImages" / "img2.jpg").write_bytes(b"garbage")
+    assert run("stage=data", "dataset=voc", f"dataset.root={root}", f"out={out}", "workers=1") == 1
+    assert "img2.jpg: unreadable image" in capsys.readouterr().err
+    assert len(list((out / "data").glob("*/entries/img1.npz"))) == 1  # done before the failure, kept
+
+
+def test_config_errors_fail_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run("stage=detekt", f"out={out}") == 2
+    assert "Valid stages: data, proposals" in capsys.readouterr().err
+    assert run("dataset.limit=many", f"out={out}") == 2
+    assert not out.exists()
+
+
+def test_unbuilt_stage_says_so_and_exits_non_zero(tmp_path, capsys):
+    assert run("stage=svm", f"out={tmp_path}") == 3
+    assert "stage 'svm' is not built yet" in capsys.readouterr().err
+    assert not (tmp_path / "svm").exists()
+
+
+def test_all_runs_the_chain_until_the_first_unbuilt_stage(tmp_path, capsys):
+    demo = ["dataset.train_images=3", "dataset.test_images=2", f"dataset.root={tmp_path / 'demo'}"]
+    assert run(f"out={tmp_path / 'run'}", *demo) == 3
+    assert (tmp_path / "run" / "data" / "metrics.json").exists()
+    assert "is not built yet" in capsys.readouterr().err
+
+
+def test_help(capsys):
+    assert main(["--help"]) == 0
+    assert "stage=<data|proposals" in capsys.readouterr().out
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "rcnn.run", "stage=nope"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "unknown stage 'nope'" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not COCO128.exists(), reason="needs ../shared/datasets/coco128")
+def test_coco128_counts(tmp_path, capsys):
+    assert run("stage=data", "dataset=coco128", f"dataset.root={COCO128}", f"out={tmp_path}") == 0
+    m = json.loads((tmp_path / "data" / "metrics.json").read_text())
+    assert (m["splits"]["train2017"]["images"], m["splits"]["train2017"]["boxes"]) == (128, 929)
+    assert (m["splits"]["val2017"]["images"], m["splits"]["val2017"]["boxes"]) == (128, 898)
+    assert m["num_classes"] == 80 and m["boxes_dropped"] == 0
