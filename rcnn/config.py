@@ -162,6 +162,78 @@ DATASET_HINTS = {
 
 
 # ----------------------------------------------------------------------------------------------
+# Stages' settings.
+
+
+@dataclass
+class BackboneConfig:
+    # imagenet: torchvision's ImageNet weights (downloaded once, on a machine with internet);
+    # auto: imagenet if already cached, else random initialisation (logged and recorded);
+    # none: random initialisation; or a PATH to a state dict / checkpoint.
+    weights: str = "auto"
+
+
+class SSBackend(Enum):
+    opencv = "opencv"  # OpenCV ximgproc building blocks (fast, C++)
+    selectivesearch = "selectivesearch"  # the `selectivesearch` package (Python; HSV + all similarities)
+
+
+class SSMode(Enum):
+    rcnn_fast = "rcnn_fast"  # R-CNN's "fast": HSV+Lab, k 50/100, 2 strategies, min side 20 px
+    quality = "quality"  # 5 colour spaces, k 50/100/150/300, 4 strategies
+    googlenet = "googlenet"  # the GoogLeNet entry: rcnn_fast with k doubled (100/200)
+    opencv_fast = "opencv_fast"  # OpenCV's own switchToSelectiveSearchFast(), as is (a baseline)
+
+
+class ProposalMethod(Enum):
+    ss = "ss"  # selective search alone
+    multibox = "multibox"  # MultiBox alone
+    ss_multibox = "ss_multibox"  # selective search + MultiBox's top boxes (the GoogLeNet entry)
+
+
+@dataclass
+class SelectiveSearchConfig:
+    backend: SSBackend = SSBackend.opencv  # which implementation
+    mode: SSMode = SSMode.googlenet  # preset of the values below (see proposals/selective_search.py)
+    color_spaces: Optional[List[str]] = None  # null = the mode's; of hsv, lab, rgi, h, i
+    ks: Optional[List[int]] = None  # Felzenszwalb k values; null = the mode's
+    sigma: Optional[float] = None  # Felzenszwalb smoothing; null = 0.8
+    strategies: Optional[List[str]] = None  # letters of c(olour) t(exture) s(ize) f(ill), e.g. [ctsf,tsf]
+    min_segment_size: Optional[int] = None  # Felzenszwalb's minimum segment; null = k (R-CNN)
+    min_box_side: Optional[int] = None  # drop boxes narrower or shorter (px); null = the mode's (20)
+    resize_width: Optional[int] = None  # resize to this width first (R-CNN used 500 on ILSVRC); null = no
+    # Beyond R-CNN: drop a box whose IoU with a better-ranked box exceeds this; null = exact duplicates only
+    merge_iou: Optional[float] = None
+
+
+@dataclass
+class ProposalsConfig:
+    method: ProposalMethod = ProposalMethod.ss_multibox  # ss | multibox | ss_multibox
+    ss: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)
+    top_n: Optional[int] = None  # keep only the best-ranked N selective search boxes; null = all
+    merge_iou: float = 0.9  # a MultiBox box with IoU above this with an earlier kept box is dropped
+    splits: List[str] = field(default_factory=lambda: ["train", "test"])  # which of the dataset's splits
+
+
+@dataclass
+class MultiboxConfig:
+    num_priors: int = 200  # K: priors (k-means of the training boxes) = boxes predicted per image
+    top_k: int = 200  # best-scored MultiBox boxes added to selective search's
+    input_size: int = 160  # the whole image is warped to this square (GoogLeNet's own is 224)
+    epochs: int = 40  # training epochs over the train split
+    batch_size: int = 16  # images per step
+    lr: float = 1e-3  # Adam learning rate (cosine decay to 0)
+    weight_decay: float = 1e-4  # Adam weight decay
+    alpha: float = 0.3  # weight of the location loss against the confidence loss (Erhan et al.)
+    flip: bool = True  # random horizontal flips
+
+
+@dataclass
+class EvalConfig:
+    iou_threshold: float = 0.5  # VOC's overlap for a match (the devkit's >=); COCO and ILSVRC use their own
+
+
+# ----------------------------------------------------------------------------------------------
 # The whole configuration.
 
 
@@ -174,6 +246,11 @@ class Config:
     seed: int = 0  # seeds Python's, numpy's and torch's generators
     workers: int = 0  # worker processes for per-image work; 0 = one per CPU core
     progress: bool = True  # show progress bars
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # GoogLeNet weights
+    proposals: ProposalsConfig = field(default_factory=ProposalsConfig)  # stage=proposals
+    multibox: MultiboxConfig = field(default_factory=MultiboxConfig)  # stage=multibox (the proposer)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # stage=eval
+    detections: Optional[str] = None  # stage=eval: a COCO-results JSON; null = <out>/detect/detections.json
 
 
 class ConfigError(ValueError):
@@ -277,6 +354,15 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         raise ConfigError(f"could not resolve the configuration: {e}") from e
     if cfg.workers < 0:
         raise ConfigError(f"workers must be >= 0 (0 = one per core), got {cfg.workers}")
+    bad_roles = [r for r in cfg.proposals.splits if r not in ("train", "test")]
+    if bad_roles or not cfg.proposals.splits:
+        raise ConfigError(f"proposals.splits takes train and/or test (the dataset's roles), got {list(cfg.proposals.splits)}")
+    from proposals.selective_search import resolve_params
+
+    try:
+        resolve_params(cfg.proposals.ss)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit must be >= 1 or null, got {cfg.dataset.limit}")
     return cfg

@@ -31,6 +31,15 @@ def _init_worker(fn) -> None:
     torch.set_num_threads(1)
 
 
+def _context():
+    """Workers start from a clean server process, never by forking this one: a forked child of a
+    process that has already run OpenCV's (or OpenMP's) thread pool deadlocks in ``cv2.setNumThreads``
+    (seen: MultiBox's image resizing, then selective search workers). ``fn`` and its arguments are
+    therefore pickled, once per worker."""
+    methods = mp.get_all_start_methods()
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def _call(image_id):
     return image_id, _FN(image_id)
 
@@ -48,7 +57,8 @@ def process_images(
 
     Entries are written one by one in the calling process as results arrive, so a run that is
     killed keeps every finished image and a rerun computes only the rest. ``fn`` must be
-    picklable (a module-level function or ``functools.partial`` of one) when ``workers > 1``.
+    picklable (a module-level function or ``functools.partial`` of one) when ``workers > 1``, and a
+    script that calls this with workers must guard its top level with ``if __name__ == "__main__":``.
 
     Returns the number of images computed now.
     """
@@ -61,7 +71,7 @@ def process_images(
                 store.put(image_id, fn(image_id))
                 bar.update()
         else:
-            pool = mp.get_context().Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(fn,))
+            pool = _context().Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(fn,))
             with pool:
                 for image_id, arrays in pool.imap_unordered(_call, todo, chunksize=1):
                     store.put(image_id, arrays)

@@ -11,7 +11,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import Stage, num_workers
+from .config import ProposalMethod, Stage, num_workers
 
 __all__ = ["RunContext", "StageNotBuilt", "run_stage", "PIPELINE", "BUILT"]
 
@@ -50,6 +50,24 @@ def _data(ctx: RunContext) -> dict:
     return run(ctx)
 
 
+def _proposals(ctx: RunContext) -> dict:
+    from proposals.stage import run_proposals
+
+    return run_proposals(ctx)
+
+
+def _multibox(ctx: RunContext) -> dict:
+    from proposals.stage import run_multibox
+
+    return run_multibox(ctx)
+
+
+def _eval(ctx: RunContext) -> dict:
+    from eval.stage import run_eval
+
+    return run_eval(ctx)
+
+
 def _not_built(stage: str, issue: int) -> Callable[[RunContext], dict]:
     def run(ctx: RunContext) -> dict:
         raise StageNotBuilt(
@@ -62,13 +80,13 @@ def _not_built(stage: str, issue: int) -> Callable[[RunContext], dict]:
 
 STAGES: dict[str, Callable[[RunContext], dict]] = {
     Stage.data.value: _data,
-    Stage.proposals.value: _not_built("proposals", 3),
-    Stage.multibox.value: _not_built("multibox", 3),
+    Stage.proposals.value: _proposals,
+    Stage.multibox.value: _multibox,
     Stage.finetune.value: _not_built("finetune", 4),
     Stage.features.value: _not_built("features", 4),
     Stage.svm.value: _not_built("svm", 5),
     Stage.detect.value: _not_built("detect", 5),
-    Stage.eval.value: _not_built("eval", 6),
+    Stage.eval.value: _eval,
     Stage.benchmark.value: _not_built("benchmark", 6),
 }
 BUILT = [name for name, fn in STAGES.items() if not getattr(fn, "not_built", False)]
@@ -82,6 +100,8 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
     if stage == Stage.all.value:
         metrics = {}
         for name in PIPELINE:
+            if name == Stage.multibox.value and ctx.cfg.proposals.method == ProposalMethod.ss:
+                continue  # selective search alone needs no MultiBox model
             metrics = run_stage(ctx, name)
         return metrics
     fn = STAGES[stage]

@@ -128,9 +128,10 @@ def work(i):
     time.sleep(0.05)
     return {"x": np.full(10_000, i, dtype=np.int64)}
 
-store = StageStore(run_dir, "toy", {"setting": 1})
-process_images(store, list(range(40)), work, workers=workers, progress=False)
-store.finish({"entries": len(store)})
+if __name__ == "__main__":
+    store = StageStore(run_dir, "toy", {"setting": 1})
+    process_images(store, list(range(40)), work, workers=workers, progress=False)
+    store.finish({"entries": len(store)})
 """
 
 
@@ -162,3 +163,28 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, workers):
     for i in range(40):
         assert (store.get(i)["x"] == i).all()  # every entry whole and right
     assert not list(key_dir.rglob("*.tmp"))
+
+
+CV_THEN_WORKERS = """
+import sys, tempfile
+import cv2, numpy as np
+from rcnn.parallel import process_images
+from rcnn.store import StageStore
+from tests.test_store import _square
+
+if __name__ == "__main__":
+    img = np.random.randint(0, 255, (2000, 2000, 3), np.uint8)
+    for _ in range(5):  # runs OpenCV's thread pool in this process
+        cv2.resize(img, (300, 300), interpolation=cv2.INTER_AREA)
+        cv2.cvtColor(img, cv2.COLOR_RGB2Lab)
+    print(process_images(StageStore(tempfile.mkdtemp(), "toy", {}), list(range(4)), _square, workers=2, progress=False))
+"""
+
+
+def test_workers_start_cleanly_after_opencv_ran_its_threads(tmp_path):
+    """Regression: forked workers deadlocked in cv2.setNumThreads once the parent had used OpenCV's pool."""
+    script = tmp_path / "cv_then_workers.py"
+    script.write_text(CV_THEN_WORKERS)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip() == "4", r.stderr

@@ -1,0 +1,89 @@
+"""COCO AP through pycocotools' COCOeval (AP over IoU 0.50:0.95, AP50, AP75, by size, AR).
+
+Ground truth comes from the dataset's split: category ids are the dataset's (COCO's own for COCO),
+``difficult``/crowd boxes become ``iscrowd=1`` (ignored by COCOeval), areas are box areas, annotation
+ids start at 1 (0 means "unmatched" inside COCOeval). Integer image ids are kept; other ids are
+numbered 1..N in split order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+
+from rcnn import boxes as B
+from rcnn.datasets import DetectionDataset
+
+from .detections import Detections
+
+__all__ = ["coco_eval", "coco_gt"]
+
+STAT_NAMES = [
+    "ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
+    "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large",
+]  # fmt: skip
+
+
+def _image_ids(ids: list) -> list[int]:
+    if all(isinstance(i, (int, np.integer)) for i in ids):
+        return [int(i) for i in ids]
+    return list(range(1, len(ids) + 1))
+
+
+def coco_gt(ds: DetectionDataset, split: str) -> dict:
+    """The split's ground truth as a COCO instances dict."""
+    ids = ds.image_ids(split)
+    coco_ids = _image_ids(ids)
+    images, anns = [], []
+    for image_id, cid in zip(ids, coco_ids):
+        a = ds.annotation(image_id)
+        images.append({"id": cid, "width": a.width, "height": a.height})
+        for box, label, crowd in zip(B.xyxy_to_xywh(a.boxes), a.labels, a.difficult):
+            anns.append({
+                "id": len(anns) + 1, "image_id": cid, "category_id": int(ds.category_ids[label]),
+                "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": int(crowd),
+            })  # fmt: skip
+    cats = [{"id": int(c), "name": n} for c, n in zip(ds.category_ids, ds.classes)]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def coco_eval(dets: Detections, ds: DetectionDataset, split: str) -> dict:
+    """``{"stats": {ap, ap50, ...}, "per_class_ap": [C] (NaN without ground truth), "summary": text}``."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    coco_ids = _image_ids(ds.image_ids(split))
+    gt = COCO()
+    gt.dataset = coco_gt(ds, split)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    results = [
+        {"image_id": coco_ids[int(i)], "category_id": int(ds.category_ids[int(c)]),
+         "bbox": [float(v) for v in b], "score": float(s)}
+        for i, c, b, s in zip(dets.image, dets.labels, B.xyxy_to_xywh(dets.boxes), dets.scores)
+    ]  # fmt: skip
+    nan_stats = {name: float("nan") for name in STAT_NAMES}
+    if not results or not gt.dataset["annotations"]:
+        # COCOeval cannot load an empty result list; with nothing detected every AP is 0.
+        zero = 0.0 if gt.dataset["annotations"] else float("nan")
+        per_class = [zero if any(a["category_id"] == c for a in gt.dataset["annotations"]) else float("nan")
+                     for c in ds.category_ids]  # fmt: skip
+        return {"stats": {k: zero for k in nan_stats}, "per_class_ap": per_class, "summary": ""}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {name: (float(v) if v >= 0 else float("nan")) for name, v in zip(STAT_NAMES, ev.stats)}  # -1: undefined
+    precision = ev.eval["precision"]  # [T, R, K, A, M]: area "all" is 0, maxDets 100 is the last
+    per_class = []
+    for k in range(precision.shape[2]):
+        p = precision[:, :, k, 0, -1]
+        per_class.append(float(p[p > -1].mean()) if (p > -1).any() else float("nan"))
+    order = {c: k for k, c in enumerate(ev.params.catIds)}
+    per_class = [per_class[order[int(c)]] for c in ds.category_ids]
+    return {"stats": stats, "per_class_ap": per_class, "summary": out.getvalue()}

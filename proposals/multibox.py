@@ -1,0 +1,278 @@
+"""MultiBox (Erhan et al., CVPR 2014): K class-agnostic boxes and objectness scores from one network.
+
+A GoogLeNet trunk sees the whole image warped to ``S x S`` and a linear head predicts, for each of K
+priors, a residual to the prior's corners (normalised to the image) and a logit. Priors are k-means
+centres of the training boxes. Training matches predictions to ground truth per image with the
+Hungarian algorithm on the objective's own cost, then minimises
+
+    alpha * 0.5 * sum_matched ||l_i - g_j||^2  +  sum_i BCE(c_i, matched_i)
+
+averaged over the images of the batch.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+from torch import nn
+from tqdm import tqdm
+
+from features.backbone import IMAGENET_MEAN, IMAGENET_STD, LoadedWeights, build_googlenet, trunk
+from rcnn.store import atomic_write
+
+__all__ = [
+    "cluster_priors",
+    "MultiBoxNet",
+    "hungarian_match",
+    "multibox_loss",
+    "warp_image",
+    "train_multibox",
+    "predict",
+    "load_model",
+    "export_model",
+]
+
+log = logging.getLogger("proposals.multibox")
+
+
+def cluster_priors(boxes: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """K priors: k-means centres of normalised training boxes ``[N, 4]`` -> ``[k, 4]`` float32.
+
+    With fewer distinct boxes than ``k``, every distinct box is a prior (and fewer are returned).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    distinct = np.unique(boxes, axis=0)
+    if len(distinct) == 0:
+        raise ValueError("no training boxes to cluster into MultiBox priors")
+    if len(distinct) <= k:
+        if len(distinct) < k:
+            log.warning("only %d distinct training boxes: using %d priors instead of %d", len(distinct), len(distinct), k)
+        return distinct.astype(np.float32)
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(boxes)
+    centres = km.cluster_centers_
+    order = np.lexsort((centres[:, 1], centres[:, 0]))  # a stable order, independent of k-means' labels
+    return centres[order].astype(np.float32)
+
+
+class MultiBoxNet(nn.Module):
+    """GoogLeNet trunk + linear head: ``x [B, 3, S, S]`` -> ``(boxes [B, K, 4], logits [B, K])``.
+
+    Boxes are ``(x1, y1, x2, y2)`` normalised to the image: priors plus predicted residuals.
+    """
+
+    def __init__(self, backbone: nn.Module, priors: torch.Tensor, positives_per_image: float = 5.0):
+        super().__init__()
+        self.trunk = trunk(backbone)
+        k = priors.shape[0]
+        self.register_buffer("priors", priors.float().clone())
+        self.head = nn.Linear(1024, k * 5)
+        nn.init.normal_(self.head.weight, std=1e-3)
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():  # start at the priors, with the base rate of a prior being matched
+            p = min(max(positives_per_image / k, 1e-3), 0.5)
+            self.head.bias.view(k, 5)[:, 4] = float(np.log(p / (1 - p)))
+
+    @property
+    def num_priors(self) -> int:
+        return self.priors.shape[0]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.head(self.trunk(x)).view(x.shape[0], -1, 5)
+        return self.priors + out[..., :4], out[..., 4]
+
+
+def hungarian_match(boxes: torch.Tensor, logits: torch.Tensor, gt: torch.Tensor, alpha: float):
+    """Assignment of predictions to ground truth minimising the MultiBox objective.
+
+    Matching prediction i to box j changes the objective by ``alpha * 0.5 * ||l_i - g_j||^2`` plus
+    ``BCE(c_i, 1) - BCE(c_i, 0) = -c_i``. Args: boxes [K, 4], logits [K], gt [G, 4].
+    Returns (prediction indices, gt indices), each [min(K, G)] int64.
+    """
+    if len(gt) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    with torch.no_grad():
+        cost = alpha * 0.5 * torch.cdist(boxes.double(), gt.double()).square() - logits.double()[:, None]
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def multibox_loss(boxes, logits, gts: Sequence[torch.Tensor], alpha: float):
+    """``(loss, location part, confidence part)``, each averaged over the batch's images."""
+    loc = boxes.new_zeros(())
+    targets = torch.zeros_like(logits)
+    for b, gt in enumerate(gts):
+        rows, cols = hungarian_match(boxes[b], logits[b], gt, alpha)
+        if len(rows):
+            loc = loc + 0.5 * (boxes[b, rows] - gt[cols]).square().sum()
+            targets[b, rows] = 1.0
+    conf = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
+    n = max(len(gts), 1)
+    return (alpha * loc + conf) / n, loc.detach() / n, conf.detach() / n
+
+
+def warp_image(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The whole image resized to ``size x size`` (uint8 HWC): MultiBox's input."""
+    h, w = rgb.shape[:2]
+    interp = cv2.INTER_AREA if (h > size or w > size) else cv2.INTER_LINEAR
+    return cv2.resize(rgb, (size, size), interpolation=interp)
+
+
+def _to_input(batch_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> normalised float [B, 3, S, S] (channels_last)."""
+    x = batch_u8.permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)  # one {"epoch", "loss", "loc", "conf"} per epoch
+
+
+def _save(path: Path, model: MultiBoxNet, opt, sched, state: TrainState, extra: dict) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "epoch": state.epoch,
+        "history": state.history,
+        **extra,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def train_multibox(
+    images: np.ndarray,
+    gts: Sequence[np.ndarray],
+    priors: np.ndarray,
+    cfg,
+    weights: LoadedWeights,
+    checkpoint: Path,
+    seed: int = 0,
+    progress: bool = True,
+    on_epoch: Callable[[TrainState], None] | None = None,
+) -> tuple[MultiBoxNet, TrainState]:
+    """Train (or resume from ``checkpoint``) on warped images ``uint8 [N, S, S, 3]`` and normalised
+    ground truth (``[G_i, 4]`` per image). Saves the checkpoint atomically after every epoch."""
+    torch.manual_seed(seed)
+    backbone, _ = build_googlenet(weights)
+    positives = float(np.mean([len(g) for g in gts])) if len(gts) else 1.0
+    model = MultiBoxNet(backbone, torch.from_numpy(priors), positives).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+    state = TrainState()
+    if checkpoint.exists():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        state = TrainState(ck["epoch"], ck["history"])
+        log.info("resuming MultiBox training at epoch %d of %d", state.epoch + 1, cfg.epochs)
+    data = torch.from_numpy(images)
+    gt_t = [torch.from_numpy(np.asarray(g, np.float32).reshape(-1, 4)) for g in gts]
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="multibox", unit="epoch", disable=not progress)
+    while state.epoch < cfg.epochs:
+        torch.manual_seed(seed + state.epoch)  # a resumed epoch draws what an uninterrupted one would
+        gen.manual_seed(seed + state.epoch)
+        model.train()
+        order = torch.randperm(len(data), generator=gen)
+        sums = np.zeros(3)
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            batch, targets = data[idx], [gt_t[i] for i in idx.tolist()]
+            if cfg.flip:
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(2), batch)
+                targets = [_flip_boxes(t) if f else t for t, f in zip(targets, flip.tolist())]
+            boxes, logits = model(_to_input(batch))
+            loss, loc, conf = multibox_loss(boxes, logits, targets, cfg.alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums += np.array([loss.item(), loc.item(), conf.item()]) * len(idx)
+        sched.step()
+        state.epoch += 1
+        mean = sums / len(data)
+        state.history.append({"epoch": state.epoch, "loss": mean[0], "loc": mean[1], "conf": mean[2]})
+        _save(checkpoint, model, opt, sched, state, {"priors": priors})
+        bar.update()
+        bar.set_postfix(loss=f"{mean[0]:.3f}")
+        if on_epoch:
+            on_epoch(state)
+    bar.close()
+    return model.eval(), state
+
+
+def _flip_boxes(b: torch.Tensor) -> torch.Tensor:
+    out = b.clone()
+    out[:, 0], out[:, 2] = 1 - b[:, 2], 1 - b[:, 0]
+    return out
+
+
+def export_model(checkpoint: Path, path: Path) -> Path:
+    """The trained model alone (the checkpoint less its optimizer state), written atomically."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ck.pop("optimizer", None)
+    ck.pop("scheduler", None)
+    buf = io.BytesIO()
+    torch.save(ck, buf)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def load_model(path: Path) -> MultiBoxNet:
+    """A trained MultiBox model from its checkpoint (the architecture, priors included, is rebuilt)."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    backbone, _ = build_googlenet("none")
+    model = MultiBoxNet(backbone, torch.from_numpy(np.asarray(ck["priors"])))
+    model.load_state_dict(ck["model"])
+    return model.eval().to(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def predict(model: MultiBoxNet, warped: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """``uint8 [N, S, S, 3]`` -> ``(boxes [N, K, 4] normalised and clipped to [0, 1], scores [N, K])``."""
+    model.eval()
+    boxes, scores = [], []
+    for start in range(0, len(warped), batch_size):
+        b, logit = model(_to_input(torch.from_numpy(warped[start : start + batch_size])))
+        boxes.append(b.clamp(0, 1))
+        scores.append(torch.sigmoid(logit))
+    if not boxes:
+        return np.zeros((0, model.num_priors, 4), np.float32), np.zeros((0, model.num_priors), np.float32)
+    return torch.cat(boxes).numpy(), torch.cat(scores).numpy()
+
+
+def plot_loss(history: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    epochs = [h["epoch"] for h in history]
+    for key, label in (("loss", "total"), ("conf", "confidence (BCE)"), ("loc", "location (0.5 L2, before alpha)")):
+        ax.plot(epochs, [h[key] for h in history], marker="o", ms=2, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per image")
+    ax.set_title("MultiBox training")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return path

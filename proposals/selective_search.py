@@ -1,0 +1,229 @@
+"""Selective search (Uijlings et al. 2013) as R-CNN ran it, from OpenCV's ``ximgproc`` building blocks.
+
+Modes (every value can be overridden by its own ``proposals.ss.*`` key):
+
+=============  ======================  ================  =================================  ========
+mode           colour spaces           Felzenszwalb k    strategies                         min side
+=============  ======================  ================  =================================  ========
+rcnn_fast      HSV, Lab                50, 100           colour+texture+size+fill, t+s+f    20 px
+quality        HSV, Lab, rgI, H, I     50, 100, 150, 300 ctsf, tsf, fill, size              20 px
+googlenet      HSV, Lab                100, 200          ctsf, tsf                          20 px
+opencv_fast    OpenCV's ``switchToSelectiveSearchFast()`` as is (k 150/300/450, min segment 100)
+=============  ======================  ================  =================================  ========
+
+Felzenszwalb's sigma is 0.8 and its minimum segment size equals k (R-CNN). OpenCV ranks regions by
+``hierarchy level x rand()`` with the C library's ``rand``; it is seeded per image here, so the
+ranking (and any top-N cap) is the same in every run and in any worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+import zlib
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from rcnn import boxes as B
+
+__all__ = [
+    "SSParams",
+    "MODES",
+    "resolve_params",
+    "selective_search",
+    "unique_boxes",
+    "merge_near_duplicates",
+    "rects_to_boxes",
+]
+
+_seg = cv2.ximgproc.segmentation
+
+MODES = {
+    "rcnn_fast": dict(color_spaces=["hsv", "lab"], ks=[50, 100], strategies=["ctsf", "tsf"]),
+    "quality": dict(
+        color_spaces=["hsv", "lab", "rgi", "h", "i"], ks=[50, 100, 150, 300], strategies=["ctsf", "tsf", "f", "s"]
+    ),
+    "googlenet": dict(color_spaces=["hsv", "lab"], ks=[100, 200], strategies=["ctsf", "tsf"]),
+    "opencv_fast": dict(color_spaces=["hsv", "lab"], ks=[150, 300, 450], strategies=["ctsf", "tsf"]),
+}
+_MODE_DEFAULTS = dict(sigma=0.8, min_segment_size=None, min_box_side=20)
+_COLOR_SPACES = ("hsv", "lab", "rgi", "h", "i")
+_STRATEGY_PARTS = {
+    "c": _seg.createSelectiveSearchSegmentationStrategyColor,
+    "t": _seg.createSelectiveSearchSegmentationStrategyTexture,
+    "s": _seg.createSelectiveSearchSegmentationStrategySize,
+    "f": _seg.createSelectiveSearchSegmentationStrategyFill,
+}
+
+
+@dataclass(frozen=True)
+class SSParams:
+    """Fully resolved selective search settings (what a cache key is made of)."""
+
+    backend: str  # opencv | selectivesearch
+    mode: str
+    color_spaces: tuple[str, ...]
+    ks: tuple[int, ...]
+    sigma: float
+    strategies: tuple[str, ...]
+    min_segment_size: int | None  # None = k
+    min_box_side: int
+    resize_width: int | None
+    merge_iou: float | None = None  # None = exact duplicates only (R-CNN)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_params(cfg) -> SSParams:
+    """``proposals.ss`` config -> :class:`SSParams`: the mode's values, overridden by explicit keys."""
+    mode = cfg.mode.value if hasattr(cfg.mode, "value") else str(cfg.mode)
+    backend = cfg.backend.value if hasattr(cfg.backend, "value") else str(cfg.backend)
+    base = {**_MODE_DEFAULTS, **MODES[mode]}
+    if mode == "opencv_fast":
+        base["min_box_side"] = 0
+        overridden = [k for k in ("color_spaces", "ks", "sigma", "strategies", "min_segment_size") if cfg[k] is not None]
+        if overridden or backend != "opencv":
+            raise ValueError(
+                "proposals.ss.mode=opencv_fast runs OpenCV's own switchToSelectiveSearchFast(); "
+                f"it takes no {', '.join(overridden) or 'backend other than opencv'} (use mode=rcnn_fast to set them)"
+            )
+    values = {k: (cfg[k] if cfg[k] is not None else v) for k, v in base.items()}
+    spaces = tuple(str(s).lower() for s in values["color_spaces"])
+    bad = [s for s in spaces if s not in _COLOR_SPACES]
+    if bad:
+        raise ValueError(f"unknown colour space(s) {bad} in proposals.ss.color_spaces; valid: {', '.join(_COLOR_SPACES)}")
+    strategies = tuple(str(s).lower() for s in values["strategies"])
+    bad = [s for s in strategies if not s or set(s) - set(_STRATEGY_PARTS)]
+    if bad:
+        raise ValueError(f"bad strategy {bad} in proposals.ss.strategies: letters of c(olour) t(exture) s(ize) f(ill)")
+    ks = tuple(int(k) for k in values["ks"])
+    if not ks or min(ks) <= 0:
+        raise ValueError(f"proposals.ss.ks must be positive numbers, got {list(ks)}")
+    merge_iou = None if cfg.merge_iou is None else float(cfg.merge_iou)
+    if merge_iou is not None and not 0 < merge_iou <= 1:
+        raise ValueError(f"proposals.ss.merge_iou must be in (0, 1] or null, got {merge_iou}")
+    return SSParams(
+        merge_iou=merge_iou,
+        backend=backend,
+        mode=mode,
+        color_spaces=spaces,
+        ks=ks,
+        sigma=float(values["sigma"]),
+        strategies=strategies,
+        min_segment_size=None if values["min_segment_size"] is None else int(values["min_segment_size"]),
+        min_box_side=int(values["min_box_side"]),
+        resize_width=int(cfg.resize_width) if cfg.resize_width else None,
+    )
+
+
+_libc = ctypes.CDLL(None)
+
+
+def _seed_c_rand(seed: int) -> None:
+    _libc.srand(ctypes.c_uint(seed & 0xFFFFFFFF))
+
+
+def image_seed(seed: int, image_id) -> int:
+    return zlib.crc32(f"{seed}:{image_id}".encode())
+
+
+def _convert(bgr: np.ndarray, space: str) -> np.ndarray:
+    if space == "hsv":
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+    if space == "lab":
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2Lab)
+    if space == "h":
+        return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)[:, :, 0])
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    if space == "i":
+        return gray
+    return cv2.merge([bgr[:, :, 2], bgr[:, :, 1], gray])  # rgI: red, green, intensity
+
+
+def rects_to_boxes(rects: np.ndarray) -> np.ndarray:
+    """Integer ``(x, y, w, h)`` pixel rects -> continuous ``xyxy`` float32."""
+    r = np.asarray(rects, dtype=np.float32).reshape(-1, 4)
+    return np.concatenate([r[:, :2], r[:, :2] + r[:, 2:]], axis=1)
+
+
+def unique_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of every distinct box, in their original order."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, first = np.unique(np.ascontiguousarray(boxes), axis=0, return_index=True)
+    return np.sort(first)
+
+
+def _opencv(bgr: np.ndarray, p: SSParams) -> np.ndarray:
+    ss = _seg.createSelectiveSearchSegmentation()
+    ss.setBaseImage(bgr)
+    if p.mode == "opencv_fast":
+        ss.switchToSelectiveSearchFast()
+    else:
+        ss.clearImages()
+        ss.clearGraphSegmentations()
+        ss.clearStrategies()
+        for space in p.color_spaces:
+            ss.addImage(_convert(bgr, space))
+        for k in p.ks:
+            min_size = k if p.min_segment_size is None else p.min_segment_size
+            ss.addGraphSegmentation(_seg.createGraphSegmentation(p.sigma, float(k), int(min_size)))
+        for s in p.strategies:
+            parts = [_STRATEGY_PARTS[c]() for c in s]
+            ss.addStrategy(parts[0] if len(parts) == 1 else _seg.createSelectiveSearchSegmentationStrategyMultiple(*parts))
+    return rects_to_boxes(ss.process())
+
+
+def _package(rgb: np.ndarray, p: SSParams) -> np.ndarray:
+    """The ``selectivesearch`` package (HSV + all four similarities, fixed): one run per k, in order."""
+    import warnings
+
+    import selectivesearch
+
+    out = []
+    for k in p.ks:
+        min_size = k if p.min_segment_size is None else p.min_segment_size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # skimage's warning about LBP on float images
+            _, regions = selectivesearch.selective_search(rgb, scale=k, sigma=p.sigma, min_size=min_size)
+        out.append(rects_to_boxes([r["rect"] for r in regions]))
+    return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
+
+
+def selective_search(rgb: np.ndarray, p: SSParams, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Boxes of one RGB uint8 image, best-ranked first.
+
+    Returns ``(boxes float32 [N, 4] xyxy in the image's pixels, seconds)``: resized first when
+    ``p.resize_width`` is set (boxes mapped back), boxes with a side < ``p.min_box_side`` dropped,
+    duplicates removed keeping the best rank (near-duplicates too, when ``p.merge_iou`` is set).
+    """
+    start = time.perf_counter()
+    h, w = rgb.shape[:2]
+    scale = 1.0
+    if p.resize_width and w != p.resize_width:
+        scale = p.resize_width / w
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        rgb = cv2.resize(rgb, (p.resize_width, max(1, round(h * scale))), interpolation=interp)
+    _seed_c_rand(seed)
+    if p.backend == "opencv":
+        boxes = _opencv(np.ascontiguousarray(rgb[:, :, ::-1]), p)
+    else:
+        boxes = _package(rgb, p)
+    if scale != 1.0:
+        boxes = B.clip(boxes / scale, w, h)
+    side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    boxes = boxes[side >= max(p.min_box_side, 1e-6)]
+    boxes = boxes[unique_boxes(boxes)]
+    if p.merge_iou is not None and len(boxes):
+        boxes = boxes[merge_near_duplicates(boxes, p.merge_iou)]
+    return boxes.astype(np.float32), time.perf_counter() - start
+
+
+def merge_near_duplicates(boxes: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept, in rank order, when every box whose IoU with a better-ranked kept box is above
+    ``iou`` is dropped (greedy NMS with the rank as the score)."""
+    rank_score = -np.arange(len(boxes), dtype=np.float32)
+    return np.sort(B.nms(boxes, rank_score, iou))

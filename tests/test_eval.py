@@ -1,0 +1,280 @@
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval.coco import coco_eval
+from eval.detections import Detections, DetectionsError, load_detections, save_detections
+from eval.stage import evaluate
+from eval.voc import ilsvrc_eval, ilsvrc_thresholds, voc_ap, voc_eval
+from rcnn import boxes as B
+from rcnn.config import load_config
+from rcnn.datasets import Annotation, DetectionDataset, ImageRecord, build_dataset
+from rcnn.run import main
+
+from .fakes import write_voc
+
+
+def dataset(gt: list[list[tuple]], classes=("a", "b"), ids=None, blacklist=()) -> DetectionDataset:
+    """gt: per image, (x1, y1, x2, y2, label[, difficult]) tuples; images are 100 x 80."""
+    ids = ids or list(range(1, len(gt) + 1))
+    records = []
+    for image_id, objs in zip(ids, gt):
+        boxes = np.array([o[:4] for o in objs], np.float32).reshape(-1, 4)
+        labels = np.array([o[4] for o in objs], np.int64)
+        diff = np.array([bool(o[5]) if len(o) > 5 else False for o in objs], bool)
+        records.append(ImageRecord(image_id, Path(f"/nonexistent/{image_id}.jpg"), "test", Annotation(boxes, labels, diff, 100, 80)))
+    return DetectionDataset("t", classes, records, {"test": ids}, "test", "test", blacklist=blacklist)
+
+
+def dets(rows) -> Detections:
+    """rows: (image index, label, score, x1, y1, x2, y2)."""
+    if not rows:
+        return Detections.empty()
+    a = np.array(rows, np.float64)
+    return Detections(a[:, 0].astype(np.int64), a[:, 1].astype(np.int64), a[:, 2], a[:, 3:].astype(np.float32))
+
+
+def all_metrics(ds, d):
+    r = evaluate(d, ds, "test")
+    return r["voc07"]["map"], r["voc"]["map"], r["ilsvrc"]["map"], r["coco"]["stats"]["ap"]
+
+
+def test_perfect_detector_scores_one():
+    ds = dataset([[(10, 10, 50, 40, 0), (60, 20, 90, 70, 1)], [(5, 5, 30, 30, 1)]])
+    d = dets([(0, 0, 0.9, 10, 10, 50, 40), (0, 1, 0.8, 60, 20, 90, 70), (1, 1, 0.7, 5, 5, 30, 30)])
+    assert all_metrics(ds, d) == pytest.approx((1.0, 1.0, 1.0, 1.0))
+
+
+def test_duplicate_is_a_false_positive():
+    ds = dataset([[(10, 10, 50, 40, 0)], [(20, 20, 60, 60, 0)]], classes=("a",))
+    d = dets([(0, 0, 0.9, 10, 10, 50, 40), (0, 0, 0.8, 11, 10, 50, 40), (1, 0, 0.7, 20, 20, 60, 60)])
+    # tp 1 0 1, fp 0 1 0: recall .5 .5 1, precision 1 .5 2/3.
+    r = evaluate(d, ds, "test")
+    assert r["voc"]["map"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert r["voc07"]["map"] == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+
+
+def test_match_to_a_difficult_box_counts_for_nothing():
+    ds = dataset([[(10, 10, 50, 40, 0)], [(20, 20, 60, 60, 0, 1)]], classes=("a",))
+    d = dets([(1, 0, 0.9, 20, 20, 60, 60), (0, 0, 0.8, 10, 10, 50, 40)])
+    assert evaluate(d, ds, "test")["voc"]["map"] == pytest.approx(1.0)
+    # Without the difficult flag, the first detection would be a true positive too, and the second
+    # ground-truth box a positive: still 1.0; with a wrong box there instead, it would be a false positive.
+    d2 = dets([(1, 0, 0.9, 70, 60, 99, 79), (0, 0, 0.8, 10, 10, 50, 40)])
+    assert evaluate(d2, ds, "test")["voc"]["map"] == pytest.approx(0.5)
+
+
+def test_small_box_under_ilsvrc_rule():
+    # A 10 x 10 box: threshold min(0.5, 100 / (20 * 20)) = 0.25. A detection with IoU 0.3 passes ILSVRC only.
+    np.testing.assert_allclose(ilsvrc_thresholds(np.array([[0, 0, 10, 10], [0, 0, 100, 100]])), [0.25, 0.5])
+    ds = dataset([[(10, 10, 20, 20, 0)]], classes=("a",))
+    box = np.array([[10, 10, 20, 20]], float)
+    det = np.array([[10, 10, 28, 28]], float)  # IoU 100 / 324 = 0.309
+    assert B.iou(box, det)[0, 0] == pytest.approx(100 / 324)
+    d = dets([(0, 0, 0.9, *det[0])])
+    r = evaluate(d, ds, "test")
+    assert r["ilsvrc"]["map"] == pytest.approx(1.0) and r["voc"]["map"] == pytest.approx(0.0)
+
+
+def test_ilsvrc_takes_the_best_unmatched_box():
+    ds = dataset([[(0, 0, 40, 40, 0), (20, 0, 60, 40, 0)]], classes=("a",))
+    # Both detections overlap box A best; the second one also passes box B's threshold (IoU 0.6 with B).
+    d = dets([(0, 0, 0.9, 0, 0, 40, 40), (0, 0, 0.8, 10, 0, 50, 40)])
+    r = evaluate(d, ds, "test")
+    assert r["ilsvrc"]["map"] == pytest.approx(1.0)  # second takes B
+    assert r["voc"]["map"] == pytest.approx(0.5)  # VOC: best box A is taken -> false positive
+
+
+def test_ilsvrc_blacklist_leaves_out_the_pair():
+    ds = dataset([[(10, 10, 50, 40, 0)], [(20, 20, 60, 60, 0)]], classes=("a",), blacklist=[(2, 0)])
+    d = dets([(1, 0, 0.9, 70, 60, 99, 79), (0, 0, 0.8, 10, 10, 50, 40)])  # a false positive in image 2
+    assert evaluate(d, ds, "test")["ilsvrc"]["map"] == pytest.approx(1.0)
+    assert evaluate(d, dataset([[(10, 10, 50, 40, 0)], [(20, 20, 60, 60, 0)]], ("a",)), "test")["ilsvrc"]["map"] < 1
+
+
+def test_empty_detections_and_empty_ground_truth():
+    ds = dataset([[(10, 10, 50, 40, 0)], []])
+    r = evaluate(dets([]), ds, "test")
+    assert r["voc"]["ap"][0] == 0 and math.isnan(r["voc"]["ap"][1]) and r["voc"]["map"] == 0
+    assert r["coco"]["stats"]["ap"] == 0 and r["ilsvrc"]["map"] == 0
+    empty = dataset([[], []])
+    r = evaluate(dets([(0, 0, 0.5, 1, 1, 9, 9)]), empty, "test")
+    assert math.isnan(r["voc"]["map"]) and math.isnan(r["coco"]["stats"]["ap"])
+
+
+# -- against reference implementations ------------------------------------------------------------
+
+
+def loop_voc_ap(gt, det_rows, cls, use_07, thr=0.5):
+    """A plain per-detection VOC evaluation on VOC 1-based corners with the devkit's +1 arithmetic."""
+    npos = sum(1 for objs in gt for o in objs if o[4] == cls and not (len(o) > 5 and o[5]))
+    taken = {}
+    rows = sorted([r for r in det_rows if r[1] == cls], key=lambda r: -r[2])
+    tp, fp = [], []
+    for img, _, _, *box in rows:
+        bb = B.xyxy_to_voc([box])[0]
+        best, jbest = -1.0, -1
+        for j, o in enumerate(gt[img]):
+            if o[4] != cls:
+                continue
+            g = B.xyxy_to_voc([o[:4]])[0]
+            iw = min(bb[2], g[2]) - max(bb[0], g[0]) + 1
+            ih = min(bb[3], g[3]) - max(bb[1], g[1]) + 1
+            if iw > 0 and ih > 0:
+                inter = iw * ih
+                uni = (bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1) + (g[2] - g[0] + 1) * (g[3] - g[1] + 1) - inter
+                if inter / uni > best:
+                    best, jbest = inter / uni, j
+        if best >= thr:
+            o = gt[img][jbest]
+            if len(o) > 5 and o[5]:
+                tp.append(0), fp.append(0)
+            elif not taken.get((img, jbest)):
+                taken[(img, jbest)] = True
+                tp.append(1), fp.append(0)
+            else:
+                tp.append(0), fp.append(1)
+        else:
+            tp.append(0), fp.append(1)
+    tp, fp = np.cumsum(tp), np.cumsum(fp)
+    rec = tp / npos
+    prec = tp / np.maximum(tp + fp, np.finfo(float).eps)
+    return voc_ap(rec, prec, use_07)
+
+
+def random_problem(seed, n_images=12, n_classes=3):
+    rng = np.random.default_rng(seed)
+    gt, rows = [], []
+    for i in range(n_images):
+        objs = []
+        for _ in range(rng.integers(0, 4)):
+            x, y = rng.integers(0, 60), rng.integers(0, 40)
+            w, h = rng.integers(5, 40), rng.integers(5, 40)
+            objs.append((int(x), int(y), int(x + w), int(y + h), int(rng.integers(n_classes)), int(rng.random() < 0.15)))
+        gt.append(objs)
+        for o in objs:  # jittered hits, duplicates and misses
+            for _ in range(rng.integers(0, 3)):
+                j = rng.normal(0, 4, 4)
+                rows.append((i, o[4], float(rng.random()), *(np.array(o[:4], float) + j)))
+        for _ in range(rng.integers(0, 3)):
+            x, y = rng.uniform(0, 70, 2)
+            rows.append((i, int(rng.integers(n_classes)), float(rng.random()), x, y, x + rng.uniform(3, 30), y + rng.uniform(3, 30)))
+    rows = [r if r[5] > r[3] and r[6] > r[4] else (*r[:5], r[3] + 1, r[4] + 1) for r in rows]
+    return gt, rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_voc_matches_a_plain_loop(seed):
+    gt, rows = random_problem(seed)
+    ds = dataset(gt, classes=("a", "b", "c"))
+    for use_07 in (True, False):
+        r = voc_eval(dets(rows), [(a.boxes, a.labels, a.difficult) for a in map(ds.annotation, ds.image_ids("test"))], 3, use_07_metric=use_07)
+        for c in range(3):
+            npos = sum(1 for objs in gt for o in objs if o[4] == c and not o[5])
+            if npos == 0:
+                assert math.isnan(r["ap"][c])
+            else:
+                assert r["ap"][c] == pytest.approx(loop_voc_ap(gt, rows, c, use_07), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coco_identical_to_pycocotools(tmp_path, seed):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt, rows = random_problem(seed, n_images=10)
+    cats = [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}]
+    images = [{"id": 100 + i, "file_name": f"{i}.jpg", "width": 100, "height": 80} for i in range(len(gt))]
+    anns = []
+    for i, objs in enumerate(gt):
+        for o in objs:
+            w, h = o[2] - o[0], o[3] - o[1]
+            anns.append({"id": len(anns) + 1, "image_id": 100 + i, "category_id": cats[o[4]]["id"],
+                         "bbox": [o[0], o[1], w, h], "area": w * h, "iscrowd": o[5]})  # fmt: skip
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for im in images:
+        Image.new("RGB", (100, 80)).save(tmp_path / "img" / im["file_name"])
+    results = [{"image_id": 100 + r[0], "category_id": cats[r[1]]["id"], "score": r[2],
+                "bbox": [r[3], r[4], r[5] - r[3], r[6] - r[4]]} for r in rows]  # fmt: skip
+    res_path = tmp_path / "res.json"
+    res_path.write_text(json.dumps(results))
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref_gt = COCO(str(gt_path))
+        ev = COCOeval(ref_gt, ref_gt.loadRes(str(res_path)), "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+
+    paths = [f"dataset.train_json={gt_path}", f"dataset.test_json={gt_path}",
+             f"dataset.train_images={tmp_path / 'img'}", f"dataset.test_images={tmp_path / 'img'}"]  # fmt: skip
+    ds = build_dataset(load_config(["dataset=coco", *paths]).dataset)
+    ours = coco_eval(load_detections(res_path, ds, "test"), ds, "test")["stats"]
+    ref = [v if v >= 0 else float("nan") for v in ev.stats]
+    np.testing.assert_array_equal(list(ours.values()), ref)
+
+
+def test_continuous_iou_is_the_devkits_inclusive_iou():
+    rng = np.random.default_rng(0)
+    voc = rng.integers(1, 50, (20, 2))
+    voc = np.concatenate([voc, voc + rng.integers(0, 30, (20, 2))], axis=1).astype(float)
+    a, b = voc[:10], voc[10:]
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]) + 1, 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]) + 1, 0, None)
+    area = lambda v: (v[:, 2] - v[:, 0] + 1) * (v[:, 3] - v[:, 1] + 1)
+    devkit = iw * ih / (area(a)[:, None] + area(b)[None, :] - iw * ih)
+    np.testing.assert_allclose(B.iou(B.voc_to_xyxy(a).astype(float), B.voc_to_xyxy(b).astype(float)), devkit, rtol=1e-12)
+
+
+# -- files and the stage ---------------------------------------------------------------------------
+
+
+def test_detections_round_trip_and_bad_files(tmp_path):
+    ds = dataset([[(10, 10, 50, 40, 0)], [(5, 5, 30, 30, 1)]], ids=["img1", "img2"])
+    d = dets([(0, 0, 0.9, 10, 10, 50, 40), (1, 1, 0.25, 5.5, 5, 30, 30)])
+    path = save_detections(tmp_path / "d.json", d, ds, "test")
+    back = load_detections(path, ds, "test")
+    np.testing.assert_array_equal(back.image, d.image)
+    np.testing.assert_allclose(back.boxes, d.boxes)
+    assert json.loads(path.read_text())[1] == {"image_id": "img2", "category_id": 2, "bbox": [5.5, 5.0, 24.5, 25.0], "score": 0.25}
+    good = json.loads(path.read_text())[0]
+    cases = [
+        ({**good, "image_id": "img9"}, "detection 0: image_id 'img9' is not an image of split 'test'"),
+        ({**good, "category_id": 7}, "detection 0: category_id 7 is not a category"),
+        ({**good, "bbox": [1, 2, 3]}, r"detection 0: bbox \[1, 2, 3\] is not \[x, y, w, h\]"),
+        ({**good, "bbox": [1, 2, -3, 4]}, "negative width"),
+        ({**good, "score": None}, "score None is not a finite number"),
+        ({k: v for k, v in good.items() if k != "score"}, "detection 0: missing 'score'"),
+    ]
+    for entry, message in cases:
+        (tmp_path / "bad.json").write_text(json.dumps([entry]))
+        with pytest.raises(DetectionsError, match=message) as e:
+            load_detections(tmp_path / "bad.json", ds, "test")
+        assert "bad.json" in str(e.value)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DetectionsError, match="malformed JSON"):
+        load_detections(tmp_path / "bad.json", ds, "test")
+
+
+def test_eval_stage_on_a_detections_file(tmp_path, capsys):
+    root, out = write_voc(tmp_path / "voc"), tmp_path / "run"
+    args = ["progress=false", "dataset=voc", f"dataset.root={root}", f"out={out}"]
+    ds = build_dataset(load_config(args[1:3]).dataset)
+    gt = [ds.annotation(i) for i in ds.image_ids("test")]
+    rows = [(k, int(l), 0.9, *b) for k, a in enumerate(gt) for b, l in zip(a.boxes, a.labels)]
+    save_detections(tmp_path / "perfect.json", dets(rows), ds, "test")
+    assert main(["stage=eval", *args, f"detections={tmp_path / 'perfect.json'}"]) == 0
+    m = json.loads((out / "eval" / "metrics.json").read_text())
+    assert m["voc07_map"] == m["voc_map"] == m["ilsvrc_map"] == m["coco_map"] == m["coco_map50"] == 1.0
+    assert set(m["per_class"]) == {"cat", "dog"} and m["per_class"]["cat"]["voc"] == 1.0
+    assert (out / "eval" / "report.md").read_text().startswith("# Evaluation: voc / test")
+    assert (out / "eval" / "pr_curves.png").stat().st_size > 1000
+    assert main(["stage=eval", *args]) == 1  # no detect output yet: says so
+    assert "run stage=detect first, or pass detections=PATH" in capsys.readouterr().err

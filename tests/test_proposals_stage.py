@@ -1,0 +1,63 @@
+import json
+
+import numpy as np
+import pytest
+
+from rcnn.run import main
+
+TINY = [
+    "progress=false",
+    "dataset.train_images=4",
+    "dataset.test_images=3",
+    "dataset.width=160",
+    "dataset.height=120",
+    "dataset.min_size=24",
+    "dataset.max_size=60",
+    "multibox.epochs=2",
+    "multibox.input_size=64",
+    "multibox.num_priors=6",
+    "multibox.top_k=5",
+    "multibox.batch_size=2",
+    "backbone.weights=none",
+    "workers=2",
+]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'run'}"], tmp_path / "run"
+
+
+def test_proposals_stage_with_multibox(tiny):
+    args, out = tiny
+    assert main(["stage=proposals", *args]) == 0
+    m = json.loads((out / "proposals" / "metrics.json").read_text())
+    for split in ("train", "test"):
+        assert {"boxes_per_image", "recall_50", "recall_70", "mabo", "seconds_per_image"} <= set(m[split])
+        assert 0 < m[split]["recall_50"] <= 1 and m[split]["recall_70"] <= m[split]["recall_50"]
+    assert (out / "proposals" / "recall.png").stat().st_size > 1000
+    assert (out / "multibox" / "loss.png").exists()
+    mb = json.loads((out / "multibox" / "metrics.json").read_text())
+    assert mb["epochs"] == 2 and mb["num_priors"] == 6 and len(mb["history"]) == 2
+
+    entries = sorted((out / "proposals" / m["key"] / "entries").glob("*.npz"))
+    assert len(entries) == 7
+    with np.load(entries[0]) as z:
+        boxes, source, scores = z["boxes"], z["source"], z["scores"]
+    assert boxes.dtype == np.float32 and boxes.shape[1] == 4 and len(source) == len(boxes) == len(scores)
+    assert (source == 1).sum() <= 5 and (source == 0).any()  # MultiBox's top 5, then selective search's
+    assert (boxes[:, 2] > boxes[:, 0]).all() and boxes[:, 2].max() <= 160 and boxes[:, 3].max() <= 120
+
+    # A rerun reuses every cache: nothing is rewritten.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")} | {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    assert main(["stage=proposals", *args]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_selective_search_alone_and_top_n(tiny):
+    args, out = tiny
+    assert main(["stage=proposals", "proposals.method=ss", "proposals.top_n=10", "proposals.splits=[test]", *args]) == 0
+    m = json.loads((out / "proposals" / "metrics.json").read_text())
+    assert "train" not in m and m["test"]["boxes_per_image"] <= 10
+    assert not (out / "multibox").exists()
+    assert m["selective_search"]["mode"] == "googlenet" and m["selective_search"]["ks"] == [100, 200]
