@@ -14,6 +14,7 @@ import numpy as np
 
 from rcnn import boxes as B
 from rcnn.datasets import DatasetError, DetectionDataset
+from rcnn.datasets.base import read_file
 from rcnn.store import write_json
 
 __all__ = ["Detections", "DetectionsError", "load_detections", "save_detections"]
@@ -45,11 +46,11 @@ def load_detections(path: str | Path, ds: DetectionDataset, split: str) -> Detec
     """Read and check a COCO-results file against the dataset's split."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise DetectionsError(f"{path}: detections file not found") from None
+        text = read_file(path, "detections file")
+    except DatasetError as e:
+        raise DetectionsError(str(e)) from None
     try:
-        data = json.loads(text) if text.strip() else None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DetectionsError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(data, list):

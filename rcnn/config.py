@@ -105,21 +105,27 @@ class DemoConfig(DatasetConfig):
 
 _COCO128 = "../shared/datasets/coco128"
 
-DATASET_PRESETS: dict[str, DatasetConfig] = {
-    "demo": DemoConfig(),
-    "voc": VocConfig(),
-    "coco": CocoConfig(),
-    "ilsvrc": IlsvrcConfig(),
-    "coco128": CocoConfig(
-        name="coco128",
-        root=_COCO128,
+
+def _coco_2017_layout(name: str, root: str) -> CocoConfig:
+    """COCO 2017's own layout under ``root``: annotations/instances_<split>.json and <split>/ images."""
+    return CocoConfig(
+        name=name,
+        root=root,
         train_split="train2017",
         test_split="val2017",
         train_json="${.root}/annotations/instances_train2017.json",
         train_images="${.root}/train2017",
         test_json="${.root}/annotations/instances_val2017.json",
         test_images="${.root}/val2017",
-    ),
+    )
+
+
+DATASET_PRESETS: dict[str, DatasetConfig] = {
+    "demo": DemoConfig(),
+    "voc": VocConfig(),
+    "coco": CocoConfig(),
+    "ilsvrc": IlsvrcConfig(),
+    "coco128": _coco_2017_layout("coco128", _COCO128),
     "voc2007": VocConfig(
         name="voc2007",
         root="data/VOCdevkit/VOC2007",
@@ -131,16 +137,7 @@ DATASET_PRESETS: dict[str, DatasetConfig] = {
             "train", "tvmonitor",
         ],  # fmt: skip
     ),
-    "coco2017": CocoConfig(
-        name="coco2017",
-        root="data/coco",
-        train_split="train2017",
-        test_split="val2017",
-        train_json="${.root}/annotations/instances_train2017.json",
-        train_images="${.root}/train2017",
-        test_json="${.root}/annotations/instances_val2017.json",
-        test_images="${.root}/val2017",
-    ),
+    "coco2017": _coco_2017_layout("coco2017", "data/coco"),
     "ilsvrc2014": IlsvrcConfig(name="ilsvrc2014", root="data/ILSVRC"),
 }
 DATASET_PRESETS["voc2012"] = VocConfig(

@@ -225,7 +225,7 @@ def test_coco_bad_json_names_file_and_annotation(tmp_path, mutate, message):
 def test_coco_empty_malformed_and_missing_files(tmp_path):
     paths = write_coco(tmp_path)
     (tmp_path / "train.json").write_text("")
-    with pytest.raises(DatasetError, match="train.json: empty annotation file"):
+    with pytest.raises(DatasetError, match="train.json: empty COCO annotation file"):
         coco(paths)
     (tmp_path / "train.json").write_text("{not json")
     with pytest.raises(DatasetError, match="train.json: malformed JSON"):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from .. import boxes as B
 
-__all__ = ["DatasetError", "Annotation", "ImageRecord", "DetectionDataset", "read_image", "check_boxes"]
+__all__ = ["DatasetError", "Annotation", "ImageRecord", "DetectionDataset", "read_image", "read_file", "check_boxes"]
 
 log = logging.getLogger("rcnn.datasets")
 
@@ -96,6 +96,17 @@ def check_boxes(
             boxes[i] = B.clip(box[None], width, height)[0]
             report.add(f"{what}: partly outside the {width}x{height} image, clipped", dropped=False)
     return keep
+
+
+def read_file(path: Path, what: str, hint: str = "") -> bytes:
+    """The bytes of an annotation-like file; a missing or empty one is a DatasetError naming it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} not found" + (f"; {hint}" if hint else "")) from None
+    if not data.strip():
+        raise DatasetError(f"{path}: empty {what}")
+    return data
 
 
 def read_image(path: str | Path) -> np.ndarray:

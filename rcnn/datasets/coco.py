@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from .. import boxes as B
-from .base import Annotation, BoxReport, DatasetError, DetectionDataset, ImageRecord, check_boxes, log_box_report
+from .base import (
+    Annotation,
+    BoxReport,
+    DatasetError,
+    DetectionDataset,
+    ImageRecord,
+    check_boxes,
+    log_box_report,
+    read_file,
+)
 
 __all__ = ["load_coco", "read_coco_json"]
 
@@ -19,13 +28,7 @@ log = logging.getLogger("rcnn.datasets")
 def read_coco_json(path: str | Path, hint: str = "") -> dict:
     """Read an instances file and check its top-level layout."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        where = f"; {hint}" if hint else ""
-        raise DatasetError(f"{path}: COCO annotation file not found{where}") from None
-    if not text.strip():
-        raise DatasetError(f"{path}: empty annotation file")
+    text = read_file(path, "COCO annotation file", hint)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -19,6 +19,7 @@ from .base import (
     check_boxes,
     image_size,
     log_box_report,
+    read_file,
 )
 
 __all__ = ["load_voc", "load_ilsvrc", "parse_voc_xml", "VocObject"]
@@ -51,12 +52,7 @@ def _number(node: ET.Element | None, tag: str, where: str) -> float:
 
 def parse_voc_xml(path: Path) -> VocFile:
     """Parse one VOC/ILSVRC annotation file; every problem is a DatasetError naming the file."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: annotation file not found") from None
-    if not data.strip():
-        raise DatasetError(f"{path}: empty annotation file")
+    data = read_file(path, "annotation file")
     try:
         root = ET.fromstring(data)
     except ET.ParseError as e:
