@@ -142,6 +142,34 @@ def _load(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict({k: state[k] for k in own}, strict=True)
 
 
+@torch.no_grad()
+def fold_batchnorm(model: GoogLeNet) -> GoogLeNet:
+    """A copy for inference with every BatchNorm folded into the convolution before it.
+
+    ``w' = w * g / sqrt(v + eps)``, ``b' = beta - mean * g / sqrt(v + eps)``: the same outputs (to
+    float rounding) with one pass over memory less per layer. Only for eval mode: the statistics are
+    frozen into the weights.
+    """
+    import copy
+
+    from torchvision.models.googlenet import BasicConv2d
+
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        if isinstance(module, BasicConv2d) and isinstance(module.bn, nn.BatchNorm2d):
+            conv, bn = module.conv, module.bn
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            fused = nn.Conv2d(
+                conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, bias=True,
+            )  # fmt: skip
+            fused.weight.copy_(conv.weight * scale[:, None, None, None])
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
+            module.conv, module.bn = fused, nn.Identity()
+    return folded
+
+
 def trunk(model: GoogLeNet) -> nn.Module:
     """The network up to the 1024-d global average pool (``fc`` replaced by identity, dropout off)."""
     model.fc = nn.Identity()

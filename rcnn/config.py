@@ -225,6 +225,34 @@ class MultiboxConfig:
     flip: bool = True  # random horizontal flips
 
 
+class FeatureMode(Enum):
+    warp = "warp"  # R-CNN: every proposal cropped, warped, run through the whole network
+    roi = "roi"  # one pass per image, RoIAlign at features.roi_layer, the rest per region
+
+
+class RoiLayer(Enum):
+    inception4e = "inception4e"  # stride 16; inception5a, 5b and the pool run per region
+    inception5a = "inception5a"  # stride 32; inception5b and the pool run per region
+    inception5b = "inception5b"  # stride 32; only the average pool runs per region (fastest)
+
+
+class Device(Enum):
+    auto = "auto"  # cuda if available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class FeaturesConfig:
+    mode: FeatureMode = FeatureMode.warp  # warp | roi
+    input_size: int = 224  # warped crop size (GoogLeNet's input)
+    padding: int = 16  # context pixels around each box at the input size (R-CNN)
+    batch_size: int = 64  # crops per forward pass (warp mode)
+    roi_layer: RoiLayer = RoiLayer.inception5b  # roi mode: where regions are pooled
+    roi_image_size: int = 600  # roi mode: the image's shorter side is resized to this
+    channels_last: bool = True  # NHWC memory layout (faster for convolutions on CPU)
+
+
 @dataclass
 class EvalConfig:
     iou_threshold: float = 0.5  # VOC's overlap for a match (the devkit's >=); COCO and ILSVRC use their own
@@ -246,6 +274,8 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # GoogLeNet weights
     proposals: ProposalsConfig = field(default_factory=ProposalsConfig)  # stage=proposals
     multibox: MultiboxConfig = field(default_factory=MultiboxConfig)  # stage=multibox (the proposer)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)  # stage=features
+    device: Device = Device.auto  # where networks run: auto | cpu | cuda
     eval: EvalConfig = field(default_factory=EvalConfig)  # stage=eval
     detections: Optional[str] = None  # stage=eval: a COCO-results JSON; null = <out>/detect/detections.json
 

@@ -62,6 +62,12 @@ def _multibox(ctx: RunContext) -> dict:
     return run_multibox(ctx)
 
 
+def _features(ctx: RunContext) -> dict:
+    from features.stage import run_features
+
+    return run_features(ctx)
+
+
 def _eval(ctx: RunContext) -> dict:
     from eval.stage import run_eval
 
@@ -83,7 +89,7 @@ STAGES: dict[str, Callable[[RunContext], dict]] = {
     Stage.proposals.value: _proposals,
     Stage.multibox.value: _multibox,
     Stage.finetune.value: _not_built("finetune", 4),
-    Stage.features.value: _not_built("features", 4),
+    Stage.features.value: _features,
     Stage.svm.value: _not_built("svm", 5),
     Stage.detect.value: _not_built("detect", 5),
     Stage.eval.value: _eval,

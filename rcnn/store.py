@@ -176,8 +176,23 @@ class StageStore:
     def path(self, image_id) -> Path:
         return self.entries_dir / f"{entry_name(image_id)}.npz"
 
+    def array_path(self, image_id) -> Path:
+        return self.entries_dir / f"{entry_name(image_id)}.npy"
+
     def has(self, image_id) -> bool:
-        return self.path(image_id).exists()
+        return self.path(image_id).exists() or self.array_path(image_id).exists()
+
+    def put_array(self, image_id, array: np.ndarray) -> None:
+        """Atomically write one image's entry as a single ``.npy`` array (memory-mappable)."""
+        arr = np.ascontiguousarray(array)
+        atomic_write(self.array_path(image_id), lambda f: np.save(f, arr, allow_pickle=False))
+
+    def get_array(self, image_id, mmap: bool = True) -> np.ndarray:
+        """One image's ``.npy`` entry, memory-mapped read-only by default (nothing read until used)."""
+        path = self.array_path(image_id)
+        if not path.exists():
+            raise KeyError(f"no {self.stage} array entry for image {image_id!r} in {self.dir}")
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
     def put(self, image_id, arrays: Mapping[str, np.ndarray]) -> None:
         """Atomically write one image's entry (a dict of arrays; names must not start with '_')."""
@@ -204,4 +219,14 @@ class StageStore:
         return [i for i in image_ids if not self.has(i)]
 
     def __len__(self) -> int:
-        return sum(1 for p in self.entries_dir.iterdir() if p.suffix == ".npz" and not p.name.startswith("."))
+        return sum(1 for p in self.entries_dir.iterdir() if p.suffix in (".npz", ".npy") and not p.name.startswith("."))
+
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike, stage: str, key: str) -> "StageStore":
+        """An existing store by its key (e.g. an upstream stage's, from its metrics.json)."""
+        manifest = Path(run_dir) / stage / key / "manifest.json"
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{manifest}: no readable {stage} store with key {key} ({e})") from e
+        return cls(run_dir, stage, m["config"], m["inputs"], m["version"])

@@ -1,0 +1,157 @@
+import json
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+from features import backbone as BB
+from features.backbone import BackboneError, build_googlenet, trunk
+from features.extract import RegionFeatures, features_roi, features_warp
+from features.warp import context_boxes, warp_crops
+from rcnn.run import main
+from rcnn.store import StageStore
+
+
+def test_context_box_by_hand():
+    # A 64 px box: x 224/192 = 7/6 about its centre (82, 82): half side 32 * 7/6 = 37.333.
+    e = context_boxes(torch.tensor([[50.0, 50.0, 114.0, 114.0]]), 224, 16)[0]
+    torch.testing.assert_close(e, torch.tensor([82 - 112 / 3, 82 - 112 / 3, 82 + 112 / 3, 82 + 112 / 3]))
+
+
+def test_warp_samples_the_enlarged_box_uniformly():
+    h, w = 120, 160
+    ramp = torch.arange(w, dtype=torch.float64).expand(3, h, w).clone()  # value = column index
+    crop = warp_crops(ramp, torch.tensor([[50.0, 40.0, 114.0, 80.0]], dtype=torch.float64))[0, 0]
+    e = context_boxes(torch.tensor([[50.0, 40.0, 114.0, 80.0]], dtype=torch.float64))[0]
+    x = e[0] + (torch.arange(224, dtype=torch.float64) + 0.5) * (e[2] - e[0]) / 224  # continuous x of columns
+    torch.testing.assert_close(crop[100], x - 0.5)  # bilinear on a ramp returns the position (pixel centres at +0.5)
+    # The box itself fills the inner 192 columns: column 16's centre is 1/6 px inside its left edge.
+    assert float(x[16]) == pytest.approx(50 + 0.5 * 64 / 192)
+
+
+def test_box_at_the_border_is_mean_filled_outside():
+    img = torch.ones(3, 100, 100)  # normalised image: 0 is the mean
+    crop = warp_crops(img, torch.tensor([[0.0, 0.0, 64.0, 64.0]]))[0, 0]
+    # Enlarged box starts at -16/3; column u samples x = -16/3 + (u + 0.5) / 3, inside from u = 16 on.
+    assert (crop[:, :16] == 0).all() and (crop[:16, :] == 0).all()
+    torch.testing.assert_close(crop[16:, 16:], torch.ones(208, 208))
+
+
+def test_box_larger_than_the_image():
+    img = torch.ones(3, 30, 40)
+    crop = warp_crops(img, torch.tensor([[-10.0, -10.0, 50.0, 40.0]]))[0, 0]
+    # x = -15 + (u + 0.5) * 70 / 224 is in [0, 40] for u = 48 ... 175; y = -85/6 + (v + 0.5) * 175/672 in [0, 30]
+    cols = (crop != 0).any(dim=0).nonzero().flatten()
+    rows = (crop != 0).any(dim=1).nonzero().flatten()
+    assert (cols.min().item(), cols.max().item()) == (48, 175)
+    y = -85 / 6 + (np.arange(224) + 0.5) * (175 / 3) / 224
+    inside = np.flatnonzero((y >= 0) & (y <= 30))
+    assert (rows.min().item(), rows.max().item()) == (inside.min(), inside.max())
+    assert warp_crops(img, torch.zeros((0, 4))).shape == (0, 3, 224, 224)
+
+
+def model(seed=0, split="inception4e"):
+    torch.manual_seed(seed)
+    return RegionFeatures(build_googlenet("none")[0], split)
+
+
+def test_region_features_are_googlenets_pool_and_deterministic():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    boxes = np.array([[10, 10, 60, 50], [0, 0, 120, 90], [70, 20, 118, 88]], np.float32)
+    m = model()
+    a = features_warp(m, rgb, boxes, batch_size=2)
+    b = features_warp(model(), rgb, boxes)
+    assert a.dtype == np.float16 and a.shape == (3, 1024)
+    np.testing.assert_array_equal(a, b)  # same seed, same weights, same features, any batch size
+    net = trunk(m.net)
+    with torch.inference_mode():
+        from features.warp import normalize_image
+
+        ref = net(warp_crops(normalize_image(rgb), torch.from_numpy(boxes))).numpy().astype(np.float16)
+    np.testing.assert_allclose(a.astype(np.float32), ref.astype(np.float32), rtol=1e-2, atol=1e-3)
+    for split in ("inception4e", "inception5a", "inception5b"):
+        r = features_roi(model(split=split), rgb, boxes, image_size=90)
+        assert r.shape == (3, 1024) and np.isfinite(r.astype(np.float32)).all()
+
+
+def test_weights_from_a_file(tmp_path):
+    net, _ = build_googlenet("none")
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    torch.save({"model": net.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        want = net(x)
+        for name in ("sd.pt", "ckpt.pt"):
+            loaded, info = build_googlenet(str(tmp_path / name))
+            assert info.kind == "file" and info.stamp
+            torch.testing.assert_close(loaded(x), want)
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(BackboneError, match="other.pt: not GoogLeNet weights"):
+        build_googlenet(str(tmp_path / "other.pt"))
+    with pytest.raises(BackboneError, match="nope.pt: backbone weights file not found"):
+        build_googlenet(str(tmp_path / "nope.pt"))
+
+
+def test_offline_imagenet_weights_give_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(BB, "imagenet_weights_path", lambda: tmp_path / "hub" / "googlenet-1378be20.pth")
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(BB.GoogLeNet_Weights.IMAGENET1K_V1.__class__, "get_state_dict", no_network)
+    with pytest.raises(BackboneError) as e:
+        build_googlenet("imagenet")
+    msg = str(e.value)
+    assert "could not download GoogLeNet's ImageNet weights" in msg and "googlenet-1378be20.pth" in msg
+    assert str(tmp_path / "hub") in msg and "backbone.weights=none" in msg
+    assert BB.resolve_weights("auto").kind == "none"  # auto falls back to random init (logged)
+
+
+def test_array_entries_round_trip_memory_mapped(tmp_path):
+    s = StageStore(tmp_path, "features", {"mode": "warp"})
+    feats = np.random.default_rng(0).normal(size=(5, 1024)).astype(np.float16)
+    s.put_array("img 1", feats)
+    got = s.get_array("img 1")
+    assert isinstance(got, np.memmap) and got.dtype == np.float16
+    np.testing.assert_array_equal(got, feats)
+    assert s.has("img 1") and len(s) == 1
+
+
+@pytest.mark.parametrize("mode", ["warp", "roi"])
+def test_features_stage(tmp_path, mode):
+    args = [
+        "progress=false", "stage=features", f"features.mode={mode}", "proposals.method=ss", "proposals.top_n=20",
+        "dataset.train_images=2", "dataset.test_images=1", "dataset.width=128", "dataset.height=96",
+        "dataset.min_size=24", "dataset.max_size=60", f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'run'}",
+        "backbone.weights=none", "workers=1",
+    ]  # fmt: skip
+    assert main(args) == 0
+    m = json.loads((tmp_path / "run" / "features" / "metrics.json").read_text())
+    assert m["mode"] == mode and m["device"] == "cpu" and m["images"] == 3 and m["crops_per_second"] > 0
+    assert m["bytes_per_image"] > 20 * 1024 * 2 * 0.5
+    key_dir = tmp_path / "run" / "features" / m["key"]
+    entries = sorted((key_dir / "entries").glob("*.npy"))
+    props = StageStore.open(tmp_path / "run", "proposals", json.loads((tmp_path / "run" / "proposals" / "metrics.json").read_text())["key"])
+    for e in entries:
+        assert np.load(e, mmap_mode="r").shape == (len(props.get(e.stem)["boxes"]), 1024)
+    assert main(args) == 0  # cached: nothing recomputed
+    assert json.loads((tmp_path / "run" / "features" / "metrics.json").read_text())["images_computed_now"] == 0
+
+
+def test_folding_batchnorm_keeps_the_outputs():
+    from features.backbone import fold_batchnorm
+
+    torch.manual_seed(1)
+    net, _ = build_googlenet("none")
+    for m in net.modules():  # non-trivial statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    net.eval()
+    folded = fold_batchnorm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
