@@ -134,6 +134,8 @@ def build_googlenet(weights: str | LoadedWeights = "none") -> tuple[GoogLeNet, L
 def _load(model: nn.Module, state: dict, source: str) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
+    if not any(k.startswith("fc.") for k in state):  # features only: the ImageNet classifier is not needed
+        state = {**state, **{k: v for k, v in own.items() if k.startswith("fc.")}}
     missing = [k for k in own if k not in state]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or wrong:

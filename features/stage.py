@@ -8,6 +8,7 @@ and the proposals' key, so a new proposal setting or other weights never reuse t
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from rcnn.config import to_dict
 from rcnn.store import StageStore
 
-from .backbone import build_googlenet, fold_batchnorm, resolve_weights
+from .backbone import LoadedWeights, build_googlenet, fold_batchnorm, resolve_weights
 from .extract import RegionFeatures, features_roi, features_warp
 
 log = logging.getLogger("features")
@@ -34,8 +35,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg) -> tuple[RegionFeatures, dict, torch.device]:
-    weights = resolve_weights(cfg.backbone.weights)
+def _proposals_store(ctx) -> StageStore:
+    from rcnn.stages import run_stage
+
+    return StageStore.open(ctx.run_dir, "proposals", run_stage(ctx, "proposals")["key"])
+
+
+def finetune_store(ctx, proposals: StageStore) -> StageStore:
+    """Keyed by the fine-tuning settings, the feature geometry, the starting weights and the proposals."""
+    cfg = ctx.cfg
+    tune = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("enabled", "checkpoint_every", "image_cache")}
+    geometry = {k: v for k, v in to_dict(cfg.features).items() if k not in ("batch_size", "channels_last")}
+    return StageStore(
+        ctx.run_dir, "finetune",
+        {"finetune": tune, "features": geometry, "backbone": resolve_weights(cfg.backbone.weights).describe(), "seed": cfg.seed},
+        inputs={"proposals": proposals.key}, version=FORMAT_VERSION,
+    )  # fmt: skip
+
+
+def backbone_weights(ctx, proposals: StageStore) -> LoadedWeights:
+    """The fine-tuned weights when this configuration's fine-tuning is complete, else ``backbone.weights``."""
+    tuned = finetune_store(ctx, proposals)
+    path = tuned.dir / "model.pt"
+    if tuned.complete and path.exists():
+        log.info("features from the fine-tuned weights in %s", path)
+        return resolve_weights(str(path))
+    return resolve_weights(ctx.cfg.backbone.weights)
+
+
+def build_model(cfg, weights: LoadedWeights) -> tuple[RegionFeatures, dict, torch.device]:
     net, _ = build_googlenet(weights)
     device = resolve_device(cfg.device.value)
     model = RegionFeatures(fold_batchnorm(net), cfg.features.roi_layer.value).to(device)
@@ -46,11 +74,10 @@ def build_model(cfg) -> tuple[RegionFeatures, dict, torch.device]:
 
 def run_features(ctx) -> dict:
     from proposals.stage import split_names
-    from rcnn.stages import run_stage
 
     cfg, ds, fc = ctx.cfg, ctx.dataset, ctx.cfg.features
-    proposals = StageStore.open(ctx.run_dir, "proposals", run_stage(ctx, "proposals")["key"])
-    model, weights, device = build_model(cfg)
+    proposals = _proposals_store(ctx)
+    model, weights, device = build_model(cfg, backbone_weights(ctx, proposals))
     settings = {k: v for k, v in to_dict(fc).items() if k != "batch_size"}  # batch size shapes no output
     if fc.mode.value == "warp":
         settings.pop("roi_layer"), settings.pop("roi_image_size")
@@ -99,3 +126,94 @@ def run_features(ctx) -> dict:
     rate = f"{metrics['crops_per_second']} crops/s, " if todo else "all cached, "
     print(f"features ({fc.mode.value}, {device}): {len(ids)} images, {rate}{metrics['bytes_per_image'] / 1024:.0f} KiB per image")
     return metrics
+
+
+def run_finetune(ctx) -> dict:
+    """Fine-tune on the train split's proposals (resuming from the last checkpoint), save model.pt."""
+    import shutil
+
+    from proposals.stage import gt_for_recall
+
+    from .finetune import FineTuner, label_windows
+
+    cfg, ds = ctx.cfg, ctx.dataset
+    proposals = _proposals_store(ctx)
+    store = finetune_store(ctx, proposals)
+    model_path = store.dir / "model.pt"
+    if store.complete and model_path.exists():
+        log.info("fine-tuned model cached in %s", store.dir)
+        metrics = json.loads((store.dir / "metrics.json").read_text())
+        store.finish(metrics)
+        return metrics
+    ids = ds.image_ids(ds.train_split)
+    windows = label_windows([proposals.get(i)["boxes"] for i in ids], [gt_for_recall(ds, i) for i in ids], cfg.finetune.fg_iou)
+    net, _ = build_googlenet(resolve_weights(cfg.backbone.weights))
+    tuner = FineTuner(net, ds.num_classes, windows, lambda k: ds.load_image(ids[k]), cfg.finetune, cfg.features, cfg.seed)
+    checkpoint = store.dir / "checkpoint.pt"
+    if checkpoint.exists():
+        tuner.load(checkpoint)
+        log.info("resuming fine-tuning at iteration %d of %d", tuner.iteration + 1, cfg.finetune.iterations)
+    start = time.perf_counter()
+    done_before = tuner.iteration
+    bar = tqdm(total=cfg.finetune.iterations, initial=tuner.iteration, desc="finetune", unit="it", disable=not cfg.progress)
+    while tuner.iteration < cfg.finetune.iterations:
+        rec = tuner.step()
+        bar.update()
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.2f}")
+        if tuner.iteration % cfg.finetune.checkpoint_every == 0 or tuner.iteration == cfg.finetune.iterations:
+            tuner.save(checkpoint)
+    bar.close()
+    seconds = time.perf_counter() - start
+    _export(checkpoint, model_path)
+    plot_history(tuner.history, store.dir / "loss.png")
+    shutil.copyfile(store.dir / "loss.png", store.stage_dir / "loss.png")
+    last = tuner.history[-20:]
+    metrics = {
+        "stage": "finetune",
+        "key": store.key,
+        "mode": cfg.features.mode.value,
+        "iterations": tuner.iteration,
+        "windows_foreground": int(len(windows.foreground())),
+        "windows_background": int(len(windows.background())),
+        "loss_first": tuner.history[0]["loss"],
+        "loss_last20": float(np.mean([h["loss"] for h in last])),
+        "accuracy_last20": float(np.mean([h["accuracy"] for h in last])),
+        "seconds_per_iteration": round(seconds / max(tuner.iteration - done_before, 1), 3),
+        "model": str(model_path),
+    }
+    store.finish(metrics)
+    print(f"fine-tuned {tuner.iteration} iterations: loss {metrics['loss_first']:.3f} -> {metrics['loss_last20']:.3f}; {model_path}")
+    return metrics
+
+
+def _export(checkpoint, path) -> None:
+    """model.pt: the fine-tuned backbone (a state dict under "backbone") and its classifier."""
+    import io
+
+    from rcnn.store import atomic_write
+
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    buf = io.BytesIO()
+    torch.save({"backbone": ck["backbone"], "classifier": ck["classifier"], "iteration": ck["iteration"]}, buf)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def plot_history(history: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rcnn.store import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    its = [h["iteration"] for h in history]
+    ax.plot(its, [h["loss"] for h in history], lw=1, label="loss (softmax)")
+    ax.plot(its, [h["accuracy"] for h in history], lw=1, label="batch accuracy")
+    ax.set_xlabel("iteration")
+    ax.set_title("fine-tuning")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)

@@ -254,6 +254,23 @@ class FeaturesConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    enabled: bool = False  # stage=all fine-tunes first (R-CNN did; slow on a CPU); stage=finetune always runs
+    iterations: int = 40000  # SGD steps (R-CNN: mAP saturates around 40k)
+    step_size: int = 20000  # lr x 0.1 every this many steps
+    lr: float = 0.001  # base learning rate
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    batch_size: int = 128  # windows per step
+    fg_per_batch: int = 32  # foreground windows per step; the rest are background
+    fg_iou: float = 0.5  # a window overlapping a ground-truth box this much takes its class
+    flip: bool = True  # random horizontal flips
+    checkpoint_every: int = 200  # steps between checkpoints (and a last one at the end)
+    image_cache: int = 256  # decoded training images kept in memory
+    roi_images_per_batch: int = 2  # roi mode: images whose windows make one batch
+
+
+@dataclass
 class EvalConfig:
     iou_threshold: float = 0.5  # VOC's overlap for a match (the devkit's >=); COCO and ILSVRC use their own
 
@@ -275,6 +292,7 @@ class Config:
     proposals: ProposalsConfig = field(default_factory=ProposalsConfig)  # stage=proposals
     multibox: MultiboxConfig = field(default_factory=MultiboxConfig)  # stage=multibox (the proposer)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)  # stage=features
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage=finetune
     device: Device = Device.auto  # where networks run: auto | cpu | cuda
     eval: EvalConfig = field(default_factory=EvalConfig)  # stage=eval
     detections: Optional[str] = None  # stage=eval: a COCO-results JSON; null = <out>/detect/detections.json

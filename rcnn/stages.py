@@ -68,6 +68,12 @@ def _features(ctx: RunContext) -> dict:
     return run_features(ctx)
 
 
+def _finetune(ctx: RunContext) -> dict:
+    from features.stage import run_finetune
+
+    return run_finetune(ctx)
+
+
 def _eval(ctx: RunContext) -> dict:
     from eval.stage import run_eval
 
@@ -88,7 +94,7 @@ STAGES: dict[str, Callable[[RunContext], dict]] = {
     Stage.data.value: _data,
     Stage.proposals.value: _proposals,
     Stage.multibox.value: _multibox,
-    Stage.finetune.value: _not_built("finetune", 4),
+    Stage.finetune.value: _finetune,
     Stage.features.value: _features,
     Stage.svm.value: _not_built("svm", 5),
     Stage.detect.value: _not_built("detect", 5),
@@ -108,6 +114,8 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
         for name in PIPELINE:
             if name == Stage.multibox.value and ctx.cfg.proposals.method == ProposalMethod.ss:
                 continue  # selective search alone needs no MultiBox model
+            if name == Stage.finetune.value and not ctx.cfg.finetune.enabled:
+                continue  # features from the backbone's own weights (finetune.enabled=true to fine-tune)
             metrics = run_stage(ctx, name)
         return metrics
     fn = STAGES[stage]

@@ -1,0 +1,198 @@
+"""Fine-tuning GoogLeNet on warped proposals: (N+1)-way softmax, as R-CNN fine-tuned its network.
+
+Every training proposal (and ground-truth box) is labelled with the class of the ground-truth box it
+overlaps most if that IoU is >= ``fg_iou`` (0.5), else background (label 0; classes are 1..N). Each
+iteration draws ``fg_per_batch`` (32) foreground and ``batch_size - fg_per_batch`` (96) background
+windows from all training images, warps them with context padding, flips half, and takes one SGD step
+(lr 0.001, momentum 0.9, weight decay 0.0005, lr x 0.1 every ``step_size`` iterations). In roi mode the
+windows of a batch come from ``roi_images_per_batch`` images, pooled from one pass over each.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from rcnn import boxes as B
+from rcnn.store import atomic_write
+
+from .extract import RegionFeatures
+from .warp import context_boxes, normalize_image, warp_crops
+
+__all__ = ["Windows", "label_windows", "FineTuner"]
+
+log = logging.getLogger("features.finetune")
+
+
+@dataclass
+class Windows:
+    """All training windows: image index [W], box [W, 4], label [W] (0 = background)."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+
+    def foreground(self) -> np.ndarray:
+        return np.flatnonzero(self.labels > 0)
+
+    def background(self) -> np.ndarray:
+        return np.flatnonzero(self.labels == 0)
+
+
+def label_windows(
+    proposals: list[np.ndarray], gts: list[tuple[np.ndarray, np.ndarray]], fg_iou: float = 0.5
+) -> Windows:
+    """Label each image's proposals plus its ground-truth boxes (classes shifted to 1..N)."""
+    image, boxes, labels = [], [], []
+    for i, (props, (gt, gt_labels)) in enumerate(zip(proposals, gts)):
+        win = np.concatenate([B.as_boxes(gt), B.as_boxes(props)])
+        lab = np.zeros(len(win), np.int64)
+        if len(gt):
+            iou = B.iou(win, gt)
+            best = iou.argmax(axis=1)
+            fg = iou.max(axis=1) >= fg_iou
+            lab[fg] = np.asarray(gt_labels)[best[fg]] + 1
+        image.append(np.full(len(win), i))
+        boxes.append(win)
+        labels.append(lab)
+    if not image:
+        return Windows(np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+    return Windows(np.concatenate(image), np.concatenate(boxes).astype(np.float32), np.concatenate(labels))
+
+
+class _ImageCache:
+    """Normalised images by index, the most recently used ``capacity`` kept in memory."""
+
+    def __init__(self, load: Callable[[int], np.ndarray], capacity: int):
+        self.load, self.capacity = load, capacity
+        self.items: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __call__(self, i: int) -> torch.Tensor:
+        if i in self.items:
+            self.items.move_to_end(i)
+            return self.items[i]
+        t = normalize_image(self.load(i))
+        self.items[i] = t
+        if len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+        return t
+
+
+class FineTuner:
+    """One fine-tuning run: the network, its classifier, the optimiser and the sampler's state."""
+
+    def __init__(self, net, num_classes: int, windows: Windows, load_image: Callable[[int], np.ndarray], cfg, fcfg, seed: int = 0):
+        self.cfg, self.fcfg = cfg, fcfg  # cfg: the finetune section; fcfg: the features section
+        self.model = RegionFeatures(net, fcfg.roi_layer.value if fcfg.mode.value == "roi" else "inception4e")
+        self.model.net.fc = nn.Linear(1024, num_classes + 1)
+        self.windows = windows
+        self.images = _ImageCache(load_image, cfg.image_cache)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.step_size, gamma=0.1)
+        self.rng = np.random.default_rng(seed)
+        self.iteration = 0
+        self.history: list[dict] = []
+        self.fg, self.bg = windows.foreground(), windows.background()
+        if len(self.fg) == 0 or len(self.bg) == 0:
+            raise ValueError(
+                f"fine-tuning needs foreground and background windows; found {len(self.fg)} and {len(self.bg)}"
+            )
+
+    # -- batches -----------------------------------------------------------------------------------
+
+    def _draw(self, pool: np.ndarray, n: int) -> np.ndarray:
+        return self.rng.choice(pool, size=n, replace=len(pool) < n)
+
+    def sample(self) -> np.ndarray:
+        """Window indices of one batch: ``fg_per_batch`` foreground then the rest background."""
+        c = self.cfg
+        if self.fcfg.mode.value == "roi":  # windows of a few images, as Fast R-CNN
+            chosen = self.rng.choice(np.unique(self.windows.image), size=c.roi_images_per_batch)
+            in_images = np.isin(self.windows.image, chosen)
+            fg, bg = self.fg[in_images[self.fg]], self.bg[in_images[self.bg]]
+            fg = fg if len(fg) else self.fg
+            bg = bg if len(bg) else self.bg
+        else:
+            fg, bg = self.fg, self.bg
+        return np.concatenate([self._draw(fg, c.fg_per_batch), self._draw(bg, c.batch_size - c.fg_per_batch)])
+
+    def _logits(self, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        w, f = self.windows, self.fcfg
+        net = self.model.net
+        if f.mode.value == "warp":
+            crops = []
+            for i in np.unique(w.image[idx]):
+                sel = np.flatnonzero(w.image[idx] == i)
+                c = warp_crops(self.images(int(i)), torch.from_numpy(w.boxes[idx[sel]]), f.input_size, f.padding)
+                crops.append((sel, c))
+            batch = torch.empty((len(idx), 3, f.input_size, f.input_size))
+            for sel, c in crops:
+                batch[torch.from_numpy(sel)] = c
+            batch = torch.where(torch.from_numpy(flips).view(-1, 1, 1, 1), batch.flip(3), batch)
+            return net.fc(self.model(batch.contiguous(memory_format=torch.channels_last)))
+        feats = torch.empty((len(idx), 1024))
+        cells = f.input_size // self.model.stride
+        for i in np.unique(w.image[idx]):
+            sel = np.flatnonzero(w.image[idx] == i)
+            img = self.images(int(i))
+            scale = f.roi_image_size / min(img.shape[1:])
+            x = F.interpolate(img[None], scale_factor=scale, mode="bilinear", align_corners=False)
+            fmap = self.model.stem(x)
+            boxes = context_boxes(torch.from_numpy(w.boxes[idx[sel]]), f.input_size, f.padding) * scale
+            rois = torch.cat([boxes.new_zeros(len(sel), 1), boxes], 1)
+            pooled = roi_align(fmap, rois, (cells, cells), spatial_scale=fmap.shape[-1] / x.shape[-1], sampling_ratio=2, aligned=True)
+            pooled = torch.where(torch.from_numpy(flips[sel]).view(-1, 1, 1, 1), pooled.flip(3), pooled)
+            feats[torch.from_numpy(sel)] = self.model.head(pooled)
+        return net.fc(feats)
+
+    def step(self) -> dict:
+        self.model.train()
+        idx = self.sample()
+        flips = self.rng.random(len(idx)) < 0.5 if self.cfg.flip else np.zeros(len(idx), bool)
+        logits = self._logits(idx, flips)
+        target = torch.from_numpy(self.windows.labels[idx])
+        loss = F.cross_entropy(logits, target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.iteration += 1
+        acc = (logits.argmax(1) == target).float().mean().item()
+        record = {"iteration": self.iteration, "loss": loss.item(), "accuracy": acc, "lr": self.sched.get_last_lr()[0]}
+        self.history.append(record)
+        return record
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        state = {
+            "backbone": {k: v for k, v in self.model.net.state_dict().items() if not k.startswith("fc.")},
+            "classifier": self.model.net.fc.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "iteration": self.iteration,
+            "history": self.history,
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+    def load(self, path: Path) -> None:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.net.load_state_dict({**ck["backbone"], **{f"fc.{k}": v for k, v in ck["classifier"].items()}})
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.rng.bit_generator.state = ck["rng"]
+        self.iteration, self.history = ck["iteration"], ck["history"]

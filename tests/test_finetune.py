@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from features.backbone import build_googlenet
+from features.finetune import FineTuner, label_windows
+from rcnn.config import load_config
+from rcnn.run import main
+
+
+def test_windows_are_labelled_by_their_best_ground_truth():
+    gt = np.array([[0, 0, 10, 10], [20, 0, 40, 20]], np.float32)
+    props = np.array([[0, 0, 10, 9], [20, 0, 40, 12], [0, 0, 10, 4], [50, 50, 60, 60]], np.float32)
+    w = label_windows([props], [(gt, np.array([2, 0]))], fg_iou=0.5)
+    # Ground truth first (its own class), then proposals: IoU 0.9 -> class 2, 0.6 -> class 0, 0.4 and 0 -> background.
+    assert w.labels.tolist() == [3, 1, 3, 1, 0, 0]
+    assert w.image.tolist() == [0] * 6 and w.foreground().tolist() == [0, 1, 2, 3]
+    empty = label_windows([props], [(np.zeros((0, 4), np.float32), np.zeros(0, np.int64))])
+    assert (empty.labels == 0).all()
+
+
+def tiny(tmp_path, mode="warp", iterations=4):
+    cfg = load_config([
+        f"features.mode={mode}", "features.input_size=64", "features.roi_image_size=64",
+        f"finetune.iterations={iterations}", "finetune.batch_size=8", "finetune.fg_per_batch=2", "finetune.step_size=2",
+    ])  # fmt: skip
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    gts = [(np.array([[5, 5, 30, 30], [30, 10, 60, 45]], np.float32), np.array([0, 1])) for _ in range(3)]
+    props = [np.concatenate([g[0] + rng.normal(0, 2, (2, 4)), rng.uniform(0, 30, (6, 2)).repeat(2, 1) + [0, 0, 15, 15]]).astype(np.float32) for g in gts]
+    windows = label_windows(props, gts)
+
+    def make():
+        torch.manual_seed(0)
+        return FineTuner(build_googlenet("none")[0], 2, windows, lambda k: images[k], cfg.finetune, cfg.features, seed=0)
+
+    return make, cfg
+
+
+def test_batches_have_the_asked_foreground_share(tmp_path):
+    make, _ = tiny(tmp_path)
+    t = make()
+    idx = t.sample()
+    assert len(idx) == 8
+    assert (t.windows.labels[idx[:2]] > 0).all() and (t.windows.labels[idx[2:]] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["warp", "roi"])
+def test_resumed_fine_tuning_equals_an_uninterrupted_run(tmp_path, mode):
+    make, cfg = tiny(tmp_path, mode)
+    straight = make()
+    for _ in range(4):
+        straight.step()
+    first = make()
+    for _ in range(2):
+        first.step()
+    first.save(tmp_path / "ck.pt")  # killed here
+    resumed = make()
+    resumed.load(tmp_path / "ck.pt")
+    for _ in range(2):
+        resumed.step()
+    assert [h["iteration"] for h in resumed.history] == [1, 2, 3, 4]
+    np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in straight.history], rtol=1e-4)
+    assert resumed.history[-1]["lr"] == pytest.approx(straight.history[-1]["lr"]) == pytest.approx(0.001 * 0.01)
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_stage_then_features_use_the_tuned_weights(tmp_path):
+    args = [
+        "progress=false", "proposals.method=ss", "proposals.top_n=30", "dataset.train_images=3", "dataset.test_images=1",
+        "dataset.width=128", "dataset.height=96", "dataset.min_size=24", "dataset.max_size=60",
+        f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'run'}", "backbone.weights=none", "workers=1",
+        "features.input_size=64", "finetune.iterations=2", "finetune.batch_size=8", "finetune.fg_per_batch=2",
+    ]  # fmt: skip
+    assert main(["stage=features", *args]) == 0
+    before = json.loads((tmp_path / "run" / "features" / "metrics.json").read_text())
+    assert before["backbone_weights"] == "none"
+    assert main(["stage=finetune", *args]) == 0
+    ft = json.loads((tmp_path / "run" / "finetune" / "metrics.json").read_text())
+    assert ft["iterations"] == 2 and (tmp_path / "run" / "finetune" / "loss.png").exists()
+    assert main(["stage=features", *args]) == 0
+    after = json.loads((tmp_path / "run" / "features" / "metrics.json").read_text())
+    assert after["backbone_weights"] == "file" and after["key"] != before["key"]  # new weights, new cache
+    assert after["images_computed_now"] == 4
