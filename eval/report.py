@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rcnn.store import atomic_write
+from rcnn.viz import png
 
 __all__ = ["markdown", "plot_pr"]
 
@@ -37,26 +37,17 @@ def markdown(metrics: dict, classes: list[str]) -> str:
 
 def plot_pr(curves: list[tuple[np.ndarray, np.ndarray]], aps: list[float], classes: list[str], path: Path, title: str) -> Path:
     """VOC precision/recall curves, one line per class with ground truth (at most 20, best AP first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
     shown = sorted((k for k, a in enumerate(aps) if not math.isnan(a)), key=lambda k: -aps[k])[:20]
-    for k in shown:
-        rec, prec = curves[k]
-        if len(rec):
-            ax.plot(rec, prec, lw=1.2, label=f"{classes[k]} ({100 * aps[k]:.1f})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if shown:
-        ax.legend(fontsize=7, loc="lower left", ncol=2)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    with png(path, size=(7, 5)) as ax:
+        for k in shown:
+            rec, prec = curves[k]
+            if len(rec):
+                ax.plot(rec, prec, lw=1.2, label=f"{classes[k]} ({100 * aps[k]:.1f})")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title(title)
+        if shown:
+            ax.legend(fontsize=7, loc="lower left", ncol=2)
     return path

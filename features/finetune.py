@@ -10,7 +10,6 @@ windows of a batch come from ``roi_images_per_batch`` images, pooled from one pa
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from rcnn import boxes as B
-from rcnn.store import atomic_write
+from rcnn.store import torch_save
 
 from .extract import RegionFeatures
 from .warp import context_boxes, normalize_image, warp_crops
@@ -185,9 +184,7 @@ class FineTuner:
             "iteration": self.iteration,
             "history": self.history,
         }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write(path, lambda f: f.write(buf.getvalue()))
+        torch_save(path, state)
 
     def load(self, path: Path) -> None:
         ck = torch.load(path, map_location="cpu", weights_only=False)

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from rcnn.config import to_dict
-from rcnn.store import StageStore
+from rcnn.store import StageStore, torch_save
+from rcnn.viz import plot_history
 
 from .backbone import LoadedWeights, build_googlenet, fold_batchnorm, resolve_weights
 from .extract import RegionFeatures, features_roi, features_warp
@@ -165,7 +166,8 @@ def run_finetune(ctx) -> dict:
     bar.close()
     seconds = time.perf_counter() - start
     _export(checkpoint, model_path)
-    plot_history(tuner.history, store.dir / "loss.png")
+    series = {"loss": "loss (softmax)", "accuracy": "batch accuracy"}
+    plot_history(tuner.history, "iteration", series, store.dir / "loss.png", "fine-tuning")
     shutil.copyfile(store.dir / "loss.png", store.stage_dir / "loss.png")
     last = tuner.history[-20:]
     metrics = {
@@ -188,32 +190,5 @@ def run_finetune(ctx) -> dict:
 
 def _export(checkpoint, path) -> None:
     """model.pt: the fine-tuned backbone (a state dict under "backbone") and its classifier."""
-    import io
-
-    from rcnn.store import atomic_write
-
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    buf = io.BytesIO()
-    torch.save({"backbone": ck["backbone"], "classifier": ck["classifier"], "iteration": ck["iteration"]}, buf)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
-
-
-def plot_history(history: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rcnn.store import atomic_write
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    its = [h["iteration"] for h in history]
-    ax.plot(its, [h["loss"] for h in history], lw=1, label="loss (softmax)")
-    ax.plot(its, [h["accuracy"] for h in history], lw=1, label="batch accuracy")
-    ax.set_xlabel("iteration")
-    ax.set_title("fine-tuning")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    torch_save(path, {"backbone": ck["backbone"], "classifier": ck["classifier"], "iteration": ck["iteration"]})

@@ -12,7 +12,6 @@ averaged over the images of the batch.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 from features.backbone import IMAGENET_MEAN, IMAGENET_STD, LoadedWeights, build_googlenet, trunk
-from rcnn.store import atomic_write
+from rcnn.store import torch_save
+from rcnn.viz import plot_history
 
 __all__ = [
     "cluster_priors",
@@ -150,9 +150,7 @@ def _save(path: Path, model: MultiBoxNet, opt, sched, state: TrainState, extra: 
         "history": state.history,
         **extra,
     }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    torch_save(path, payload)
 
 
 def train_multibox(
@@ -229,9 +227,7 @@ def export_model(checkpoint: Path, path: Path) -> Path:
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     ck.pop("optimizer", None)
     ck.pop("scheduler", None)
-    buf = io.BytesIO()
-    torch.save(ck, buf)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return torch_save(path, ck)
 
 
 def load_model(path: Path) -> MultiBoxNet:
@@ -258,21 +254,5 @@ def predict(model: MultiBoxNet, warped: np.ndarray, batch_size: int = 32) -> tup
 
 
 def plot_loss(history: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    epochs = [h["epoch"] for h in history]
-    for key, label in (("loss", "total"), ("conf", "confidence (BCE)"), ("loc", "location (0.5 L2, before alpha)")):
-        ax.plot(epochs, [h[key] for h in history], marker="o", ms=2, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss per image")
-    ax.set_title("MultiBox training")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
-    return path
+    series = {"loss": "total", "conf": "confidence (BCE)", "loc": "location (0.5 L2, before alpha)"}
+    return plot_history(history, "epoch", series, path, "MultiBox training", "loss per image")

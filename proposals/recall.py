@@ -83,25 +83,16 @@ def default_counts(max_boxes: int) -> list[int]:
 
 def plot_recall(curves: dict[str, dict], path: Path, title: str) -> Path:
     """One PNG: recall@0.5 (solid) and @0.7 (dashed) against proposals kept, a line pair per split."""
-    import matplotlib
+    from rcnn.viz import png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for name, c in curves.items():
-        line = ax.plot(c["counts"], c["recall_50"], marker="o", ms=3, label=f"{name} IoU 0.5")[0]
-        ax.plot(c["counts"], c["recall_70"], ls="--", marker="o", ms=3, color=line.get_color(), label=f"{name} IoU 0.7")
-    ax.set_xscale("log")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("proposals kept per image (by rank)")
-    ax.set_ylabel("recall")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    from rcnn.store import atomic_write
-
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    with png(path) as ax:
+        for name, c in curves.items():
+            line = ax.plot(c["counts"], c["recall_50"], marker="o", ms=3, label=f"{name} IoU 0.5")[0]
+            ax.plot(c["counts"], c["recall_70"], ls="--", marker="o", ms=3, color=line.get_color(), label=f"{name} IoU 0.7")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("proposals kept per image (by rank)")
+        ax.set_ylabel("recall")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
     return path

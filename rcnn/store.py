@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["StageStore", "StoreError", "atomic_write", "write_json", "config_hash", "entry_name"]
+__all__ = ["StageStore", "StoreError", "atomic_write", "write_json", "torch_save", "config_hash", "entry_name"]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
@@ -67,6 +67,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomically write ``obj`` as indented JSON."""
     data = (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode()
     return atomic_write(path, lambda f: f.write(data))
+
+
+def torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` with ``torch.save`` (checkpoints, models)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def _json_default(x):

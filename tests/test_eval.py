@@ -10,7 +10,7 @@ import pytest
 from eval.coco import coco_eval
 from eval.detections import Detections, DetectionsError, load_detections, save_detections
 from eval.stage import evaluate
-from eval.voc import ilsvrc_eval, ilsvrc_thresholds, voc_ap, voc_eval
+from eval.voc import ilsvrc_thresholds, voc_ap, voc_eval
 from rcnn import boxes as B
 from rcnn.config import load_config
 from rcnn.datasets import Annotation, DetectionDataset, ImageRecord, build_dataset

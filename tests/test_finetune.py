@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from features.backbone import build_googlenet
 from features.finetune import FineTuner, label_windows

@@ -1,7 +1,6 @@
 import cv2
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from proposals.selective_search import (
     _seed_c_rand,
