@@ -46,7 +46,7 @@ def finetune_store(ctx, proposals: StageStore) -> StageStore:
     """Keyed by the fine-tuning settings, the feature geometry, the starting weights and the proposals."""
     cfg = ctx.cfg
     tune = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("enabled", "checkpoint_every", "image_cache")}
-    geometry = {k: v for k, v in to_dict(cfg.features).items() if k not in ("batch_size", "channels_last")}
+    geometry = {k: v for k, v in to_dict(cfg.features).items() if k not in ("batch_size", "channels_last", "loader_workers")}
     return StageStore(
         ctx.run_dir, "finetune",
         {"finetune": tune, "features": geometry, "backbone": resolve_weights(cfg.backbone.weights).describe(), "seed": cfg.seed},
@@ -73,13 +73,62 @@ def build_model(cfg, weights: LoadedWeights) -> tuple[RegionFeatures, dict, torc
     return model, weights.describe(), device
 
 
+class _CropBatches(torch.utils.data.IterableDataset):
+    """Warped crops of every image to do, in batches: ``(image_id, batch index, batches of the image,
+    crops [B, 3, S, S])``. Runs in a DataLoader worker process while the network runs in the main one."""
+
+    def __init__(self, ds, proposals: StageStore, ids: list, fc):
+        self.ds, self.proposals, self.ids = ds, proposals, ids
+        self.size, self.padding, self.batch = fc.input_size, fc.padding, fc.batch_size
+
+    def __iter__(self):
+        from .warp import normalize_image, warp_crops
+
+        torch.set_num_threads(1)
+        for image_id in self.ids:
+            boxes = torch.from_numpy(self.proposals.get(image_id)["boxes"])
+            image = normalize_image(self.ds.load_image(image_id))
+            n = max(1, -(-len(boxes) // self.batch))
+            for k in range(n):
+                crops = warp_crops(image, boxes[k * self.batch : (k + 1) * self.batch], self.size, self.padding)
+                yield image_id, k, n, crops
+
+
+def loader_workers(fc, device: torch.device, cores: int) -> int:
+    if fc.loader_workers is not None:
+        return int(fc.loader_workers)
+    return min(4, max(cores - 1, 0)) if device.type == "cuda" else 0
+
+
+def _warp_with_workers(model, ds, proposals, todo, fc, workers: int, store, bar, device) -> float:
+    """Warp mode with crops prepared by ``workers`` processes; returns the seconds spent."""
+    loader = torch.utils.data.DataLoader(
+        _CropBatches(ds, proposals, todo, fc), batch_size=None, num_workers=workers,
+        multiprocessing_context="forkserver", prefetch_factor=2,
+    )  # fmt: skip
+    start = time.perf_counter()
+    parts: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for image_id, k, n, crops in loader:
+            if len(crops):
+                if fc.channels_last:
+                    crops = crops.contiguous(memory_format=torch.channels_last)
+                parts.append(model(crops.to(device)).float().cpu())
+            bar.update(len(crops))
+            if k == n - 1:
+                feats = torch.cat(parts).numpy().astype(np.float16) if parts else np.zeros((0, 1024), np.float16)
+                store.put_array(image_id, feats)
+                parts = []
+    return time.perf_counter() - start
+
+
 def run_features(ctx) -> dict:
     from proposals.stage import split_names
 
     cfg, ds, fc = ctx.cfg, ctx.dataset, ctx.cfg.features
     proposals = _proposals_store(ctx)
     model, weights, device = build_model(cfg, backbone_weights(ctx, proposals))
-    settings = {k: v for k, v in to_dict(fc).items() if k != "batch_size"}  # batch size shapes no output
+    settings = {k: v for k, v in to_dict(fc).items() if k not in ("batch_size", "loader_workers")}  # shape no output
     if fc.mode.value == "warp":
         settings.pop("roi_layer"), settings.pop("roi_image_size")
     store = StageStore(
@@ -93,7 +142,14 @@ def run_features(ctx) -> dict:
     net_seconds = 0.0
     bar = tqdm(total=crops_total, desc=f"features ({fc.mode.value})", unit="crop", disable=not cfg.progress)
     amp = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
-    for image_id in todo:
+    workers = loader_workers(fc, device, ctx.workers)
+    if fc.mode.value == "warp" and workers > 0 and todo:
+        with amp:
+            net_seconds = _warp_with_workers(model, ds, proposals, todo, fc, workers, store, bar, device)
+        todo_loop = []
+    else:
+        todo_loop = todo
+    for image_id in todo_loop:
         rgb = ds.load_image(image_id)
         boxes = proposals.get(image_id)["boxes"]
         t = time.perf_counter()

@@ -251,6 +251,9 @@ class FeaturesConfig:
     roi_layer: RoiLayer = RoiLayer.inception5b  # roi mode: where regions are pooled
     roi_image_size: int = 600  # roi mode: the image's shorter side is resized to this
     channels_last: bool = True  # NHWC memory layout (faster for convolutions on CPU)
+    # Warp mode: processes preparing crops while the network runs; 0 = in line; null = auto (a worker per
+    # spare core on CUDA; in line on a CPU, where a worker takes a core from the network: measured slower)
+    loader_workers: Optional[int] = None
 
 
 @dataclass

@@ -155,3 +155,19 @@ def test_folding_batchnorm_keeps_the_outputs():
     x = torch.randn(2, 3, 96, 96)
     with torch.inference_mode():
         torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_crops_prepared_by_a_worker_process_give_the_same_features(tmp_path):
+    common = [
+        "progress=false", "stage=features", "proposals.method=ss", "proposals.top_n=70", "dataset.train_images=2",
+        "dataset.test_images=1", "dataset.width=128", "dataset.height=96", "dataset.min_size=24",
+        "dataset.max_size=60", f"dataset.root={tmp_path / 'demo'}", "backbone.weights=none", "workers=1",
+        "features.batch_size=32",
+    ]  # fmt: skip
+    assert main([*common, f"out={tmp_path / 'a'}", "features.loader_workers=0"]) == 0
+    assert main([*common, f"out={tmp_path / 'b'}", "features.loader_workers=1"]) == 0
+    a = sorted((tmp_path / "a" / "features").glob("*/entries/*.npy"))
+    b = sorted((tmp_path / "b" / "features").glob("*/entries/*.npy"))
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 3
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.load(x), np.load(y))
