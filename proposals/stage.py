@@ -233,6 +233,12 @@ def run_proposals(ctx) -> dict:
         for split in splits:
             _multibox_boxes(ctx, mb_store, model_store.dir / "model.pt", ds.image_ids(split), f"multibox {split}")
     store = proposals_store(ctx, ss_store and ss_store.key, mb_store and mb_store.key)
+    if store.complete and (store.dir / "metrics.json").exists():
+        cached = json.loads((store.dir / "metrics.json").read_text())
+        if all(split in cached for split in splits) and not store.missing([i for s in splits for i in ds.image_ids(s)]):
+            store.finish(cached)  # the stage's latest metrics are these
+            print(format_summary(cached, splits) + "\n(cached)")
+            return cached
 
     metrics = {"stage": "proposals", "key": store.key, "method": pc.method.value}
     if ss_store is not None:
