@@ -243,29 +243,26 @@ def run_proposals(ctx) -> dict:
     metrics = {"stage": "proposals", "key": store.key, "method": pc.method.value}
     if ss_store is not None:
         metrics["selective_search"] = params.as_dict()
-    curves = {}
+    metrics["curves"] = {}
+    no_boxes = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0), "seconds": np.float64(0)}
     for split in splits:
         ids = ds.image_ids(split)
-        seconds = []
-        for image_id in store.missing(ids):
-            ss = ss_store.get(image_id) if ss_store else {"boxes": np.zeros((0, 4), np.float32)}
-            mb = mb_store.get(image_id) if mb_store else {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0)}
-            ss_boxes = ss["boxes"][: pc.top_n] if pc.top_n else ss["boxes"]
-            store.put(image_id, combine(ss_boxes, mb["boxes"], mb["scores"], pc.merge_iou))
+        seconds, props = [], {}
         for image_id in ids:
-            seconds.append(
-                (float(ss_store.get(image_id)["seconds"]) if ss_store else 0.0)
-                + (float(mb_store.get(image_id)["seconds"]) if mb_store else 0.0)
-            )
-        props = {i: store.get(i)["boxes"] for i in ids}
+            ss = ss_store.get(image_id) if ss_store else no_boxes
+            mb = mb_store.get(image_id) if mb_store else no_boxes
+            seconds.append(float(ss["seconds"]) + float(mb["seconds"]))
+            if not store.has(image_id):
+                ss_boxes = ss["boxes"][: pc.top_n] if pc.top_n else ss["boxes"]
+                store.put(image_id, combine(ss_boxes, mb["boxes"], mb["scores"], pc.merge_iou))
+            props[image_id] = store.get(image_id)["boxes"]
         items = [(*gt_for_recall(ds, i), props[i]) for i in ids]
         summary = R.recall_summary(items, ds.num_classes)
         summary["seconds_per_image"] = float(np.mean(seconds)) if seconds else 0.0
         metrics[split] = summary
         most = max((len(p) for p in props.values()), default=1)
-        curves[split] = R.recall_curve([(gt, p) for gt, _, p in items], R.default_counts(most))
-        metrics.setdefault("curves", {})[split] = curves[split]
-    plot = R.plot_recall(curves, store.dir / "recall.png", f"{ds.name}: {pc.method.value} proposals")
+        metrics["curves"][split] = R.recall_curve([(gt, p) for gt, _, p in items], R.default_counts(most))
+    plot = R.plot_recall(metrics["curves"], store.dir / "recall.png", f"{ds.name}: {pc.method.value} proposals")
     shutil.copyfile(plot, store.stage_dir / "recall.png")
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     store.finish(metrics)
