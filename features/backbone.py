@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchvision.models import GoogLeNet, GoogLeNet_Weights, googlenet
 
-__all__ = ["BackboneError", "LoadedWeights", "build_googlenet", "imagenet_weights_path", "resolve_weights"]
+__all__ = ["BackboneError", "LoadedWeights", "build_googlenet", "googlenet_from_state", "imagenet_weights_path", "resolve_weights"]
 
 log = logging.getLogger("features.backbone")
 
@@ -55,10 +55,53 @@ def _stamp(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+# How random weights are drawn (part of every cache key made from them). torchvision's own GoogLeNet
+# init (truncated normal, std 0.01) shrinks activations ~3x per layer: the pooled features of a random
+# network come out near 1e-12, zero in float16. He (Kaiming) init keeps their scale; a fixed seed makes
+# "random" the same network in every process, so a resumed stage computes with the same weights.
+RANDOM_INIT = "kaiming_normal(fan_in, relu), seed 0"
+RANDOM_INIT_SEED = 0
+
+
+def random_init(model: nn.Module) -> nn.Module:
+    """Re-draw ``model``'s weights: He-normal convolutions, small-normal linear layers, unit BatchNorm."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    return model
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of ``batches`` (an iterable of input tensors):
+    a data-dependent start for a randomly initialised network, whose statistics are then kept frozen."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all batches
+    model.train()
+    for x in batches:
+        model(x)
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    return model.eval()
+
+
 def resolve_weights(weights: str) -> LoadedWeights:
     """Decide what ``weights`` means here, without loading anything."""
     if weights == "none":
-        return LoadedWeights("none")
+        return LoadedWeights("none", None, RANDOM_INIT)
     if weights in ("imagenet", "auto"):
         path = imagenet_weights_path()
         if path.exists():
@@ -68,7 +111,7 @@ def resolve_weights(weights: str) -> LoadedWeights:
                 "ImageNet weights for GoogLeNet are not in %s: using random initialisation "
                 "(backbone.weights=imagenet on a machine with internet downloads them)", path.parent
             )
-            return LoadedWeights("none")
+            return LoadedWeights("none", None, RANDOM_INIT)
         return LoadedWeights("imagenet", str(path), None)  # downloaded (or refused) when loaded
     path = Path(weights)
     if not path.is_file():
@@ -118,8 +161,10 @@ def build_googlenet(weights: str | LoadedWeights = "none") -> tuple[GoogLeNet, L
     Returns the model (eval mode) and what its weights resolved to.
     """
     loaded = weights if isinstance(weights, LoadedWeights) else resolve_weights(weights)
-    model = googlenet(weights=None, aux_logits=False, init_weights=True, transform_input=False)
-    if loaded.kind == "imagenet":
+    model = googlenet(weights=None, aux_logits=False, init_weights=False, transform_input=False)
+    if loaded.kind == "none":
+        random_init(model)
+    elif loaded.kind == "imagenet":
         path = Path(loaded.path)
         state = _state_dict_from_file(str(path)) if path.exists() else _download_imagenet()
         # torchvision's ImageNet GoogLeNet was trained on inputs transformed to its own normalisation.
@@ -129,6 +174,13 @@ def build_googlenet(weights: str | LoadedWeights = "none") -> tuple[GoogLeNet, L
     elif loaded.kind == "file":
         _load(model, _state_dict_from_file(loaded.path), loaded.path)
     return model.eval(), loaded
+
+
+def googlenet_from_state(state: dict, transform_input: bool = False) -> GoogLeNet:
+    """GoogLeNet (eval mode) from a state dict held in memory, e.g. a detector file's backbone."""
+    model = googlenet(weights=None, aux_logits=False, init_weights=False, transform_input=transform_input)
+    _load(model, state, "state dict")
+    return model.eval()
 
 
 def _load(model: nn.Module, state: dict, source: str) -> None:

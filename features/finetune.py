@@ -99,6 +99,7 @@ class FineTuner:
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.step_size, gamma=0.1)
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.iteration = 0
         self.history: list[dict] = []
@@ -155,8 +156,34 @@ class FineTuner:
             feats[torch.from_numpy(sel)] = self.model.head(pooled)
         return net.fc(feats)
 
+    @torch.no_grad()
+    def calibrate(self, batches: int = 8) -> None:
+        """BatchNorm statistics from ``batches`` training batches (forward only), kept frozen afterwards:
+        a randomly initialised network starts normalised, as it would under BatchNorm, and the features
+        later see the same statistics as training did. Draws from its own generator (resumes unchanged)."""
+        bns = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+        rng, self.rng = self.rng, np.random.default_rng(self.seed + 1)
+        self.model.train()
+        for _ in range(batches):
+            idx = self.sample()
+            self._logits(idx, np.zeros(len(idx), bool))
+        for m in bns:
+            m.momentum = 0.1
+        self.rng = rng
+        self.model.eval()
+
     def step(self) -> dict:
         self.model.train()
+        if self.fcfg.mode.value == "roi":
+            for m in self.model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    # Frozen statistics (as detectron2's FrozenBatchNorm): in roi mode the network sees one
+                    # image at a time, whose own statistics would train a network the features never see.
+                    # (Warp mode's batches are crops of many images: BatchNorm trains as on ImageNet.)
+                    m.eval()
         idx = self.sample()
         flips = self.rng.random(len(idx)) < 0.5 if self.cfg.flip else np.zeros(len(idx), bool)
         logits = self._logits(idx, flips)

@@ -2,7 +2,9 @@
 
 Store ``features/<key>``: one ``<image id>.npy`` per image, float16 ``[N, 1024]``, row ``i`` the feature
 of proposal ``i`` of that image's ``proposals`` entry; read it memory-mapped with
-``StageStore.get_array``. The key covers the feature settings, the backbone weights actually loaded
+``StageStore.get_array``. Images of the train split also get the features of their (non-difficult)
+ground-truth boxes, the SVMs' positives, under the entry id :func:`gt_entry` ``(image id)``, rows in
+the order of :func:`proposals.stage.gt_for_recall`. The key covers the feature settings, the backbone weights actually loaded
 and the proposals' key, so a new proposal setting or other weights never reuse these features.
 """
 
@@ -25,7 +27,13 @@ from .extract import RegionFeatures, features_roi, features_warp
 
 log = logging.getLogger("features")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ground-truth features of the train split
+FINETUNE_VERSION = 2  # 2: BatchNorm statistics frozen (calibrated on the data first when random)
+
+
+def gt_entry(image_id) -> tuple:
+    """The store id of an image's ground-truth box features."""
+    return ("gt", image_id)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,7 +58,7 @@ def finetune_store(ctx, proposals: StageStore) -> StageStore:
     return StageStore(
         ctx.run_dir, "finetune",
         {"finetune": tune, "features": geometry, "backbone": resolve_weights(cfg.backbone.weights).describe(), "seed": cfg.seed},
-        inputs={"proposals": proposals.key}, version=FORMAT_VERSION,
+        inputs={"proposals": proposals.key}, version=FINETUNE_VERSION,
     )  # fmt: skip
 
 
@@ -73,12 +81,35 @@ def build_model(cfg, weights: LoadedWeights) -> tuple[RegionFeatures, dict, torc
     return model, weights.describe(), device
 
 
+def image_boxes(ds, proposals: StageStore, image_id, with_gt: bool) -> tuple[np.ndarray, int]:
+    """The boxes to compute features for: ``(ground truth + proposals [G + N, 4], G)``, G = 0 without."""
+    from proposals.stage import gt_for_recall
+
+    boxes = proposals.get(image_id)["boxes"]
+    if not with_gt:
+        return boxes, 0
+    gt = gt_for_recall(ds, image_id)[0].astype(np.float32)
+    return np.concatenate([gt, boxes]), len(gt)
+
+
+def put_features(store: StageStore, image_id, feats: np.ndarray, n_gt: int, with_gt: bool) -> None:
+    """The ground truth's rows first (so an image with a proposals entry is complete), then the proposals'."""
+    if not np.isfinite(feats).all():
+        raise FloatingPointError(
+            f"image {image_id!r}: non-finite features (NaN or inf); the backbone weights are broken "
+            "(a diverged fine-tuning?) or overflow float16"
+        )
+    if with_gt:
+        store.put_array(gt_entry(image_id), feats[:n_gt])
+    store.put_array(image_id, feats[n_gt:])
+
+
 class _CropBatches(torch.utils.data.IterableDataset):
     """Warped crops of every image to do, in batches: ``(image_id, batch index, batches of the image,
     crops [B, 3, S, S])``. Runs in a DataLoader worker process while the network runs in the main one."""
 
-    def __init__(self, ds, proposals: StageStore, ids: list, fc):
-        self.ds, self.proposals, self.ids = ds, proposals, ids
+    def __init__(self, ds, proposals: StageStore, ids: list, train: set, fc):
+        self.ds, self.proposals, self.ids, self.train = ds, proposals, ids, train
         self.size, self.padding, self.batch = fc.input_size, fc.padding, fc.batch_size
 
     def __iter__(self):
@@ -86,7 +117,7 @@ class _CropBatches(torch.utils.data.IterableDataset):
 
         torch.set_num_threads(1)
         for image_id in self.ids:
-            boxes = torch.from_numpy(self.proposals.get(image_id)["boxes"])
+            boxes = torch.from_numpy(image_boxes(self.ds, self.proposals, image_id, image_id in self.train)[0])
             image = normalize_image(self.ds.load_image(image_id))
             n = max(1, -(-len(boxes) // self.batch))
             for k in range(n):
@@ -100,10 +131,10 @@ def loader_workers(fc, device: torch.device, cores: int) -> int:
     return min(4, max(cores - 1, 0)) if device.type == "cuda" else 0
 
 
-def _warp_with_workers(model, ds, proposals, todo, fc, workers: int, store, bar, device) -> float:
+def _warp_with_workers(model, ds, proposals, todo, train: set, fc, workers: int, store, bar, device) -> float:
     """Warp mode with crops prepared by ``workers`` processes; returns the seconds spent."""
     loader = torch.utils.data.DataLoader(
-        _CropBatches(ds, proposals, todo, fc), batch_size=None, num_workers=workers,
+        _CropBatches(ds, proposals, todo, train, fc), batch_size=None, num_workers=workers,
         multiprocessing_context="forkserver", prefetch_factor=2,
     )  # fmt: skip
     start = time.perf_counter()
@@ -117,7 +148,8 @@ def _warp_with_workers(model, ds, proposals, todo, fc, workers: int, store, bar,
             bar.update(len(crops))
             if k == n - 1:
                 feats = torch.cat(parts).numpy().astype(np.float16) if parts else np.zeros((0, 1024), np.float16)
-                store.put_array(image_id, feats)
+                n_gt = len(feats) - len(proposals.get(image_id)["boxes"])
+                put_features(store, image_id, feats, n_gt, image_id in train)
                 parts = []
     return time.perf_counter() - start
 
@@ -136,8 +168,9 @@ def run_features(ctx) -> dict:
         inputs={"proposals": proposals.key}, version=FORMAT_VERSION,
     )  # fmt: skip
     ids = [i for split in split_names(ctx) for i in ds.image_ids(split)]
+    train = set(ds.image_ids(ds.train_split)) if ds.train_split in split_names(ctx) else set()
     todo = store.missing(ids)
-    crops_total = sum(len(proposals.get(i)["boxes"]) for i in todo)
+    crops_total = sum(len(image_boxes(ds, proposals, i, i in train)[0]) for i in todo)
     start = time.perf_counter()
     net_seconds = 0.0
     bar = tqdm(total=crops_total, desc=f"features ({fc.mode.value})", unit="crop", disable=not cfg.progress)
@@ -145,13 +178,13 @@ def run_features(ctx) -> dict:
     workers = loader_workers(fc, device, ctx.workers)
     if fc.mode.value == "warp" and workers > 0 and todo:
         with amp:
-            net_seconds = _warp_with_workers(model, ds, proposals, todo, fc, workers, store, bar, device)
+            net_seconds = _warp_with_workers(model, ds, proposals, todo, train, fc, workers, store, bar, device)
         todo_loop = []
     else:
         todo_loop = todo
     for image_id in todo_loop:
         rgb = ds.load_image(image_id)
-        boxes = proposals.get(image_id)["boxes"]
+        boxes, n_gt = image_boxes(ds, proposals, image_id, image_id in train)
         t = time.perf_counter()
         with amp:
             if fc.mode.value == "warp":
@@ -160,7 +193,7 @@ def run_features(ctx) -> dict:
                 feats = features_roi(model, rgb, boxes, fc.input_size, fc.padding, fc.roi_image_size,
                                      channels_last=fc.channels_last, device=device)  # fmt: skip
         net_seconds += time.perf_counter() - t
-        store.put_array(image_id, feats)
+        put_features(store, image_id, feats, n_gt, image_id in train)
         bar.update(len(boxes))
     bar.close()
     seconds = time.perf_counter() - start
@@ -204,9 +237,11 @@ def run_finetune(ctx) -> dict:
         return metrics
     ids = ds.image_ids(ds.train_split)
     windows = label_windows([proposals.get(i)["boxes"] for i in ids], [gt_for_recall(ds, i) for i in ids], cfg.finetune.fg_iou)
-    net, _ = build_googlenet(resolve_weights(cfg.backbone.weights))
+    net, start_weights = build_googlenet(resolve_weights(cfg.backbone.weights))
     tuner = FineTuner(net, ds.num_classes, windows, lambda k: ds.load_image(ids[k]), cfg.finetune, cfg.features, cfg.seed)
     checkpoint = store.dir / "checkpoint.pt"
+    if not checkpoint.exists() and start_weights.kind == "none" and cfg.features.mode.value == "roi":
+        tuner.calibrate()  # random weights: BatchNorm statistics from the data, then frozen
     if checkpoint.exists():
         tuner.load(checkpoint)
         log.info("resuming fine-tuning at iteration %d of %d", tuner.iteration + 1, cfg.finetune.iterations)
@@ -215,6 +250,11 @@ def run_finetune(ctx) -> dict:
     bar = tqdm(total=cfg.finetune.iterations, initial=tuner.iteration, desc="finetune", unit="it", disable=not cfg.progress)
     while tuner.iteration < cfg.finetune.iterations:
         rec = tuner.step()
+        if not np.isfinite(rec["loss"]):
+            raise FloatingPointError(
+                f"fine-tuning diverged at iteration {tuner.iteration} (loss {rec['loss']}); lower finetune.lr "
+                f"(now {cfg.finetune.lr}). The last good checkpoint is kept in {checkpoint}"
+            )
         bar.update()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.2f}")
         if tuner.iteration % cfg.finetune.checkpoint_every == 0 or tuner.iteration == cfg.finetune.iterations:

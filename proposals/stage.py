@@ -165,12 +165,19 @@ def _multibox_boxes(ctx, mb_store: StageStore, model_path, ids: list, desc: str)
         per_image = (time.perf_counter() - t1) / len(chunk)
         for k, image_id in enumerate(chunk):
             a = ctx.dataset.annotation(image_id)
-            order = np.argsort(-scores[k], kind="stable")[:top_k]
-            px = B.denormalize(boxes[k][order], a.width, a.height)
-            valid = B.is_valid(px)
-            mb_store.put(image_id, {"boxes": px[valid], "scores": scores[k][order][valid], "seconds": np.float64(per_image)})
+            px, s = top_boxes(boxes[k], scores[k], top_k, a.width, a.height)
+            mb_store.put(image_id, {"boxes": px, "scores": s, "seconds": np.float64(per_image)})
             bar.update()
     bar.close()
+
+
+def top_boxes(boxes: np.ndarray, scores: np.ndarray, top_k: int, width: int, height: int):
+    """One image's MultiBox output (normalised boxes ``[K, 4]``, scores ``[K]``) -> its ``top_k`` best
+    boxes in pixels, best first, empty ones dropped: ``(boxes, scores)``."""
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    px = B.denormalize(boxes[order], width, height)
+    valid = B.is_valid(px)
+    return px[valid], scores[order][valid]
 
 
 def combine(ss_boxes, mb_boxes, mb_scores, merge_iou: float) -> dict:

@@ -44,6 +44,8 @@ class DatasetConfig:
     test_split: str = "test"  # split used for testing and evaluation
     classes: Optional[List[str]] = None  # class names in label order; null = every class found
     limit: Optional[int] = None  # keep only the first N images of each split (quick trials)
+    # Settings this dataset is meant to run with, as key=value overrides; the command line's own win
+    recipe: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -93,6 +95,12 @@ class DemoConfig(DatasetConfig):
 
     name: str = "demo"
     root: str = "data/demo"  # where it is generated (regenerated if the settings below change)
+    # The demo runs end to end in minutes on a CPU without ImageNet weights: small warped crops (its
+    # objects are 32-120 px) through a GoogLeNet fine-tuned from random initialisation for 250 steps.
+    recipe: List[str] = field(default_factory=lambda: [
+        "features.input_size=64", "features.padding=4", "finetune.enabled=true", "finetune.iterations=250",
+        "finetune.lr=0.01", "finetune.step_size=200", "finetune.checkpoint_every=50",
+    ])  # fmt: skip
     seed: int = 0  # generator seed: same seed, same images
     train_images: int = 64  # images in the train split
     test_images: int = 32  # images in the test split
@@ -101,6 +109,9 @@ class DemoConfig(DatasetConfig):
     max_objects: int = 4  # objects per image: 1..max_objects
     min_size: int = 32  # smallest object side in pixels
     max_size: int = 120  # largest object side in pixels
+    # Each class in its own band of hues (learnable from random, untrained features on a CPU in minutes);
+    # false: any hue, shape alone tells the classes apart (needs ImageNet weights or long fine-tuning)
+    class_colours: bool = True
 
 
 _COCO128 = "../shared/datasets/coco128"
@@ -274,6 +285,34 @@ class FinetuneConfig:
 
 
 @dataclass
+class SvmConfig:
+    """R-CNN's linear SVMs with hard-negative mining, and its box regressors (reference.md)."""
+
+    C: float = 0.001  # LinearSVC's C (L2-regularised hinge loss)
+    bias_multiplier: float = 10.0  # LinearSVC's intercept_scaling
+    pos_weight: float = 2.0  # class weight of the positives (negatives: 1)
+    neg_iou: float = 0.3  # a proposal is a negative of a class below this IoU with all its boxes
+    hard_threshold: float = -1.0001  # mining adds negatives scoring above this
+    evict_threshold: float = -1.2  # after a retrain, cached negatives scoring below this are dropped (ILSVRC: -1.1)
+    retrain_limit: int = 2000  # retrain a class once more than this many new negatives were added
+    target_norm: float = 20.0  # features are scaled to this mean L2 norm
+    norm_images: int = 200  # train images sampled to estimate the mean norm
+    max_iter: int = 10000  # liblinear's iteration limit per fit
+    regression: bool = True  # train a ridge box regressor per class
+    regression_iou: float = 0.6  # its training pairs: proposals above this IoU with their best box
+    regression_lambda: float = 1000.0  # its ridge penalty
+
+
+@dataclass
+class DetectConfig:
+    box_regression: bool = True  # apply the detector's box regressors (when it has them)
+    nms_iou: float = 0.3  # per-class greedy NMS
+    max_per_image: int = 100  # detections kept per image, best scores first
+    score_threshold: Optional[float] = None  # drop detections scoring below this; null = keep all (for mAP)
+    draw_threshold: float = 0.0  # image=PATH: boxes drawn in the PNGs score above this (SVM margin)
+
+
+@dataclass
 class EvalConfig:
     iou_threshold: float = 0.5  # VOC's overlap for a match (the devkit's >=); COCO and ILSVRC use their own
 
@@ -297,7 +336,12 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)  # stage=features
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage=finetune
     device: Device = Device.auto  # where networks run: auto | cpu | cuda
+    svm: SvmConfig = field(default_factory=SvmConfig)  # stage=svm
+    detect: DetectConfig = field(default_factory=DetectConfig)  # stage=detect
     eval: EvalConfig = field(default_factory=EvalConfig)  # stage=eval
+    detector: Optional[str] = None  # stage=detect: a detector file; null = this run's <out>/svm/detector.pt
+    ensemble: Optional[List[str]] = None  # stage=detect: detector files whose SVM scores are averaged
+    image: Optional[str] = None  # stage=detect: an image or a folder of images instead of the test split
     detections: Optional[str] = None  # stage=eval: a COCO-results JSON; null = <out>/detect/detections.json
 
 
@@ -368,9 +412,7 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     Raises :class:`ConfigError` with a message that lists the valid keys or choices.
     """
     _register()
-    from hydra import compose, initialize
-    from hydra.errors import ConfigCompositionException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
+    from hydra import initialize
 
     overrides = list(overrides or [])
     for ov in overrides:
@@ -379,20 +421,33 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         if "=" not in ov:
             raise ConfigError(f"'{ov}' is not a key=value override (see --help)")
     with initialize(version_base="1.3", config_path=None, job_name="rcnn"):
-        try:
-            cfg = compose(config_name="config", overrides=overrides)
-        except MissingConfigException as e:
-            group = next((o.split("=", 1) for o in overrides if o.startswith("dataset=")), ["dataset", "?"])
-            raise ConfigError(
-                f"unknown {group[0]} '{group[1]}'. Valid choices: {', '.join(DATASET_PRESETS)}"
-            ) from e
-        except (ConfigCompositionException, OmegaConfBaseException) as e:
-            msg = str(e)
-            bad = next((o for o in overrides if f"override {o}" in msg or f"'{o.split('=')[0]}'" in msg), None)
-            base = compose(
-                config_name="config", overrides=[o for o in overrides if o.startswith("dataset=")]
-            )
-            raise ConfigError(_explain(bad, base, e.__cause__) if bad else msg) from e
+        cfg = _compose(overrides)
+        recipe = list(cfg.dataset.get("recipe") or [])
+        if recipe:  # the preset's own settings first, so that the command line's win
+            cfg = _compose(recipe + overrides)
+    return _validate(cfg)
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose(config_name="config", overrides=overrides)
+    except MissingConfigException as e:
+        group = next((o.split("=", 1) for o in overrides if o.startswith("dataset=")), ["dataset", "?"])
+        raise ConfigError(f"unknown {group[0]} '{group[1]}'. Valid choices: {', '.join(DATASET_PRESETS)}") from e
+    except (ConfigCompositionException, OmegaConfBaseException) as e:
+        msg = str(e)
+        bad = next((o for o in overrides if f"override {o}" in msg or f"'{o.split('=')[0]}'" in msg), None)
+        base = compose(config_name="config", overrides=[o for o in overrides if o.startswith("dataset=")])
+        raise ConfigError(_explain(bad, base, e.__cause__) if bad else msg) from e
+
+
+def _validate(cfg: DictConfig) -> DictConfig:
+    from omegaconf.errors import OmegaConfBaseException
+
     missing = _missing(cfg)
     if missing:
         raise ConfigError(f"missing value for {', '.join(missing)}: set it with {missing[0]}=...")
@@ -411,6 +466,18 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
         resolve_params(cfg.proposals.ss)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    checks = [
+        ("svm.C", cfg.svm.C > 0, "> 0"),
+        ("svm.neg_iou", 0 < cfg.svm.neg_iou <= 1, "in (0, 1]"),
+        ("svm.regression_iou", 0 < cfg.svm.regression_iou <= 1, "in (0, 1]"),
+        ("svm.target_norm", cfg.svm.target_norm > 0, "> 0"),
+        ("svm.retrain_limit", cfg.svm.retrain_limit >= 0, ">= 0"),
+        ("detect.nms_iou", 0 < cfg.detect.nms_iou <= 1, "in (0, 1]"),
+        ("detect.max_per_image", cfg.detect.max_per_image >= 1, ">= 1"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {rule}, got {OmegaConf.select(cfg, key)}")
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit must be >= 1 or null, got {cfg.dataset.limit}")
     return cfg

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from .datasets import DatasetError
+    from .detector import DetectorError
     from .stages import RunContext, StageNotBuilt, run_stage
     from .store import StoreError
 
@@ -47,12 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     except StageNotBuilt as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (DatasetError, StoreError, FileExistsError) as e:
+    except (DatasetError, StoreError, DetectorError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished images are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    if len(ctx.timings) > 1:
+        print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in ctx.timings.items())
+              + f"; total {sum(ctx.timings.values()):.1f}")  # fmt: skip
     return 0
 
 

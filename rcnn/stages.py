@@ -27,7 +27,8 @@ class RunContext:
     """What every stage gets: the resolved config, the run folder, the dataset (loaded once)."""
 
     cfg: DictConfig
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage run in this process
+    results: dict[str, dict] = field(default_factory=dict)  # metrics per stage run in this process
 
     @property
     def run_dir(self) -> Path:
@@ -74,6 +75,18 @@ def _finetune(ctx: RunContext) -> dict:
     return run_finetune(ctx)
 
 
+def _svm(ctx: RunContext) -> dict:
+    from svm.stage import run_svm
+
+    return run_svm(ctx)
+
+
+def _detect(ctx: RunContext) -> dict:
+    from .detect import run_detect
+
+    return run_detect(ctx)
+
+
 def _eval(ctx: RunContext) -> dict:
     from eval.stage import run_eval
 
@@ -96,8 +109,8 @@ STAGES: dict[str, Callable[[RunContext], dict]] = {
     Stage.multibox.value: _multibox,
     Stage.finetune.value: _finetune,
     Stage.features.value: _features,
-    Stage.svm.value: _not_built("svm", 5),
-    Stage.detect.value: _not_built("detect", 5),
+    Stage.svm.value: _svm,
+    Stage.detect.value: _detect,
     Stage.eval.value: _eval,
     Stage.benchmark.value: _not_built("benchmark", 6),
 }
@@ -118,6 +131,8 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
                 continue  # features from the backbone's own weights (finetune.enabled=true to fine-tune)
             metrics = run_stage(ctx, name)
         return metrics
+    if stage in ctx.results:  # already run in this process (a later stage asked for its key)
+        return ctx.results[stage]
     fn = STAGES[stage]
     if getattr(fn, "not_built", False):
         fn(ctx)  # raises StageNotBuilt before anything is written
@@ -125,7 +140,9 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(ctx.cfg, resolve=True))
     log.info("stage %s -> %s", stage, stage_dir)
-    start = time.perf_counter()
+    start, nested_before = time.perf_counter(), sum(ctx.timings.values())
     metrics = fn(ctx)
-    ctx.timings[stage] = time.perf_counter() - start
+    nested = sum(ctx.timings.values()) - nested_before  # upstream stages this one ran first
+    ctx.timings[stage] = time.perf_counter() - start - nested
+    ctx.results[stage] = metrics
     return metrics

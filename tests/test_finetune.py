@@ -23,7 +23,7 @@ def test_windows_are_labelled_by_their_best_ground_truth():
 
 def tiny(tmp_path, mode="warp", iterations=4):
     cfg = load_config([
-        f"features.mode={mode}", "features.input_size=64", "features.roi_image_size=64",
+        "dataset.recipe=[]", f"features.mode={mode}", "features.input_size=64", "features.roi_image_size=64",
         f"finetune.iterations={iterations}", "finetune.batch_size=8", "finetune.fg_per_batch=2", "finetune.step_size=2",
     ])  # fmt: skip
     rng = np.random.default_rng(0)

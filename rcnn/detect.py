@@ -1,0 +1,189 @@
+"""``stage=detect``: the detector on the test split (COCO-results JSON for ``stage=eval``), or on
+``image=PATH_OR_FOLDER`` (boxes drawn into PNGs).
+
+Test split: every proposal scored by every SVM (several detectors' scores averaged with
+``ensemble=[...]``), box regression, clipping, per-class NMS, the best ``detect.max_per_image`` kept.
+Per-image results are cached under ``<out>/detect/<key>/`` (a killed run resumes), then written as
+``<out>/detect/detections.json`` with the dataset's image and category ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import to_dict
+from .detector import Detector, DetectorError, detect_image, ensemble_outputs, postprocess
+from .store import StageStore, write_json
+
+__all__ = ["run_detect", "detect_split", "detect_files", "image_files", "load_members"]
+
+log = logging.getLogger("detect")
+
+FORMAT_VERSION = 1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def _file_hash(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def detector_files(ctx) -> list[Path]:
+    """The detector files to run: ``ensemble``, else ``detector``, else this run's own (trained if needed)."""
+    from .stages import run_stage
+
+    cfg = ctx.cfg
+    if cfg.ensemble:
+        return [Path(p) for p in cfg.ensemble]
+    if cfg.detector:
+        return [Path(cfg.detector)]
+    return [Path(run_stage(ctx, "svm")["detector"])]
+
+
+def load_members(ctx) -> list[Detector]:
+    members = [Detector.load(p, ctx.cfg.device.value) for p in detector_files(ctx)]
+    classes = members[0].classes
+    for p, m in zip(detector_files(ctx)[1:], members[1:]):
+        if m.classes != classes:
+            raise DetectorError(f"{p}: its classes differ from the ensemble's first detector's")
+    return members
+
+
+def _settings(ctx) -> dict:
+    d = ctx.cfg.detect
+    return {"nms_iou": d.nms_iou, "max_per_image": d.max_per_image, "box_regression": d.box_regression,
+            "score_threshold": d.score_threshold}  # fmt: skip
+
+
+def run_detect(ctx) -> dict:
+    if ctx.cfg.image:
+        return detect_files(ctx)
+    return detect_split(ctx)
+
+
+def _cached_features(ctx, member: Detector, proposals_key: str) -> StageStore | None:
+    """The run's feature cache that ``member`` was trained on, when it holds this run's proposals."""
+    key = member.features_key
+    manifest = ctx.run_dir / "features" / str(key) / "manifest.json"
+    if not key or not manifest.exists():
+        return None
+    store = StageStore.open(ctx.run_dir, "features", key)
+    return store if store.identity["inputs"].get("proposals") == proposals_key else None
+
+
+def detect_split(ctx) -> dict:
+    from eval.detections import Detections, save_detections
+
+    from .stages import run_stage
+
+    cfg, ds = ctx.cfg, ctx.dataset
+    files = detector_files(ctx)
+    members = load_members(ctx)
+    if members[0].classes != list(ds.classes):
+        raise DetectorError(f"{files[0]}: trained on other classes than {ds.name}'s ({members[0].classes[:5]}...)")
+    proposals = StageStore.open(ctx.run_dir, "proposals", run_stage(ctx, "proposals")["key"])
+    caches = [_cached_features(ctx, m, proposals.key) for m in members]
+    store = StageStore(
+        ctx.run_dir, "detect", {"detect": _settings(ctx), "detectors": [_file_hash(p) for p in files]},
+        inputs={"proposals": proposals.key}, version=FORMAT_VERSION,
+    )  # fmt: skip
+    split = ds.test_split
+    ids = ds.image_ids(split)
+    todo = store.missing(ids)
+    d = cfg.detect
+    start = time.perf_counter()
+    for image_id in tqdm(todo, desc="detect", unit="img", disable=not cfg.progress):
+        boxes = proposals.get(image_id)["boxes"]
+        feats = [c.get_array(image_id) if c is not None else None for c in caches]
+        a = ds.annotation(image_id)
+        rgb = ds.load_image(image_id) if any(f is None for f in feats) else None
+        scores, deltas = ensemble_outputs(members, rgb, boxes, feats, d.box_regression)
+        b, s, lab = postprocess(boxes, scores, deltas, a.width, a.height, d.nms_iou, d.max_per_image, d.score_threshold)
+        store.put(image_id, {"boxes": b, "scores": s, "labels": lab})
+    seconds = time.perf_counter() - start
+    parts = [store.get(i) for i in ids]
+    dets = Detections(
+        image=np.concatenate([np.full(len(p["scores"]), k, np.int64) for k, p in enumerate(parts)] or [np.zeros(0, np.int64)]),
+        labels=np.concatenate([p["labels"] for p in parts] or [np.zeros(0, np.int64)]).astype(np.int64),
+        scores=np.concatenate([p["scores"] for p in parts] or [np.zeros(0)]).astype(np.float64),
+        boxes=np.concatenate([p["boxes"] for p in parts] or [np.zeros((0, 4), np.float32)]).astype(np.float32),
+    )  # fmt: skip
+    out = save_detections(store.dir / "detections.json", dets, ds, split)
+    (store.stage_dir / "detections.json").write_bytes(out.read_bytes())
+    metrics = {
+        "stage": "detect",
+        "key": store.key,
+        "split": split,
+        "detectors": [str(p) for p in files],
+        "features": ["cache" if c is not None else "computed" for c in caches],
+        "images": len(ids),
+        "images_computed_now": len(todo),
+        "detections": len(dets),
+        "detections_per_image": round(len(dets) / max(len(ids), 1), 2),
+        "seconds_per_image": round(seconds / len(todo), 4) if todo else None,
+        "detections_file": str(store.stage_dir / "detections.json"),
+    }
+    store.finish(metrics)
+    print(f"detect: {len(ids)} images of {split}, {len(dets)} detections -> {metrics['detections_file']}")
+    return metrics
+
+
+def image_files(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such image or folder")
+    return [path]
+
+
+def detect_files(ctx) -> dict:
+    """``image=PATH_OR_FOLDER``: detections.json (COCO results, image_id = file name) and a PNG per image."""
+    from .viz import draw_detections, write_png
+
+    cfg, d = ctx.cfg, ctx.cfg.detect
+    files = image_files(cfg.image)
+    members = load_members(ctx)
+    category_ids = list(members[0].parts["category_ids"])
+    out_dir = ctx.run_dir / "detect" / "images"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results, seconds = [], []
+    for path in tqdm(files, desc="detect", unit="img", disable=not cfg.progress):
+        from .datasets.base import read_image
+
+        rgb = read_image(path)
+        t = time.perf_counter()
+        det = detect_image(members, rgb, None, d.nms_iou, d.max_per_image, d.box_regression, d.score_threshold)
+        seconds.append(time.perf_counter() - t)
+        shown = det.scores > d.draw_threshold
+        names = [n for n, keep in zip(det.names, shown) if keep]
+        write_png(out_dir / f"{path.stem}.png", draw_detections(rgb, det.boxes[shown], names, det.scores[shown]))
+        for b, s, lab, name in zip(det.boxes, det.scores, det.labels, det.names):
+            x1, y1, x2, y2 = (float(v) for v in b)
+            results.append({"image_id": path.name, "category_id": category_ids[lab], "category": name,
+                            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                            "score": round(float(s), 5)})  # fmt: skip
+    write_json(out_dir / "detections.json", results)
+    metrics = {
+        "stage": "detect",
+        "images": len(files),
+        "detections": len(results),
+        "seconds_per_image": round(float(np.median(seconds)), 3) if seconds else None,
+        "output": str(out_dir),
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    print(f"detect: {len(files)} image(s), {len(results)} detections; boxes scoring above {d.draw_threshold} drawn in {out_dir}")
+    return metrics
+

@@ -1,0 +1,256 @@
+"""The trained detector: one file holding everything needed to detect objects in a new image.
+
+A detector file (``torch.save`` of plain tensors, lists and strings; read with ``weights_only=True``)::
+
+    format            "rcnn-googlenet-detector", version
+    classes           class names, in label order; category_ids: the dataset's category ids
+    backbone          GoogLeNet state dict (BatchNorm unfolded) and backbone_transform_input
+    features          the feature settings (mode, input_size, padding, roi_layer, roi_image_size, ...)
+    feature_scale     R-CNN's factor bringing the mean feature norm to 20 (already folded into the weights)
+    svm_w, svm_b      [C, D], [C]: score = raw feature @ svm_w.T + svm_b; untrained classes have b = -inf
+    reg_w, reg_b      [C, D, 4], [C, 4] box regression deltas from the raw feature (or absent)
+    proposals         how to propose boxes in a new image: method, selective search settings, top_n,
+                      merge_iou, and the MultiBox model (state dict + priors) when the method uses it
+    features_key      the features stage key the SVMs were trained on (detect reuses that cache)
+    config            the YAML of the configuration that made it
+
+Use::
+
+    det = Detector.load("data/runs/demo/svm/detector.pt")
+    result = det("photo.jpg")          # or an RGB uint8 array
+    result.boxes, result.scores, result.labels, result.names
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import boxes as B
+
+__all__ = ["Detector", "ImageDetections", "postprocess", "FORMAT", "DetectorError"]
+
+FORMAT = "rcnn-googlenet-detector"
+VERSION = 1
+
+
+class DetectorError(RuntimeError):
+    """A detector file that is missing, unreadable or not a detector."""
+
+
+@dataclass(frozen=True)
+class ImageDetections:
+    """One image's detections, best score first: boxes float32 ``[K, 4]`` (continuous xyxy pixels),
+    scores ``[K]`` (SVM margins), labels int64 ``[K]`` and their class names."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def postprocess(
+    boxes: np.ndarray, scores: np.ndarray, deltas: np.ndarray | None, width: int, height: int,
+    nms_iou: float = 0.3, max_per_image: int = 100, score_threshold: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Proposals ``[N, 4]`` with class scores ``[N, C]`` (and regression deltas ``[N, C, 4]``) ->
+    ``(boxes, scores, labels)``: regressed, clipped, per-class NMS, the best ``max_per_image``."""
+    from svm.box_regression import decode
+
+    n, c = scores.shape
+    if deltas is not None:
+        cand = decode(boxes, deltas)  # [N, C, 4]
+    else:
+        cand = np.broadcast_to(B.as_boxes(boxes)[:, None, :], (n, c, 4))
+    cand = B.clip(cand.reshape(-1, 4), width, height)
+    flat = scores.reshape(-1)
+    labels = np.tile(np.arange(c), n)
+    keep = np.isfinite(flat) & B.is_valid(cand)
+    if score_threshold is not None:
+        keep &= flat >= score_threshold
+    idx = np.flatnonzero(keep)
+    order = B.batched_nms(cand[idx], flat[idx], labels[idx], nms_iou)[:max_per_image]
+    idx = idx[order]
+    return cand[idx].astype(np.float32), flat[idx].astype(np.float64), labels[idx].astype(np.int64)
+
+
+class Detector:
+    """A loaded detector file; call it on an image (path or RGB uint8 array)."""
+
+    def __init__(self, parts: dict, device: str = "auto"):
+        if parts.get("format") != FORMAT:
+            raise DetectorError(f"not a detector file (format {parts.get('format')!r}, expected {FORMAT!r})")
+        self.parts = parts
+        self.classes: list[str] = list(parts["classes"])
+        self.svm_w = parts["svm_w"].numpy().astype(np.float32)
+        self.svm_b = parts["svm_b"].numpy().astype(np.float64)
+        self.reg_w = parts["reg_w"].numpy().astype(np.float32) if parts.get("reg_w") is not None else None
+        self.reg_b = parts["reg_b"].numpy().astype(np.float32) if parts.get("reg_b") is not None else None
+        self.features_cfg: dict = dict(parts["features"])
+        self._device_name = device
+        self._model = None
+        self._multibox = None
+
+    # -- file -----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "Detector":
+        path = Path(path)
+        if not path.is_file():
+            raise DetectorError(f"{path}: no such detector file (stage=svm writes <out>/svm/detector.pt)")
+        try:
+            parts = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DetectorError(f"{path}: not a readable detector file ({e})") from e
+        if not isinstance(parts, dict):
+            raise DetectorError(f"{path}: not a detector file")
+        try:
+            return cls(parts, device)
+        except DetectorError as e:
+            raise DetectorError(f"{path}: {e}") from None
+
+    def save(self, path: str | Path) -> Path:
+        from .store import torch_save
+
+        return torch_save(path, self.parts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def has_regression(self) -> bool:
+        return self.reg_w is not None
+
+    @property
+    def features_key(self) -> str | None:
+        return self.parts.get("features_key")
+
+    # -- the pieces -----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        from features.stage import resolve_device
+
+        return resolve_device(self._device_name)
+
+    def _network(self):
+        if self._model is None:
+            from features.backbone import fold_batchnorm, googlenet_from_state
+            from features.extract import RegionFeatures
+
+            net = googlenet_from_state(self.parts["backbone"], bool(self.parts.get("backbone_transform_input")))
+            model = RegionFeatures(fold_batchnorm(net), self.features_cfg["roi_layer"]).to(self.device)
+            if self.features_cfg.get("channels_last", True):
+                model = model.to(memory_format=torch.channels_last)
+            self._model = model
+        return self._model
+
+    def features(self, rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """``[N, 1024]`` float16 features of ``boxes`` in ``rgb``, computed as the training features were."""
+        from features.extract import features_roi, features_warp
+
+        fc, model, device = self.features_cfg, self._network(), self.device
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            if fc["mode"] == "warp":
+                return features_warp(model, rgb, boxes, fc["input_size"], fc["padding"], fc["batch_size"],
+                                     fc.get("channels_last", True), device)  # fmt: skip
+            return features_roi(model, rgb, boxes, fc["input_size"], fc["padding"], fc["roi_image_size"],
+                                channels_last=fc.get("channels_last", True), device=device)  # fmt: skip
+
+    def proposals(self, rgb: np.ndarray, seed: int = 0) -> np.ndarray:
+        """Boxes proposed in ``rgb`` the way the training proposals were made."""
+        from proposals.selective_search import SSParams, selective_search
+        from proposals.stage import combine, top_boxes
+
+        pc = self.parts["proposals"]
+        h, w = rgb.shape[:2]
+        ss = np.zeros((0, 4), np.float32)
+        if pc.get("ss") is not None:
+            params = {k: tuple(v) if isinstance(v, list) else v for k, v in pc["ss"].items()}
+            ss, _ = selective_search(rgb, SSParams(**params), seed=seed)
+            if pc.get("top_n"):
+                ss = ss[: pc["top_n"]]
+        if pc.get("multibox") is None:
+            return ss
+        from proposals.multibox import load_model, predict, warp_image
+
+        mb = pc["multibox"]
+        if self._multibox is None:
+            self._multibox = load_model({"model": mb["model"], "priors": mb["priors"]})
+        with torch.inference_mode():
+            boxes, scores = predict(self._multibox, warp_image(rgb, mb["input_size"])[None])
+        mb_boxes, mb_scores = top_boxes(boxes[0], scores[0], mb["top_k"], w, h)
+        if pc.get("ss") is None:
+            return mb_boxes
+        return combine(ss, mb_boxes, mb_scores, pc["merge_iou"])["boxes"]
+
+    def score(self, feats: np.ndarray) -> np.ndarray:
+        """SVM scores ``[N, C]`` of raw (cached) features ``[N, D]``; ``-inf`` for untrained classes."""
+        return np.asarray(feats, np.float32) @ self.svm_w.T + self.svm_b
+
+    def deltas(self, feats: np.ndarray) -> np.ndarray | None:
+        """Box regression deltas ``[N, C, 4]``, or None without regressors."""
+        if self.reg_w is None:
+            return None
+        x = np.asarray(feats, np.float32)
+        return np.einsum("nd,cdk->nck", x, self.reg_w) + self.reg_b
+
+    def __call__(
+        self, image, boxes: np.ndarray | None = None, nms_iou: float = 0.3, max_per_image: int = 100,
+        box_regression: bool = True, score_threshold: float | None = None,
+    ) -> ImageDetections:  # fmt: skip
+        """Detect objects in ``image`` (a path or an RGB uint8 ``[H, W, 3]`` array), on ``boxes`` when
+        given, else on proposals made as in training."""
+        return detect_image([self], image, boxes, nms_iou, max_per_image, box_regression, score_threshold)
+
+
+def _as_rgb(image) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        from .datasets.base import read_image
+
+        return read_image(image)
+    rgb = np.asarray(image)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 [H, W, 3] image array, got {rgb.dtype} {list(rgb.shape)}")
+    return rgb
+
+
+def ensemble_outputs(
+    members: Sequence[Detector], rgb: np.ndarray, boxes: np.ndarray, feats: Sequence[np.ndarray | None] = (),
+    box_regression: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """Scores ``[N, C]`` averaged over the members (the GoogLeNet entry's ensemble) and their box
+    regression deltas averaged too (None when any member has none or ``box_regression`` is off).
+    ``feats[k]``, when given, are member ``k``'s features of ``boxes`` (e.g. from the cache)."""
+    names = members[0].classes
+    for m in members[1:]:
+        if m.classes != names:
+            raise DetectorError("the ensemble's detectors were trained on different classes")
+    scores, deltas = 0.0, []
+    for k, m in enumerate(members):
+        f = feats[k] if k < len(feats) and feats[k] is not None else m.features(rgb, boxes)
+        scores = scores + m.score(f)
+        deltas.append(m.deltas(f) if box_regression else None)
+    mean_deltas = None if any(d is None for d in deltas) else sum(deltas) / len(deltas)
+    return scores / len(members), mean_deltas
+
+
+def detect_image(
+    members: Sequence[Detector], image, boxes: np.ndarray | None = None, nms_iou: float = 0.3,
+    max_per_image: int = 100, box_regression: bool = True, score_threshold: float | None = None,
+) -> ImageDetections:  # fmt: skip
+    """One image through one detector or an ensemble (proposals from the first member)."""
+    rgb = _as_rgb(image)
+    h, w = rgb.shape[:2]
+    boxes = members[0].proposals(rgb) if boxes is None else B.as_boxes(boxes)
+    scores, deltas = ensemble_outputs(members, rgb, boxes, box_regression=box_regression)
+    out_boxes, out_scores, labels = postprocess(boxes, scores, deltas, w, h, nms_iou, max_per_image, score_threshold)
+    return ImageDetections(out_boxes, out_scores, labels, [members[0].classes[i] for i in labels])

@@ -1,0 +1,73 @@
+"""R-CNN's class-specific bounding-box regression: ridge regression from a proposal's feature to the
+offsets that move it onto its ground-truth box.
+
+Targets (continuous xyxy boxes, centres and sizes): ``dx = (gx - px) / pw``, ``dy = (gy - py) / ph``,
+``dw = log(gw / pw)``, ``dh = log(gh / ph)``; centred and whitened per class (as R-CNN's
+``rcnn_train_bbox_regressor.m``), then one ridge fit (scikit-learn) per class. The fitted model is folded
+back to raw targets: ``t = x @ W + b``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import Ridge
+
+__all__ = ["encode", "decode", "Whitening", "fit_regressor"]
+
+
+def _centres(boxes: np.ndarray) -> tuple[np.ndarray, ...]:
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h, w, h
+
+
+def encode(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """``[N, 4]`` targets ``(dx, dy, dw, dh)`` that take each proposal onto its ground-truth box."""
+    px, py, pw, ph = _centres(proposals)
+    gx, gy, gw, gh = _centres(gt)
+    return np.stack([(gx - px) / pw, (gy - py) / ph, np.log(gw / pw), np.log(gh / ph)], axis=1)
+
+
+def decode(proposals: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """The boxes that ``deltas [..., 4]`` make of ``proposals [N, 4]``; ``deltas`` may be ``[N, C, 4]``
+    (one set per class), giving ``[N, C, 4]``. Size offsets are capped at log(1000/16), as detectron2 does,
+    so a wild prediction cannot overflow."""
+    px, py, pw, ph = _centres(proposals)
+    d = np.asarray(deltas, np.float64)
+    extra = (slice(None),) + (None,) * (d.ndim - 2)  # broadcast proposals over the class axis
+    cap = np.log(1000.0 / 16)
+    cx = px[extra] + d[..., 0] * pw[extra]
+    cy = py[extra] + d[..., 1] * ph[extra]
+    w = pw[extra] * np.exp(np.minimum(d[..., 2], cap))
+    h = ph[extra] * np.exp(np.minimum(d[..., 3], cap))
+    return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1).astype(np.float32)
+
+
+class Whitening:
+    """Centre and whiten targets: ``(t - mean) @ inverse_sqrt(cov)``, and back."""
+
+    def __init__(self, targets: np.ndarray, eps: float = 1e-6):
+        t = np.asarray(targets, np.float64)
+        self.mean = t.mean(axis=0)
+        cov = np.cov(t, rowvar=False) if len(t) > 1 else np.eye(t.shape[1])
+        vals, vecs = np.linalg.eigh(np.atleast_2d(cov))
+        vals = np.maximum(vals, 0) + eps
+        self.forward = vecs @ np.diag(vals**-0.5) @ vecs.T  # whitens
+        self.inverse = vecs @ np.diag(vals**0.5) @ vecs.T  # un-whitens
+
+    def __call__(self, targets: np.ndarray) -> np.ndarray:
+        return (np.asarray(targets, np.float64) - self.mean) @ self.forward
+
+    def undo(self, whitened: np.ndarray) -> np.ndarray:
+        return np.asarray(whitened, np.float64) @ self.inverse + self.mean
+
+
+def fit_regressor(X: np.ndarray, targets: np.ndarray, lam: float = 1000.0) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression on whitened targets, folded back: ``(W [D, 4], b [4])`` with ``targets ~ X @ W + b``."""
+    white = Whitening(targets)
+    ridge = Ridge(alpha=lam, fit_intercept=True, solver="auto")
+    ridge.fit(np.asarray(X, np.float64), white(targets))
+    W = ridge.coef_.T @ white.inverse  # [D, 4]
+    b = ridge.intercept_ @ white.inverse + white.mean
+    return W.astype(np.float32), b.astype(np.float32)

@@ -1,0 +1,193 @@
+"""``stage=svm``: per-class SVMs (hard-negative mining) and box regressors on the train split's cached
+features, saved as one detector file ``<out>/svm/<key>/detector.pt`` (linked as ``<out>/svm/detector.pt``).
+
+Features are read one image at a time (memory-mapped), so the cache is never loaded whole: the miner
+keeps only each class's hard negatives, the regressors only their training pairs (float16).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from rcnn import boxes as B
+from rcnn.config import to_dict
+from rcnn.detector import FORMAT, VERSION
+from rcnn.store import StageStore, torch_save, write_json
+
+from .box_regression import encode, fit_regressor
+from .train import HardNegativeMiner, SvmParams, mean_norm_scale
+
+log = logging.getLogger("svm")
+
+FORMAT_VERSION = 1
+MIN_REGRESSION_PAIRS = 8  # a class with fewer training pairs keeps its boxes as proposed
+
+
+def class_max_iou(proposals: np.ndarray, gt: np.ndarray, gt_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[N, C]``: each proposal's IoU with the closest ground-truth box of each class (0 without one)."""
+    out = np.zeros((len(proposals), num_classes), np.float32)
+    if len(proposals) and len(gt):
+        ov = B.iou(proposals, gt)
+        for c in np.unique(gt_labels):
+            out[:, c] = ov[:, gt_labels == c].max(axis=1)
+    return out
+
+
+def _link(src, dst) -> None:
+    """``dst`` becomes another name of ``src`` (atomically; a copy where links are not allowed)."""
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _proposal_parts(ctx) -> dict:
+    """How the detector proposes boxes in a new image: the proposals stage's settings and MultiBox model."""
+    from proposals.selective_search import resolve_params
+    from proposals.stage import multibox_store, uses_multibox, uses_ss
+
+    cfg = ctx.cfg
+    pc = cfg.proposals
+    out = {"method": pc.method.value, "top_n": pc.top_n, "merge_iou": pc.merge_iou, "ss": None, "multibox": None}
+    if uses_ss(cfg):
+        out["ss"] = resolve_params(pc.ss).as_dict()
+    if uses_multibox(cfg):
+        ck = torch.load(multibox_store(ctx).dir / "model.pt", map_location="cpu", weights_only=False)
+        out["multibox"] = {
+            "model": ck["model"], "priors": torch.as_tensor(np.asarray(ck["priors"])),
+            "input_size": cfg.multibox.input_size, "top_k": cfg.multibox.top_k,
+        }  # fmt: skip
+    return out
+
+
+def run_svm(ctx) -> dict:
+    from features.backbone import build_googlenet
+    from features.stage import backbone_weights, gt_entry
+    from proposals.stage import gt_for_recall
+    from rcnn.stages import run_stage
+
+    cfg, ds = ctx.cfg, ctx.dataset
+    if ctx.cfg.proposals.splits and "train" not in ctx.cfg.proposals.splits:
+        raise ValueError("stage=svm trains on the train split: proposals.splits must include train")
+    features = StageStore.open(ctx.run_dir, "features", run_stage(ctx, "features")["key"])
+    proposals = StageStore.open(ctx.run_dir, "proposals", features.identity["inputs"]["proposals"])
+    store = StageStore(
+        ctx.run_dir, "svm", {"svm": to_dict(cfg.svm), "seed": cfg.seed}, inputs={"features": features.key},
+        version=FORMAT_VERSION,
+    )  # fmt: skip
+    path = store.dir / "detector.pt"
+    if store.complete and path.exists():
+        metrics = json.loads((store.dir / "metrics.json").read_text())
+        _link(path, store.stage_dir / "detector.pt")
+        store.finish(metrics)
+        print(f"SVMs cached: {path}")
+        return metrics
+
+    start = time.perf_counter()
+    sc, C = cfg.svm, ds.num_classes
+    ids = ds.image_ids(ds.train_split)
+    if not ids:
+        raise ValueError(f"{ds.name}: the train split '{ds.train_split}' has no images")
+    sample = [ids[int(k)] for k in np.unique(np.linspace(0, len(ids) - 1, min(sc.norm_images, len(ids))).astype(int))]
+    scale = mean_norm_scale((features.get_array(i) for i in sample), sc.target_norm)
+
+    positives: list[list[np.ndarray]] = [[] for _ in range(C)]
+    for i in ids:
+        _, labels = gt_for_recall(ds, i)
+        gt_feats = np.asarray(features.get_array(gt_entry(i)), np.float32) * scale
+        for c in np.unique(labels):
+            positives[c].append(gt_feats[labels == c])
+    pos = [np.concatenate(p) if p else np.zeros((0, 1024), np.float32) for p in positives]
+    miner = HardNegativeMiner(pos, SvmParams.from_config(sc, cfg.seed))
+    pairs_x: list[list[np.ndarray]] = [[] for _ in range(C)]
+    pairs_t: list[list[np.ndarray]] = [[] for _ in range(C)]
+    for k, i in enumerate(tqdm(ids, desc="svm (hard negatives)", unit="img", disable=not cfg.progress)):
+        raw = features.get_array(i)
+        props = proposals.get(i)["boxes"]
+        gt, labels = gt_for_recall(ds, i)
+        miner.add_image(np.asarray(raw, np.float32) * scale, class_max_iou(props, gt, labels, C), last=k == len(ids) - 1)
+        if sc.regression and len(gt) and len(props):
+            ov = B.iou(props, gt)
+            best, sel = ov.argmax(axis=1), ov.max(axis=1) > sc.regression_iou
+            for c in np.unique(labels[best[sel]]):
+                rows = np.flatnonzero(sel & (labels[best] == c))
+                pairs_x[c].append(np.asarray(raw[rows], np.float16))
+                pairs_t[c].append(encode(props[rows], gt[best[rows]]).astype(np.float32))
+    miner.finish()
+    mining_seconds = time.perf_counter() - start
+    W, b, trained = miner.model()
+
+    t = time.perf_counter()
+    reg_w = np.zeros((C, W.shape[1], 4), np.float32)
+    reg_b = np.zeros((C, 4), np.float32)
+    reg_pairs = [int(sum(len(x) for x in pairs_x[c])) for c in range(C)]
+    for c in range(C):
+        if reg_pairs[c] >= MIN_REGRESSION_PAIRS:
+            Wc, bc = fit_regressor(np.concatenate(pairs_x[c]).astype(np.float32) * scale, np.concatenate(pairs_t[c]),
+                                   sc.regression_lambda)  # fmt: skip
+            reg_w[c], reg_b[c] = Wc * scale, bc  # folded: deltas from the raw features
+    regression_seconds = time.perf_counter() - t
+
+    weights = backbone_weights(ctx, proposals)
+    if weights.describe() != features.identity["config"]["backbone"]:
+        raise RuntimeError(f"the backbone weights changed since {features.dir} was computed; rerun stage=features")
+    net, _ = build_googlenet(weights)
+    parts = {
+        "format": FORMAT, "version": VERSION,
+        "classes": list(ds.classes), "category_ids": [int(x) if isinstance(x, (int, np.integer)) else str(x) for x in ds.category_ids],
+        "backbone": net.state_dict(), "backbone_transform_input": bool(net.transform_input),
+        "backbone_weights": weights.kind,
+        "features": to_dict(cfg.features), "feature_scale": float(scale),
+        "svm_w": torch.from_numpy(W * scale), "svm_b": torch.from_numpy(b),
+        "reg_w": torch.from_numpy(reg_w) if sc.regression else None,
+        "reg_b": torch.from_numpy(reg_b) if sc.regression else None,
+        "proposals": _proposal_parts(ctx), "features_key": features.key,
+        "config": OmegaConf.to_yaml(cfg),
+    }  # fmt: skip
+    torch_save(path, parts)
+    _link(path, store.stage_dir / "detector.pt")
+    write_json(store.dir / "history.json", miner.history)
+
+    last = {}
+    for rec in miner.history:
+        last[rec["class"]] = rec
+    metrics = {
+        "stage": "svm",
+        "key": store.key,
+        "detector": str(store.stage_dir / "detector.pt"),
+        "train_images": len(ids),
+        "classes_trained": int(trained.sum()),
+        "classes_without_positives": [ds.classes[c] for c in range(C) if not len(pos[c])],
+        "feature_scale": round(float(scale), 6),
+        "retrains": len(miner.history),
+        "positives": int(sum(len(p) for p in pos)),
+        "regression_pairs": int(sum(reg_pairs)),
+        "regressors_trained": int(sum(n >= MIN_REGRESSION_PAIRS for n in reg_pairs)) if sc.regression else 0,
+        "mining_seconds": round(mining_seconds, 2),
+        "regression_seconds": round(regression_seconds, 2),
+        "seconds": round(time.perf_counter() - start, 2),
+        "per_class": {
+            ds.classes[c]: {"positives": len(pos[c]), "objective": last[c]["total"], "negatives": last[c]["negatives"],
+                            "regression_pairs": reg_pairs[c]}  # fmt: skip
+            for c in sorted(last)
+        },
+    }
+    store.finish(metrics)
+    print(
+        f"SVMs: {metrics['classes_trained']} of {C} classes trained ({metrics['retrains']} retrains, "
+        f"{metrics['mining_seconds']:.1f} s); {metrics['regressors_trained']} box regressors; detector {metrics['detector']}"
+    )
+    return metrics

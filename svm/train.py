@@ -1,0 +1,169 @@
+"""R-CNN's per-class linear SVMs, trained with hard-negative mining in one pass over the images.
+
+The miner sees one image at a time (its proposals' features and their IoU with each class's boxes) and
+keeps, per class, only a cache of hard negatives; positives (ground-truth features) are given up front.
+As in R-CNN's ``rcnn_train.m``: the first image's negatives train the first model; afterwards a class
+adds the negatives its current model scores above ``hard_threshold``, retrains once more than
+``retrain_limit`` new ones were added (and after the last image), and after each retrain drops cached
+negatives scoring below ``evict_threshold``. A class starts from ``w = 0, b = 0``, which scores every
+negative 0, so its first image's negatives all count as hard: the same as R-CNN's first pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.svm import LinearSVC
+
+__all__ = ["SvmParams", "HardNegativeMiner", "fit_svm", "objective", "mean_norm_scale"]
+
+log = logging.getLogger("svm")
+
+
+@dataclass(frozen=True)
+class SvmParams:
+    C: float = 0.001
+    bias_multiplier: float = 10.0
+    pos_weight: float = 2.0
+    neg_iou: float = 0.3
+    hard_threshold: float = -1.0001
+    evict_threshold: float = -1.2
+    retrain_limit: int = 2000
+    max_iter: int = 10000
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, c, seed: int = 0) -> "SvmParams":
+        names = cls.__dataclass_fields__.keys() - {"seed"}
+        return cls(**{k: c[k] for k in names}, seed=seed)
+
+
+def fit_svm(pos: np.ndarray, neg: np.ndarray, p: SvmParams) -> tuple[np.ndarray, float]:
+    """One LinearSVC on positives (+1) and negatives (-1): ``(w [D], b)``."""
+    X = np.concatenate([pos, neg]).astype(np.float64, copy=False)
+    y = np.concatenate([np.ones(len(pos)), -np.ones(len(neg))])
+    svc = LinearSVC(
+        C=p.C, loss="hinge", dual=True, class_weight={1: p.pos_weight, -1: 1.0},
+        intercept_scaling=p.bias_multiplier, max_iter=p.max_iter, random_state=p.seed,
+    )  # fmt: skip
+    svc.fit(X, y)
+    return svc.coef_[0].astype(np.float32), float(svc.intercept_[0])
+
+
+def objective(w: np.ndarray, b: float, pos: np.ndarray, neg: np.ndarray, p: SvmParams) -> dict:
+    """The primal objective liblinear minimises, in its pieces: 0.5 (|w|^2 + (b / bias_multiplier)^2)
+    + C pos_weight sum(hinge of positives) + C sum(hinge of negatives)."""
+    zp = pos @ w + b
+    zn = neg @ w + b
+    reg = 0.5 * (float(w @ w) + (b / p.bias_multiplier) ** 2)
+    loss_pos = p.C * p.pos_weight * float(np.maximum(0, 1 - zp).sum())
+    loss_neg = p.C * float(np.maximum(0, 1 + zn).sum())
+    return {"total": reg + loss_pos + loss_neg, "reg": reg, "loss_pos": loss_pos, "loss_neg": loss_neg}
+
+
+@dataclass
+class _ClassCache:
+    pos: np.ndarray  # [P, D] float32 positives
+    neg: list[np.ndarray] = field(default_factory=list)  # float32 blocks of cached negatives
+    w: np.ndarray | None = None
+    b: float = 0.0
+    added: int = 0  # negatives added since the last retrain
+    retrains: int = 0
+
+    def negatives(self) -> np.ndarray:
+        return np.concatenate(self.neg) if self.neg else np.zeros((0, self.pos.shape[1]), np.float32)
+
+
+class HardNegativeMiner:
+    """Per-class SVMs trained by hard-negative mining; feed it :meth:`add_image` in order, then :meth:`finish`.
+
+    Args:
+        positives: per class, the (scaled) features of its ground-truth boxes, ``[P_c, D]``. A class
+            without positives gets no model (``trained`` False, scores ``-inf``).
+        params: the SVM and mining settings.
+    """
+
+    def __init__(self, positives: list[np.ndarray], params: SvmParams):
+        self.p = params
+        self.dim = next((len(x[0]) for x in positives if len(x)), 0)
+        self.classes = [_ClassCache(np.asarray(x, np.float32)) for x in positives]
+        self.history: list[dict] = []  # one record per retrain: class, image, objective pieces, cache size
+        self.images_seen = 0
+
+    @property
+    def trained(self) -> np.ndarray:
+        return np.array([c.w is not None for c in self.classes])
+
+    def add_image(self, X: np.ndarray, max_iou: np.ndarray, last: bool = False) -> None:
+        """One image: ``X [N, D]`` scaled features of its proposals, ``max_iou [N, C]`` the IoU of each with
+        the closest box of each class (0 where the image has none). ``last`` retrains every class."""
+        index = self.images_seen
+        self.images_seen += 1
+        X = np.asarray(X, np.float32)
+        W, b = self._weights()
+        scores = X @ W.T + b if len(X) else np.zeros((0, len(self.classes)), np.float32)
+        first = index == 0
+        for c, cache in enumerate(self.classes):
+            if not len(cache.pos):
+                continue
+            # Each image is seen once, so a negative can't already be in the cache (R-CNN checked).
+            hard = (max_iou[:, c] < self.p.neg_iou) & (scores[:, c] > self.p.hard_threshold)
+            if hard.any():
+                cache.neg.append(X[hard])
+                cache.added += int(hard.sum())
+            if (first or cache.added > self.p.retrain_limit or last) and cache.neg:
+                self._retrain(c, cache, index)
+
+    def finish(self) -> None:
+        """Retrain every class whose negatives changed since its last fit (R-CNN's "is last time")."""
+        for c, cache in enumerate(self.classes):
+            if len(cache.pos) and cache.neg and (cache.added or cache.w is None):
+                self._retrain(c, cache, self.images_seen - 1)
+
+    def _weights(self) -> tuple[np.ndarray, np.ndarray]:
+        W = np.zeros((len(self.classes), self.dim), np.float32)
+        b = np.zeros(len(self.classes), np.float32)
+        for c, cache in enumerate(self.classes):
+            if cache.w is not None:
+                W[c], b[c] = cache.w, cache.b
+        return W, b
+
+    def _retrain(self, c: int, cache: _ClassCache, image: int) -> None:
+        neg = cache.negatives()
+        cache.w, cache.b = fit_svm(cache.pos, neg, self.p)
+        cache.retrains += 1
+        cache.added = 0
+        obj = objective(cache.w, cache.b, cache.pos, neg, self.p)
+        z = neg @ cache.w + cache.b
+        easy = z < self.p.evict_threshold
+        cache.neg = [neg[~easy]]
+        record = {"class": c, "image": image, **{k: round(v, 6) for k, v in obj.items()},
+                  "positives": len(cache.pos), "negatives": len(neg), "evicted": int(easy.sum())}  # fmt: skip
+        self.history.append(record)
+        log.info(
+            "class %d, image %d: objective %.4f = %.4f (reg) + %.4f (pos) + %.4f (neg); %d negatives, %d evicted",
+            c, image, obj["total"], obj["reg"], obj["loss_pos"], obj["loss_neg"], len(neg), int(easy.sum()),
+        )  # fmt: skip
+
+    def model(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(W [C, D], b [C], trained [C])``; untrained classes have ``W = 0, b = -inf``."""
+        W, b = self._weights()
+        trained = self.trained
+        b = b.astype(np.float64)
+        b[~trained] = -np.inf
+        return W, b, trained
+
+
+def mean_norm_scale(blocks, target_norm: float = 20.0) -> float:
+    """The factor that brings the mean L2 norm of the rows of ``blocks`` (an iterable of ``[n, D]``
+    arrays, e.g. a sample of images' features) to ``target_norm`` (R-CNN: 20)."""
+    total, count = 0.0, 0
+    for x in blocks:
+        x = np.asarray(x, np.float32)
+        total += float(np.linalg.norm(x, axis=1).sum())
+        count += len(x)
+    if count == 0 or total == 0:
+        raise ValueError("cannot estimate the features' mean norm: the sample has no non-zero features")
+    return target_norm / (total / count)

@@ -1,0 +1,145 @@
+import json
+
+import numpy as np
+import pytest
+
+from rcnn import boxes as B
+from rcnn.detector import Detector, DetectorError, postprocess
+from rcnn.run import main
+from rcnn.store import StageStore
+from svm.box_regression import decode
+
+TINY = [
+    "progress=false", "dataset.train_images=4", "dataset.test_images=2", "dataset.width=128", "dataset.height=96",
+    "dataset.min_size=24", "dataset.max_size=60", "multibox.epochs=1", "multibox.input_size=64",
+    "multibox.num_priors=6", "multibox.top_k=5", "multibox.batch_size=2", "backbone.weights=none", "workers=1",
+    "proposals.top_n=40", "features.mode=roi", "features.input_size=64", "features.roi_image_size=96",
+    "svm.retrain_limit=20", "dataset.recipe=[]",
+]  # fmt: skip
+
+
+def brute_postprocess(boxes, scores, deltas, w, h, iou, top):
+    """A plain loop: per class regress, clip, drop empty boxes, greedy NMS; then the best ``top`` overall."""
+    out = []
+    for c in range(scores.shape[1]):
+        cand = B.clip(decode(boxes, deltas[:, c]) if deltas is not None else boxes, w, h)
+        idx = [i for i in np.argsort(-scores[:, c], kind="stable") if B.is_valid(cand[i : i + 1])[0]]
+        kept = []
+        for i in idx:
+            if all(B.iou(cand[i : i + 1], cand[j : j + 1])[0, 0] <= iou for j in kept):
+                kept.append(i)
+        out += [(scores[i, c], c, tuple(cand[i])) for i in kept]
+    out.sort(key=lambda t: -t[0])
+    return out[:top]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_postprocess_matches_a_plain_loop(seed):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(-10, 90, (60, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 40, (60, 2))], axis=1).astype(np.float32)
+    scores = rng.normal(0, 1, (60, 3))
+    deltas = rng.normal(0, 0.2, (60, 3, 4)) if seed % 2 else None
+    b, s, lab = postprocess(boxes, scores, deltas, 80, 60, nms_iou=0.3, max_per_image=25)
+    ref = brute_postprocess(boxes, scores, deltas, 80, 60, 0.3, 25)
+    assert len(s) == len(ref) == 25
+    np.testing.assert_allclose(s, [r[0] for r in ref], rtol=1e-6)
+    assert lab.tolist() == [r[1] for r in ref]
+    np.testing.assert_allclose(b, np.array([r[2] for r in ref]), atol=1e-4)
+    assert (b[:, 0] >= 0).all() and (b[:, 2] <= 80).all() and (b[:, 3] <= 60).all()
+
+
+def test_postprocess_skips_untrained_classes_and_thresholds():
+    boxes = np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32)
+    scores = np.array([[1.0, -np.inf], [-2.0, -np.inf]])
+    b, s, lab = postprocess(boxes, scores, None, 100, 100, score_threshold=-1.0)
+    assert lab.tolist() == [0] and s.tolist() == [1.0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("detect")
+    args = [*TINY, f"dataset.root={tmp / 'demo'}", f"out={tmp / 'run'}"]
+    assert main(args) == 0  # stage=all: data ... svm, detect, eval
+    return args, tmp / "run"
+
+
+def test_the_chain_writes_a_detector_detections_and_metrics(trained):
+    args, run = trained
+    svm = json.loads((run / "svm" / "metrics.json").read_text())
+    assert svm["classes_trained"] >= 1 and svm["retrains"] >= svm["classes_trained"]
+    assert (run / "svm" / "detector.pt").is_file()
+    dets = json.loads((run / "detect" / "detections.json").read_text())
+    assert dets and {d["image_id"] for d in dets} <= {"test_0000", "test_0001"}  # the dataset's own ids
+    assert all(len(d["bbox"]) == 4 and 1 <= d["category_id"] <= 5 for d in dets)
+    per_image = {i: sum(d["image_id"] == i for d in dets) for i in {d["image_id"] for d in dets}}
+    assert max(per_image.values()) <= 100
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert 0 <= metrics["voc07_map"] <= 1
+    history = json.loads((run / "svm" / svm["key"] / "history.json").read_text())
+    assert {"total", "reg", "loss_pos", "loss_neg"} <= history[0].keys()
+
+
+def test_the_api_reproduces_the_stage_and_survives_save_and_reload(trained, tmp_path):
+    from rcnn.config import load_config
+    from rcnn.stages import RunContext
+
+    args, run = trained
+    det = Detector.load(run / "svm" / "detector.pt")
+    ds = RunContext(load_config(args)).dataset
+    image_id = ds.image_ids(ds.test_split)[0]
+    detect = json.loads((run / "detect" / "metrics.json").read_text())
+    stage = StageStore.open(run, "detect", detect["key"]).get(image_id)
+    props = StageStore.open(run, "proposals", json.loads((run / "proposals" / "metrics.json").read_text())["key"])
+    boxes = props.get(image_id)["boxes"]
+    rgb = ds.load_image(image_id)
+    got = det(rgb, boxes=boxes)  # features recomputed from the image: identical to the cached ones
+    np.testing.assert_allclose(got.scores, stage["scores"], rtol=1e-5)
+    np.testing.assert_array_equal(got.labels, stage["labels"])
+    np.testing.assert_allclose(got.boxes, stage["boxes"], atol=1e-3)
+    full = det(ds.image_path(image_id))  # a path, proposals made as in training
+    assert len(full) > 0 and full.names[0] in ds.classes
+    det.save(tmp_path / "copy.pt")
+    again = Detector.load(tmp_path / "copy.pt")(ds.image_path(image_id))
+    np.testing.assert_array_equal(again.boxes, full.boxes)
+    np.testing.assert_array_equal(again.scores, full.scores)
+    np.testing.assert_array_equal(again.labels, full.labels)
+
+
+def test_ensemble_of_one_detector_twice_equals_it(trained):
+    args, run = trained
+    path = run / "svm" / "detector.pt"
+    out = run.parent / "ens"
+    assert main([*args, "stage=detect", f"out={out}", f"ensemble=[{path},{path}]"]) == 0
+    single = json.loads((run / "detect" / "detections.json").read_text())
+    pair = json.loads((out / "detect" / "detections.json").read_text())
+    assert [(d["image_id"], d["category_id"]) for d in pair] == [(d["image_id"], d["category_id"]) for d in single]
+    np.testing.assert_allclose([d["score"] for d in pair], [d["score"] for d in single], atol=2e-5)
+
+
+def test_detect_on_an_image_folder_draws_pngs(trained, tmp_path):
+    from tests.fakes import write_image
+
+    args, run = trained
+    folder = tmp_path / "photos"
+    write_image(folder / "a.jpg", 120, 90, seed=1)
+    write_image(folder / "b.png", 100, 80, seed=2)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main([*args, "stage=detect", f"out={out}", f"image={folder}", f"detector={run / 'svm' / 'detector.pt'}",
+                 "detect.draw_threshold=-100"]) == 0  # fmt: skip
+    images = out / "detect" / "images"
+    assert sorted(p.name for p in images.glob("*.png")) == ["a.png", "b.png"]
+    dets = json.loads((images / "detections.json").read_text())
+    assert {d["image_id"] for d in dets} == {"a.jpg", "b.png"}
+
+
+def test_bad_detector_files_are_named(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DetectorError, match="bad.pt"):
+        Detector.load(bad)
+    with pytest.raises(DetectorError, match="no such detector file"):
+        Detector.load(tmp_path / "missing.pt")
+    assert main([f"out={tmp_path}", "stage=detect", f"detector={bad}", f"image={bad}"]) == 1
+    assert "bad.pt" in capsys.readouterr().err
