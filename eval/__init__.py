@@ -1,1 +1,1 @@
-"""eval stage (not built yet)."""
+"""Evaluation: VOC, ILSVRC and COCO mAP, reports (stage=eval) and the chain benchmark (stage=benchmark)."""

@@ -1,1 +1,1 @@
-"""features stage (not built yet)."""
+"""Region features: GoogLeNet backbone, warped crops or RoI pooling, fine-tuning (stage=features, stage=finetune)."""

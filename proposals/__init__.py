@@ -1,1 +1,1 @@
-"""proposals stage (not built yet)."""
+"""Region proposals: selective search, MultiBox, their combination and recall (stage=proposals, stage=multibox)."""

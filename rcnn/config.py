@@ -317,6 +317,11 @@ class EvalConfig:
     iou_threshold: float = 0.5  # VOC's overlap for a match (the devkit's >=); COCO and ILSVRC use their own
 
 
+@dataclass
+class BenchmarkConfig:
+    append_to: Optional[str] = None  # stage=benchmark: also append the report to this file (e.g. BENCHMARKS.md)
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole configuration.
 
@@ -339,6 +344,7 @@ class Config:
     svm: SvmConfig = field(default_factory=SvmConfig)  # stage=svm
     detect: DetectConfig = field(default_factory=DetectConfig)  # stage=detect
     eval: EvalConfig = field(default_factory=EvalConfig)  # stage=eval
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)  # stage=benchmark
     detector: Optional[str] = None  # stage=detect: a detector file; null = this run's <out>/svm/detector.pt
     ensemble: Optional[List[str]] = None  # stage=detect: detector files whose SVM scores are averaged
     image: Optional[str] = None  # stage=detect: an image or a folder of images instead of the test split

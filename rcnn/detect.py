@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .config import to_dict
 from .detector import Detector, DetectorError, detect_image, ensemble_outputs, postprocess
 from .store import StageStore, write_json
 

@@ -1,7 +1,7 @@
 """Entry point: ``python -m rcnn.run [stage=...] [dataset=...] [key=value ...]``.
 
 Load config -> apply overrides -> seed -> dispatch. No argument runs the whole pipeline on the demo.
-Exit codes: 0 done, 1 bad data or cache, 2 bad command line, 3 stage not built yet, 130 interrupted.
+Exit codes: 0 done, 1 bad data, cache, detector or diverged training, 2 bad command line, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .datasets import DatasetError
     from .detector import DetectorError
-    from .stages import RunContext, StageNotBuilt, run_stage
+    from .stages import RunContext, run_stage
     from .store import StoreError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -45,9 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     ctx = RunContext(cfg)
     try:
         run_stage(ctx, cfg.stage.value)
-    except StageNotBuilt as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
     except (DatasetError, StoreError, DetectorError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

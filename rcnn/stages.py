@@ -13,13 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ProposalMethod, Stage, num_workers
 
-__all__ = ["RunContext", "StageNotBuilt", "run_stage", "PIPELINE", "BUILT"]
+__all__ = ["RunContext", "run_stage", "STAGES", "PIPELINE"]
 
 log = logging.getLogger("rcnn")
-
-
-class StageNotBuilt(RuntimeError):
-    """The stage exists in the design but is not implemented yet."""
 
 
 @dataclass
@@ -93,14 +89,10 @@ def _eval(ctx: RunContext) -> dict:
     return run_eval(ctx)
 
 
-def _not_built(stage: str, issue: int) -> Callable[[RunContext], dict]:
-    def run(ctx: RunContext) -> dict:
-        raise StageNotBuilt(
-            f"stage '{stage}' is not built yet (issue #{issue}); built stages: {', '.join(BUILT)}"
-        )
+def _benchmark(ctx: RunContext) -> dict:
+    from eval.chain import run_benchmark
 
-    run.not_built = True  # type: ignore[attr-defined]
-    return run
+    return run_benchmark(ctx)
 
 
 STAGES: dict[str, Callable[[RunContext], dict]] = {
@@ -112,9 +104,8 @@ STAGES: dict[str, Callable[[RunContext], dict]] = {
     Stage.svm.value: _svm,
     Stage.detect.value: _detect,
     Stage.eval.value: _eval,
-    Stage.benchmark.value: _not_built("benchmark", 6),
+    Stage.benchmark.value: _benchmark,
 }
-BUILT = [name for name, fn in STAGES.items() if not getattr(fn, "not_built", False)]
 
 # What `stage=all` runs, in order.
 PIPELINE = ["data", "multibox", "proposals", "finetune", "features", "svm", "detect", "eval"]
@@ -134,8 +125,6 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
     if stage in ctx.results:  # already run in this process (a later stage asked for its key)
         return ctx.results[stage]
     fn = STAGES[stage]
-    if getattr(fn, "not_built", False):
-        fn(ctx)  # raises StageNotBuilt before anything is written
     stage_dir = ctx.run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(ctx.cfg, resolve=True))

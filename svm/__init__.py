@@ -1,1 +1,1 @@
-"""svm stage (not built yet)."""
+"""Per-class linear SVMs with hard-negative mining and box regressors: the detector file (stage=svm)."""

@@ -143,3 +143,19 @@ def test_bad_detector_files_are_named(tmp_path, capsys):
         Detector.load(tmp_path / "missing.pt")
     assert main([f"out={tmp_path}", "stage=detect", f"detector={bad}", f"image={bad}"]) == 1
     assert "bad.pt" in capsys.readouterr().err
+
+
+def test_benchmark_reports_the_chain_and_appends_it(trained, tmp_path):
+    args, run = trained
+    bench = tmp_path / "BENCH.md"
+    bench.write_text("# Benchmarks\n")
+    assert main([*args, "stage=benchmark", f"benchmark.append_to={bench}"]) == 0  # every stage cached: quick
+    report = json.loads((run / "benchmark" / "report.json").read_text())
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    assert [s["stage"] for s in report["stages"]] == ["data", "multibox", "proposals", "features", "svm", "detect", "eval"]
+    evaluated = json.loads((run / "eval" / "metrics.json").read_text())
+    assert report["eval"]["voc07_map"] == evaluated["voc07_map"]
+    assert report["features"]["bytes_per_image"] > 0 and "test" in report["proposals"]
+    text = bench.read_text()
+    assert text.startswith("# Benchmarks\n") and "## Benchmark: demo" in text and "| svm |" in text
+    assert (run / "benchmark" / "report.md").read_text() in text

@@ -135,7 +135,6 @@ def test_features_stage(tmp_path, mode):
     m = json.loads((tmp_path / "run" / "features" / "metrics.json").read_text())
     assert m["mode"] == mode and m["device"] == "cpu" and m["images"] == 3 and m["crops_per_second"] > 0
     assert m["bytes_per_image"] > 20 * 1024 * 2 * 0.5
-    key_dir = tmp_path / "run" / "features" / m["key"]
     feats = StageStore.open(tmp_path / "run", "features", m["key"])
     props = StageStore.open(tmp_path / "run", "proposals", json.loads((tmp_path / "run" / "proposals" / "metrics.json").read_text())["key"])
     for image_id in ["train_0000", "train_0001", "test_0000"]:

@@ -67,12 +67,6 @@ def test_config_errors_fail_before_any_work(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_unbuilt_stage_says_so_and_exits_non_zero(tmp_path, capsys):
-    assert run("stage=benchmark", f"out={tmp_path}") == 3
-    assert "stage 'benchmark' is not built yet" in capsys.readouterr().err
-    assert not (tmp_path / "benchmark").exists()
-
-
 def test_help(capsys):
     assert main(["--help"]) == 0
     assert "stage=<data|proposals" in capsys.readouterr().out
