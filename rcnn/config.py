@@ -301,6 +301,7 @@ class SvmConfig:
     regression: bool = True  # train a ridge box regressor per class
     regression_iou: float = 0.6  # its training pairs: proposals above this IoU with their best box
     regression_lambda: float = 1000.0  # its ridge penalty
+    checkpoint_seconds: float = 60.0  # save the mining state this often (a killed run resumes from it)
 
 
 @dataclass

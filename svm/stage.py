@@ -73,6 +73,16 @@ def _proposal_parts(ctx) -> dict:
     return out
 
 
+def _load_checkpoint(path, scale: float) -> dict | None:
+    """The mining state saved by a killed run of the same key (None without one)."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own run folder's file
+    if not np.isclose(state["scale"], scale):
+        raise RuntimeError(f"{path}: saved under another feature scale; delete it to start over")
+    return state
+
+
 def run_svm(ctx) -> dict:
     from features.backbone import build_googlenet
     from features.stage import backbone_weights, gt_entry
@@ -85,7 +95,8 @@ def run_svm(ctx) -> dict:
     features = StageStore.open(ctx.run_dir, "features", run_stage(ctx, "features")["key"])
     proposals = StageStore.open(ctx.run_dir, "proposals", features.identity["inputs"]["proposals"])
     store = StageStore(
-        ctx.run_dir, "svm", {"svm": to_dict(cfg.svm), "seed": cfg.seed}, inputs={"features": features.key},
+        ctx.run_dir, "svm", {"svm": {k: v for k, v in to_dict(cfg.svm).items() if k != "checkpoint_seconds"}, "seed": cfg.seed},
+        inputs={"features": features.key},
         version=FORMAT_VERSION,
     )  # fmt: skip
     path = store.dir / "detector.pt"
@@ -111,10 +122,18 @@ def run_svm(ctx) -> dict:
         for c in np.unique(labels):
             positives[c].append(gt_feats[labels == c])
     pos = [np.concatenate(p) if p else np.zeros((0, 1024), np.float32) for p in positives]
-    miner = HardNegativeMiner(pos, SvmParams.from_config(sc, cfg.seed))
-    pairs_x: list[list[np.ndarray]] = [[] for _ in range(C)]
-    pairs_t: list[list[np.ndarray]] = [[] for _ in range(C)]
-    for k, i in enumerate(tqdm(ids, desc="svm (hard negatives)", unit="img", disable=not cfg.progress)):
+    checkpoint = store.dir / "checkpoint.pt"
+    state = _load_checkpoint(checkpoint, scale)
+    if state is None:
+        state = {"next": 0, "scale": scale, "miner": HardNegativeMiner(pos, SvmParams.from_config(sc, cfg.seed)),
+                 "pairs_x": [[] for _ in range(C)], "pairs_t": [[] for _ in range(C)]}  # fmt: skip
+    else:
+        log.info("resuming the SVMs at train image %d of %d (%s)", state["next"] + 1, len(ids), checkpoint)
+    miner, pairs_x, pairs_t = state["miner"], state["pairs_x"], state["pairs_t"]
+    saved = time.perf_counter()
+    bar = tqdm(total=len(ids), initial=state["next"], desc="svm (hard negatives)", unit="img", disable=not cfg.progress)
+    for k in range(state["next"], len(ids)):
+        i = ids[k]
         raw = features.get_array(i)
         props = proposals.get(i)["boxes"]
         gt, labels = gt_for_recall(ds, i)
@@ -126,6 +145,12 @@ def run_svm(ctx) -> dict:
                 rows = np.flatnonzero(sel & (labels[best] == c))
                 pairs_x[c].append(np.asarray(raw[rows], np.float16))
                 pairs_t[c].append(encode(props[rows], gt[best[rows]]).astype(np.float32))
+        state["next"] = k + 1
+        bar.update()
+        if time.perf_counter() - saved >= sc.checkpoint_seconds and k + 1 < len(ids):
+            torch_save(checkpoint, state)  # a killed run resumes after this image
+            saved = time.perf_counter()
+    bar.close()
     miner.finish()
     mining_seconds = time.perf_counter() - start
     W, b, trained = miner.model()
@@ -159,6 +184,7 @@ def run_svm(ctx) -> dict:
     }  # fmt: skip
     torch_save(path, parts)
     _link(path, store.stage_dir / "detector.pt")
+    checkpoint.unlink(missing_ok=True)
     write_json(store.dir / "history.json", miner.history)
 
     last = {}

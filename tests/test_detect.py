@@ -159,3 +159,37 @@ def test_benchmark_reports_the_chain_and_appends_it(trained, tmp_path):
     text = bench.read_text()
     assert text.startswith("# Benchmarks\n") and "## Benchmark: demo" in text and "| svm |" in text
     assert (run / "benchmark" / "report.md").read_text() in text
+
+
+def test_a_killed_svm_stage_resumes_to_the_same_detector(trained, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from svm.train import HardNegativeMiner
+
+    args, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "svm")
+    calls = {"n": 0}
+    original = HardNegativeMiner.add_image
+
+    def dies_at_the_third_image(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(HardNegativeMiner, "add_image", dies_at_the_third_image)
+    again = [*args, f"out={copy}", "stage=svm", "svm.checkpoint_seconds=0"]
+    assert main(again) == 130
+    assert list((copy / "svm").glob("*/checkpoint.pt"))
+    calls["n"] = -100  # the rerun is not interrupted
+    assert main(again) == 0
+    assert calls["n"] == -100 + 2  # it went on from the third image: two images of four left
+    a = torch.load(run / "svm" / "detector.pt", weights_only=True)
+    b = torch.load(copy / "svm" / "detector.pt", weights_only=True)
+    for key in ("svm_w", "svm_b", "reg_w", "reg_b"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert not list((copy / "svm").glob("*/checkpoint.pt"))

@@ -177,3 +177,14 @@ def test_crops_prepared_by_a_worker_process_give_the_same_features(tmp_path):
     assert [p.name for p in a] == [p.name for p in b] and len(a) == 3 + 2  # + ground truth of 2 train images
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.load(x), np.load(y))
+
+
+def test_non_finite_features_are_refused_with_the_image_named(tmp_path):
+    from features.stage import put_features
+
+    store = StageStore(tmp_path, "features", {"mode": "warp"})
+    feats = np.ones((3, 1024), np.float16)
+    feats[2, 5] = np.nan
+    with pytest.raises(FloatingPointError, match="img_7"):
+        put_features(store, "img_7", feats, 1, with_gt=True)
+    assert not store.has("img_7") and not store.has(gt_entry("img_7"))
