@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from rcnn.datasets.stage import data_store
-from rcnn.store import StageStore
+from rcnn.store import StageStore, atomic_write
 
 from .coco import coco_eval
 from .detections import DetectionsError, ground_truth, load_detections
@@ -92,7 +92,7 @@ def run_eval(ctx) -> dict:
         "seconds": {k: round(v, 3) for k, v in r["seconds"].items()},
     }
     report = markdown(metrics, list(ds.classes))
-    (store.dir / "report.md").write_text(report)
+    atomic_write(store.dir / "report.md", lambda f: f.write(report.encode()))
     plot_pr(r["voc"]["curves"], r["voc"]["ap"], list(ds.classes), store.dir / "pr_curves.png",
             f"{ds.name} {split}: VOC precision/recall")  # fmt: skip
     for name in ("report.md", "pr_curves.png"):

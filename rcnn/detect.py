@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .detector import Detector, DetectorError, detect_image, ensemble_outputs, postprocess
-from .store import StageStore, write_json
+from .store import StageStore, atomic_write, write_json
 
 __all__ = ["run_detect", "detect_split", "detect_files", "image_files", "load_members"]
 
@@ -117,7 +117,8 @@ def detect_split(ctx) -> dict:
         boxes=np.concatenate([p["boxes"] for p in parts] or [np.zeros((0, 4), np.float32)]).astype(np.float32),
     )  # fmt: skip
     out = save_detections(store.dir / "detections.json", dets, ds, split)
-    (store.stage_dir / "detections.json").write_bytes(out.read_bytes())
+    data = out.read_bytes()
+    atomic_write(store.stage_dir / "detections.json", lambda f: f.write(data))
     metrics = {
         "stage": "detect",
         "key": store.key,
