@@ -6,7 +6,6 @@ ids (ints for COCO, strings for VOC/ILSVRC) and category ids (COCO's own; ``labe
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 
 from rcnn import boxes as B
 from rcnn.datasets import DatasetError, DetectionDataset
-from rcnn.datasets.base import read_file
+from rcnn.datasets.base import read_json
 from rcnn.store import write_json
 
 __all__ = ["Detections", "DetectionsError", "load_detections", "save_detections"]
@@ -46,13 +45,9 @@ def load_detections(path: str | Path, ds: DetectionDataset, split: str) -> Detec
     """Read and check a COCO-results file against the dataset's split."""
     path = Path(path)
     try:
-        text = read_file(path, "detections file")
+        data = read_json(path, "detections file")
     except DatasetError as e:
         raise DetectionsError(str(e)) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DetectionsError(f"{path}: malformed JSON ({e})") from None
     if not isinstance(data, list):
         raise DetectionsError(f"{path}: expected a JSON list of detections (COCO results format)")
     ids = ds.image_ids(split)

@@ -81,23 +81,6 @@ def random_init(model: nn.Module) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
-    """Set every BatchNorm's running statistics to those of ``batches`` (an iterable of input tensors):
-    a data-dependent start for a randomly initialised network, whose statistics are then kept frozen."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over all batches
-    model.train()
-    for x in batches:
-        model(x)
-    for m, momentum in zip(bns, saved):
-        m.momentum = momentum
-    return model.eval()
-
-
 def resolve_weights(weights: str) -> LoadedWeights:
     """Decide what ``weights`` means here, without loading anything."""
     if weights == "none":

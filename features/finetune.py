@@ -162,6 +162,7 @@ class FineTuner:
         a randomly initialised network starts normalised, as it would under BatchNorm, and the features
         later see the same statistics as training did. Draws from its own generator (resumes unchanged)."""
         bns = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        momenta = [m.momentum for m in bns]
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches
@@ -170,8 +171,8 @@ class FineTuner:
         for _ in range(batches):
             idx = self.sample()
             self._logits(idx, np.zeros(len(idx), bool))
-        for m in bns:
-            m.momentum = 0.1
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
         self.rng = rng
         self.model.eval()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .detector import Detector, DetectorError, detect_image, ensemble_outputs, postprocess
+from .detector import Detector, DetectorError, check_ensemble, detect_image, ensemble_outputs, postprocess
 from .store import StageStore, atomic_write, write_json
 
 __all__ = ["run_detect", "detect_split", "detect_files", "image_files", "load_members"]
@@ -48,12 +48,9 @@ def detector_files(ctx) -> list[Path]:
     return [Path(run_stage(ctx, "svm")["detector"])]
 
 
-def load_members(ctx) -> list[Detector]:
-    members = [Detector.load(p, ctx.cfg.device.value) for p in detector_files(ctx)]
-    classes = members[0].classes
-    for p, m in zip(detector_files(ctx)[1:], members[1:]):
-        if m.classes != classes:
-            raise DetectorError(f"{p}: its classes differ from the ensemble's first detector's")
+def load_members(ctx, files: list[Path]) -> list[Detector]:
+    members = [Detector.load(p, ctx.cfg.device.value) for p in files]
+    check_ensemble(members)  # before any work
     return members
 
 
@@ -86,7 +83,7 @@ def detect_split(ctx) -> dict:
 
     cfg, ds = ctx.cfg, ctx.dataset
     files = detector_files(ctx)
-    members = load_members(ctx)
+    members = load_members(ctx, files)
     if members[0].classes != list(ds.classes):
         raise DetectorError(f"{files[0]}: trained on other classes than {ds.name}'s ({members[0].classes[:5]}...)")
     proposals = StageStore.open(ctx.run_dir, "proposals", run_stage(ctx, "proposals")["key"])
@@ -151,18 +148,17 @@ def image_files(path: str | Path) -> list[Path]:
 
 def detect_files(ctx) -> dict:
     """``image=PATH_OR_FOLDER``: detections.json (COCO results, image_id = file name) and a PNG per image."""
+    from .datasets.base import read_image
     from .viz import draw_detections, write_png
 
     cfg, d = ctx.cfg, ctx.cfg.detect
     files = image_files(cfg.image)
-    members = load_members(ctx)
+    members = load_members(ctx, detector_files(ctx))
     category_ids = list(members[0].parts["category_ids"])
     out_dir = ctx.run_dir / "detect" / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
     results, seconds = [], []
     for path in tqdm(files, desc="detect", unit="img", disable=not cfg.progress):
-        from .datasets.base import read_image
-
         rgb = read_image(path)
         t = time.perf_counter()
         det = detect_image(members, rgb, None, d.nms_iou, d.max_per_image, d.box_regression, d.score_threshold)

@@ -97,6 +97,7 @@ class Detector:
         self._device_name = device
         self._model = None
         self._multibox = None
+        self.path: Path | None = None  # the file it was loaded from
 
     # -- file -----------------------------------------------------------------------------------
 
@@ -112,9 +113,11 @@ class Detector:
         if not isinstance(parts, dict):
             raise DetectorError(f"{path}: not a detector file")
         try:
-            return cls(parts, device)
+            det = cls(parts, device)
         except DetectorError as e:
             raise DetectorError(f"{path}: {e}") from None
+        det.path = path
+        return det
 
     def save(self, path: str | Path) -> Path:
         from .store import torch_save
@@ -223,6 +226,13 @@ def _as_rgb(image) -> np.ndarray:
     return rgb
 
 
+def check_ensemble(members: Sequence[Detector]) -> None:
+    """Detectors whose scores are averaged must share their classes."""
+    for m in members[1:]:
+        if m.classes != members[0].classes:
+            raise DetectorError(f"{m.path or 'a detector'}: its classes differ from the ensemble's first detector's")
+
+
 def ensemble_outputs(
     members: Sequence[Detector], rgb: np.ndarray, boxes: np.ndarray, feats: Sequence[np.ndarray | None] = (),
     box_regression: bool = True,
@@ -230,10 +240,7 @@ def ensemble_outputs(
     """Scores ``[N, C]`` averaged over the members (the GoogLeNet entry's ensemble) and their box
     regression deltas averaged too (None when any member has none or ``box_regression`` is off).
     ``feats[k]``, when given, are member ``k``'s features of ``boxes`` (e.g. from the cache)."""
-    names = members[0].classes
-    for m in members[1:]:
-        if m.classes != names:
-            raise DetectorError("the ensemble's detectors were trained on different classes")
+    check_ensemble(members)
     scores, deltas = 0.0, []
     for k, m in enumerate(members):
         f = feats[k] if k < len(feats) and feats[k] is not None else m.features(rgb, boxes)

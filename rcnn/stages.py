@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,71 +42,25 @@ class RunContext:
         return build_dataset(self.cfg.dataset)
 
 
-def _data(ctx: RunContext) -> dict:
-    from .datasets.stage import run
-
-    return run(ctx)
-
-
-def _proposals(ctx: RunContext) -> dict:
-    from proposals.stage import run_proposals
-
-    return run_proposals(ctx)
-
-
-def _multibox(ctx: RunContext) -> dict:
-    from proposals.stage import run_multibox
-
-    return run_multibox(ctx)
-
-
-def _features(ctx: RunContext) -> dict:
-    from features.stage import run_features
-
-    return run_features(ctx)
-
-
-def _finetune(ctx: RunContext) -> dict:
-    from features.stage import run_finetune
-
-    return run_finetune(ctx)
-
-
-def _svm(ctx: RunContext) -> dict:
-    from svm.stage import run_svm
-
-    return run_svm(ctx)
-
-
-def _detect(ctx: RunContext) -> dict:
-    from .detect import run_detect
-
-    return run_detect(ctx)
-
-
-def _eval(ctx: RunContext) -> dict:
-    from eval.stage import run_eval
-
-    return run_eval(ctx)
-
-
-def _benchmark(ctx: RunContext) -> dict:
-    from eval.chain import run_benchmark
-
-    return run_benchmark(ctx)
-
-
-STAGES: dict[str, Callable[[RunContext], dict]] = {
-    Stage.data.value: _data,
-    Stage.proposals.value: _proposals,
-    Stage.multibox.value: _multibox,
-    Stage.finetune.value: _finetune,
-    Stage.features.value: _features,
-    Stage.svm.value: _svm,
-    Stage.detect.value: _detect,
-    Stage.eval.value: _eval,
-    Stage.benchmark.value: _benchmark,
+# Each stage's entry point, ``module:function`` taking the RunContext and returning its metrics;
+# imported when the stage runs, so that a stage's dependencies load only when needed.
+STAGES: dict[str, str] = {
+    Stage.data.value: "rcnn.datasets.stage:run",
+    Stage.proposals.value: "proposals.stage:run_proposals",
+    Stage.multibox.value: "proposals.stage:run_multibox",
+    Stage.finetune.value: "features.stage:run_finetune",
+    Stage.features.value: "features.stage:run_features",
+    Stage.svm.value: "svm.stage:run_svm",
+    Stage.detect.value: "rcnn.detect:run_detect",
+    Stage.eval.value: "eval.stage:run_eval",
+    Stage.benchmark.value: "eval.chain:run_benchmark",
 }
+
+
+def stage_function(stage: str) -> Callable[[RunContext], dict]:
+    module, name = STAGES[stage].split(":")
+    return getattr(importlib.import_module(module), name)
+
 
 # What `stage=all` runs, in order.
 PIPELINE = ["data", "multibox", "proposals", "finetune", "features", "svm", "detect", "eval"]
@@ -124,7 +79,7 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
         return metrics
     if stage in ctx.results:  # already run in this process (a later stage asked for its key)
         return ctx.results[stage]
-    fn = STAGES[stage]
+    fn = stage_function(stage)
     stage_dir = ctx.run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(ctx.cfg, resolve=True))

@@ -85,3 +85,10 @@ def test_coco128_counts(tmp_path, capsys):
     assert (m["splits"]["train2017"]["images"], m["splits"]["train2017"]["boxes"]) == (128, 929)
     assert (m["splits"]["val2017"]["images"], m["splits"]["val2017"]["boxes"]) == (128, 898)
     assert m["num_classes"] == 80 and m["boxes_dropped"] == 0
+
+
+def test_every_stage_has_an_importable_entry_point():
+    from rcnn.config import Stage
+    from rcnn.stages import stage_function
+
+    assert all(callable(stage_function(s.value)) for s in Stage if s is not Stage.all)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image
 
 from .. import boxes as B
 
-__all__ = ["DatasetError", "Annotation", "ImageRecord", "DetectionDataset", "read_image", "read_file", "check_boxes"]
+__all__ = ["DatasetError", "Annotation", "ImageRecord", "DetectionDataset", "read_image", "read_file", "read_json", "check_boxes"]
 
 log = logging.getLogger("rcnn.datasets")
 
@@ -107,6 +108,14 @@ def read_file(path: Path, what: str, hint: str = "") -> bytes:
     if not data.strip():
         raise DatasetError(f"{path}: empty {what}")
     return data
+
+
+def read_json(path: Path, what: str, hint: str = ""):
+    """A JSON file's content; missing, empty or malformed is a DatasetError naming the file."""
+    try:
+        return json.loads(read_file(path, what, hint))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON ({e})") from None
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from .base import (
     ImageRecord,
     check_boxes,
     log_box_report,
-    read_file,
+    read_json,
 )
 
 __all__ = ["load_coco", "read_coco_json"]
@@ -28,11 +27,7 @@ log = logging.getLogger("rcnn.datasets")
 def read_coco_json(path: str | Path, hint: str = "") -> dict:
     """Read an instances file and check its top-level layout."""
     path = Path(path)
-    text = read_file(path, "COCO annotation file", hint)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: malformed JSON ({e})") from None
+    data = read_json(path, "COCO annotation file", hint)
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a JSON object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):
