@@ -1,11 +1,14 @@
 """Compare proposal methods on one dataset's test split, in one run, as a markdown table.
 
-    python -m proposals.benchmark dataset=coco128 [key=value ...] [--only NAME,NAME] [--table PATH]
+    python -m proposals.benchmark dataset=coco128 [key=value ...] [--only NAME ...] [--split train|test]
+        [--table PATH]
 
 Every method runs through ``stage=proposals`` with the overrides below (plus the command line's),
 each into the same run folder, so caches are shared (MultiBox is trained once) and every time is
 measured on the same machine in the same run. Times are per image, on one core each (the stage
-runs ``workers`` images at once); ratios are to OpenCV's default fast mode.
+runs ``workers`` images at once); ratios are to OpenCV's default fast mode. ``--split train`` measures
+on the train split instead (a check that settings chosen on one split hold on the other; MultiBox is
+then scored on its own training images).
 """
 
 from __future__ import annotations
@@ -35,6 +38,22 @@ METHODS = {
     "OpenCV fast settings, merged at IoU 0.7, + MultiBox": [
         "proposals.method=ss_multibox", "proposals.ss.mode=opencv_fast", "proposals.ss.merge_iou=0.7",
     ],
+    # Superpixels 1.5x R-CNN's instead of 2x, small boxes kept, near-duplicates merged harder.
+    "k 75/150, min side 8, merged at IoU 0.6": [
+        "proposals.method=ss", "proposals.ss.mode=googlenet", "proposals.ss.ks=[75,150]",
+        "proposals.ss.min_box_side=8", "proposals.ss.merge_iou=0.6",
+    ],
+    "k 75/150, min side 8, merged at IoU 0.6, + MultiBox": [
+        "proposals.method=ss_multibox", "proposals.ss.mode=googlenet", "proposals.ss.ks=[75,150]",
+        "proposals.ss.min_box_side=8", "proposals.ss.merge_iou=0.6",
+    ],
+    # A top-N cap follows proposals.ss.order: OpenCV's rank puts the smallest regions first.
+    "GoogLeNet variant, first 150 in OpenCV's order": [
+        "proposals.method=ss", "proposals.ss.mode=googlenet", "proposals.ss.order=opencv", "proposals.top_n=150",
+    ],
+    "GoogLeNet variant, first 150 shuffled": [
+        "proposals.method=ss", "proposals.ss.mode=googlenet", "proposals.ss.order=shuffle", "proposals.top_n=150",
+    ],
 }
 BASELINE = "OpenCV default fast mode"
 
@@ -55,17 +74,21 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def run(overrides: list[str], only: list[str] | None = None) -> tuple[dict, dict]:
+def run(overrides: list[str], only: list[str] | None = None, split: str = "test") -> tuple[dict, dict]:
+    unknown = sorted(set(only or ()) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
     results, walls = {}, {}
     for name, extra in METHODS.items():
         if only and name not in only:
             continue
-        cfg = load_config(["stage=proposals", "proposals.splits=[test]", *overrides, *extra])
+        cfg = load_config(["stage=proposals", f"proposals.splits=[{split}]", *overrides, *extra])
         ctx = RunContext(cfg)
         start = time.perf_counter()
         metrics = run_stage(ctx, "proposals")
         walls[name] = time.perf_counter() - start
-        results[name] = metrics[ctx.dataset.test_split]
+        ds = ctx.dataset
+        results[name] = metrics[ds.test_split if split == "test" else ds.train_split]
         print(f"== {name}: {results[name]}", file=sys.stderr)
     return results, walls
 
@@ -89,11 +112,12 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for python -m rcnn.run")
-    parser.add_argument("--only", default="", help="comma-separated method names to run")
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="a method to run (repeatable)")
+    parser.add_argument("--split", choices=["train", "test"], default="test", help="the dataset split to measure")
     parser.add_argument("--table", default="", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
-    only = [s.strip() for s in args.only.split(",") if s.strip()] or None
-    results, walls = run(args.overrides, only)
+    only = args.only or None
+    results, walls = run(args.overrides, only, args.split)
     text = table(results)
     print(f"\nMachine: {machine()}\n")
     print(text)

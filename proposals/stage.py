@@ -1,7 +1,7 @@
 """``stage=multibox`` (train the proposer) and ``stage=proposals`` (boxes per image, recall figures).
 
 Stores (under the run folder):
-  proposals/ss/<key>        selective search boxes per image, best-ranked first, and their seconds
+  proposals/ss/<key>        selective search boxes per image (in proposals.ss.order) and their seconds
   proposals/multibox/<key>  MultiBox boxes (pixels) and scores per image, best first
   proposals/<key>           the proposals the later stages read: ``boxes`` [N, 4] float32 xyxy,
                             ``source`` [N] uint8 (0 selective search, 1 MultiBox), ``scores`` [N]

@@ -193,6 +193,11 @@ class SSMode(Enum):
     opencv_fast = "opencv_fast"  # OpenCV's own switchToSelectiveSearchFast(), as is (a baseline)
 
 
+class SSOrder(Enum):
+    shuffle = "shuffle"  # a random order, seeded per image: a top-N cap keeps a sample of every size
+    opencv = "opencv"  # OpenCV's own rank (hierarchy level x rand, level 1 = the smallest regions first)
+
+
 class ProposalMethod(Enum):
     ss = "ss"  # selective search alone
     multibox = "multibox"  # MultiBox alone
@@ -210,15 +215,16 @@ class SelectiveSearchConfig:
     min_segment_size: Optional[int] = None  # Felzenszwalb's minimum segment; null = k (R-CNN)
     min_box_side: Optional[int] = None  # drop boxes narrower or shorter (px); null = the mode's (20)
     resize_width: Optional[int] = None  # resize to this width first (R-CNN used 500 on ILSVRC); null = no
-    # Beyond R-CNN: drop a box whose IoU with a better-ranked box exceeds this; null = exact duplicates only
+    # Beyond R-CNN: drop a box whose IoU with an earlier kept box exceeds this; null = exact duplicates only
     merge_iou: Optional[float] = None
+    order: SSOrder = SSOrder.shuffle  # the boxes' order, which a top_n cap and merge_iou follow
 
 
 @dataclass
 class ProposalsConfig:
     method: ProposalMethod = ProposalMethod.ss_multibox  # ss | multibox | ss_multibox
     ss: SelectiveSearchConfig = field(default_factory=SelectiveSearchConfig)
-    top_n: Optional[int] = None  # keep only the best-ranked N selective search boxes; null = all
+    top_n: Optional[int] = None  # keep the first N selective search boxes (proposals.ss.order); null = all
     merge_iou: float = 0.9  # a MultiBox box with IoU above this with an earlier kept box is dropped
     splits: List[str] = field(default_factory=lambda: ["train", "test"])  # which of the dataset's splits
 

@@ -61,3 +61,18 @@ def test_selective_search_alone_and_top_n(tiny):
     assert "train" not in m and m["test"]["boxes_per_image"] <= 10
     assert not (out / "multibox").exists()
     assert m["selective_search"]["mode"] == "googlenet" and m["selective_search"]["ks"] == [100, 200]
+
+
+def test_benchmark_table_in_one_run(tiny, capsys):
+    from proposals import benchmark
+
+    args, out = tiny
+    only = ["OpenCV default fast mode", "GoogLeNet variant, first 150 shuffled"]
+    assert benchmark.main([*args, "proposals.top_n=20", "--only", only[0], "--only", only[1], "--split", "train"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0][2:] for r in rows] == only
+    assert rows[0].endswith("| 1.00x | 100% |")
+    assert float(rows[0].split(" | ")[1]) <= 20  # the command line's cap, where the method sets none
+    with pytest.raises(SystemExit, match="unknown method"):
+        benchmark.run(args, ["no such method"])

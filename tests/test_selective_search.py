@@ -84,6 +84,22 @@ def test_no_duplicates_and_deterministic_ranking():
     np.testing.assert_array_equal(a, b)
 
 
+def test_shuffled_order_is_a_seeded_permutation_of_opencvs():
+    img = blobs(seed=6)
+    ranked, _ = selective_search(img, params("mode=rcnn_fast", "min_box_side=0", "order=opencv"), seed=2)
+    shuffled, _ = selective_search(img, params("mode=rcnn_fast", "min_box_side=0", "order=shuffle"), seed=2)
+    again, _ = selective_search(img, params("mode=rcnn_fast", "min_box_side=0", "order=shuffle"), seed=2)
+    other, _ = selective_search(img, params("mode=rcnn_fast", "min_box_side=0", "order=shuffle"), seed=5)
+    key = lambda b: sorted(map(tuple, b.tolist()))
+    assert len(ranked) > 50 and key(shuffled) == key(ranked)
+    np.testing.assert_array_equal(shuffled, again)
+    assert not np.array_equal(shuffled, ranked) and not np.array_equal(shuffled, other)
+    # OpenCV's rank starts with the initial (smallest) segments: why a cap of its order keeps tiny boxes
+    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    tenth = len(ranked) // 10
+    assert area(ranked[:tenth]).mean() < area(ranked[-tenth:]).mean()
+
+
 def test_boxes_are_mapped_back_after_resize():
     img = blobs(200, 150)
     p = params("mode=rcnn_fast", "min_box_side=0", "resize_width=100")
@@ -96,7 +112,7 @@ def test_boxes_are_mapped_back_after_resize():
 
 def test_opencv_fast_mode_is_opencvs_own():
     img = blobs(seed=5)
-    ours, _ = selective_search(img, params("mode=opencv_fast"), seed=7)
+    ours, _ = selective_search(img, params("mode=opencv_fast", "order=opencv"), seed=7)
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     ss.setBaseImage(np.ascontiguousarray(img[:, :, ::-1]))
     ss.switchToSelectiveSearchFast()
