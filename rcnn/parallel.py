@@ -1,4 +1,5 @@
-"""Per-image work over a split, in worker processes, written to a stage store as it arrives."""
+"""Work in worker processes: per-image work over a split, written to a stage store as it arrives
+(:func:`process_images`), and a pool for other independent jobs (:func:`process_pool`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from tqdm import tqdm
 
 from .store import StageStore
 
-__all__ = ["process_images"]
+__all__ = ["process_images", "process_pool"]
 
 
 _FN = None  # the per-image function, set once in each worker (not pickled with every task)
@@ -19,7 +20,11 @@ _FN = None  # the per-image function, set once in each worker (not pickled with 
 def _init_worker(fn) -> None:
     global _FN
     _FN = fn
-    # One process per core already: keep each worker's libraries single-threaded.
+    _single_threaded()
+
+
+def _single_threaded() -> None:
+    """One process per core already: keep each worker's libraries single-threaded."""
     try:
         import cv2
 
@@ -79,3 +84,11 @@ def process_images(
     finally:
         bar.close()
     return len(todo)
+
+
+def process_pool(workers: int):
+    """A ``concurrent.futures`` pool of ``workers`` single-threaded processes (started as
+    :func:`process_images`' are); jobs must be picklable."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=_context(), initializer=_single_threaded)

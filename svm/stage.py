@@ -125,33 +125,16 @@ def run_svm(ctx) -> dict:
     checkpoint = store.dir / "checkpoint.pt"
     state = _load_checkpoint(checkpoint, scale)
     if state is None:
-        state = {"next": 0, "scale": scale, "miner": HardNegativeMiner(pos, SvmParams.from_config(sc, cfg.seed)),
+        state = {"next": 0, "scale": scale, "miner": HardNegativeMiner(pos, SvmParams.from_config(sc, cfg.seed), ctx.workers),
                  "pairs_x": [[] for _ in range(C)], "pairs_t": [[] for _ in range(C)]}  # fmt: skip
     else:
         log.info("resuming the SVMs at train image %d of %d (%s)", state["next"] + 1, len(ids), checkpoint)
     miner, pairs_x, pairs_t = state["miner"], state["pairs_x"], state["pairs_t"]
-    saved = time.perf_counter()
-    bar = tqdm(total=len(ids), initial=state["next"], desc="svm (hard negatives)", unit="img", disable=not cfg.progress)
-    for k in range(state["next"], len(ids)):
-        i = ids[k]
-        raw = features.get_array(i)
-        props = proposals.get(i)["boxes"]
-        gt, labels = gt_for_recall(ds, i)
-        miner.add_image(np.asarray(raw, np.float32) * scale, class_max_iou(props, gt, labels, C), last=k == len(ids) - 1)
-        if sc.regression and len(gt) and len(props):
-            ov = B.iou(props, gt)
-            best, sel = ov.argmax(axis=1), ov.max(axis=1) > sc.regression_iou
-            for c in np.unique(labels[best[sel]]):
-                rows = np.flatnonzero(sel & (labels[best] == c))
-                pairs_x[c].append(np.asarray(raw[rows], np.float16))
-                pairs_t[c].append(encode(props[rows], gt[best[rows]]).astype(np.float32))
-        state["next"] = k + 1
-        bar.update()
-        if time.perf_counter() - saved >= sc.checkpoint_seconds and k + 1 < len(ids):
-            torch_save(checkpoint, state)  # a killed run resumes after this image
-            saved = time.perf_counter()
-    bar.close()
-    miner.finish()
+    miner.workers = ctx.workers  # the classes' fits run in this many processes (any number: same result)
+    try:
+        _mine(ctx, miner, state, ids, features, proposals, checkpoint)
+    finally:
+        miner.close()
     mining_seconds = time.perf_counter() - start
     W, b, trained = miner.model()
 
@@ -217,3 +200,34 @@ def run_svm(ctx) -> dict:
         f"{metrics['mining_seconds']:.1f} s); {metrics['regressors_trained']} box regressors; detector {metrics['detector']}"
     )
     return metrics
+
+
+def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint) -> None:
+    """Stream the train images from ``state["next"]`` through the miner (collecting the regressors'
+    pairs), checkpointing every ``svm.checkpoint_seconds``; then the miner's last fits."""
+    from proposals.stage import gt_for_recall
+
+    cfg, ds, sc, C = ctx.cfg, ctx.dataset, ctx.cfg.svm, ctx.dataset.num_classes
+    pairs_x, pairs_t, scale = state["pairs_x"], state["pairs_t"], state["scale"]
+    saved = time.perf_counter()
+    bar = tqdm(total=len(ids), initial=state["next"], desc="svm (hard negatives)", unit="img", disable=not cfg.progress)
+    for k in range(state["next"], len(ids)):
+        i = ids[k]
+        raw = features.get_array(i)
+        props = proposals.get(i)["boxes"]
+        gt, labels = gt_for_recall(ds, i)
+        miner.add_image(np.asarray(raw, np.float32) * scale, class_max_iou(props, gt, labels, C), last=k == len(ids) - 1)
+        if sc.regression and len(gt) and len(props):
+            ov = B.iou(props, gt)
+            best, sel = ov.argmax(axis=1), ov.max(axis=1) > sc.regression_iou
+            for c in np.unique(labels[best[sel]]):
+                rows = np.flatnonzero(sel & (labels[best] == c))
+                pairs_x[c].append(np.asarray(raw[rows], np.float16))
+                pairs_t[c].append(encode(props[rows], gt[best[rows]]).astype(np.float32))
+        state["next"] = k + 1
+        bar.update()
+        if time.perf_counter() - saved >= sc.checkpoint_seconds and k + 1 < len(ids):
+            torch_save(checkpoint, state)  # a killed run resumes after this image
+            saved = time.perf_counter()
+    bar.close()
+    miner.finish()

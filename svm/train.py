@@ -7,11 +7,16 @@ adds the negatives its current model scores above ``hard_threshold``, retrains o
 ``retrain_limit`` new ones were added (and after the last image), and after each retrain drops cached
 negatives scoring below ``evict_threshold``. A class starts from ``w = 0, b = 0``, which scores every
 negative 0, so its first image's negatives all count as hard: the same as R-CNN's first pass.
+
+Classes are independent given the image stream, so the fits due after one image run in ``workers``
+processes at once (liblinear is single-threaded, and its random generator is global to a process, so
+threads would not do); the result is the same for any number of workers.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,14 +88,26 @@ class HardNegativeMiner:
         positives: per class, the (scaled) features of its ground-truth boxes, ``[P_c, D]``. A class
             without positives gets no model (``trained`` False, scores ``-inf``).
         params: the SVM and mining settings.
+        workers: processes fitting classes at once (1: in this process). Call :meth:`close` when done.
     """
 
-    def __init__(self, positives: list[np.ndarray], params: SvmParams):
+    def __init__(self, positives: list[np.ndarray], params: SvmParams, workers: int = 1):
         self.p = params
         self.dim = next((len(x[0]) for x in positives if len(x)), 0)
         self.classes = [_ClassCache(np.asarray(x, np.float32)) for x in positives]
         self.history: list[dict] = []  # one record per retrain: class, image, objective pieces, cache size
         self.images_seen = 0
+        self.workers = workers
+        self._pool = None
+
+    def __getstate__(self) -> dict:  # a checkpoint keeps the mining state, not the worker processes
+        return {**self.__dict__, "_pool": None}
+
+    def close(self) -> None:
+        """Stop the worker processes (a later fit starts new ones)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     @property
     def trained(self) -> np.ndarray:
@@ -105,6 +122,7 @@ class HardNegativeMiner:
         W, b = self._weights()
         scores = X @ W.T + b if len(X) else np.zeros((0, len(self.classes)), np.float32)
         first = index == 0
+        due = []
         for c, cache in enumerate(self.classes):
             if not len(cache.pos):
                 continue
@@ -114,13 +132,13 @@ class HardNegativeMiner:
                 cache.neg.append(X[hard])
                 cache.added += int(hard.sum())
             if (first or cache.added > self.p.retrain_limit or last) and cache.neg:
-                self._retrain(c, cache, index)
+                due.append(c)
+        self._retrain(due, index)
 
     def finish(self) -> None:
         """Retrain every class whose negatives changed since its last fit (R-CNN's "is last time")."""
-        for c, cache in enumerate(self.classes):
-            if len(cache.pos) and cache.neg and (cache.added or cache.w is None):
-                self._retrain(c, cache, self.images_seen - 1)
+        due = [c for c, cache in enumerate(self.classes) if len(cache.pos) and cache.neg and (cache.added or cache.w is None)]
+        self._retrain(due, self.images_seen - 1)
 
     def _weights(self) -> tuple[np.ndarray, np.ndarray]:
         W = np.zeros((len(self.classes), self.dim), np.float32)
@@ -130,9 +148,33 @@ class HardNegativeMiner:
                 W[c], b[c] = cache.w, cache.b
         return W, b
 
-    def _retrain(self, c: int, cache: _ClassCache, image: int) -> None:
+    def _fits(self, due: list[int]) -> dict[int, tuple[np.ndarray, float]]:
+        """``fit_svm`` of each class in ``due``; with workers, at most ``workers`` classes' negatives are
+        copied out at a time."""
+        if self.workers <= 1 or len(due) <= 1:
+            return {c: fit_svm(self.classes[c].pos, self.classes[c].negatives(), self.p) for c in due}
+        if self._pool is None:
+            from rcnn.parallel import process_pool
+
+            self._pool = process_pool(self.workers)
+        out, pending = {}, {}
+        for c in due:
+            if len(pending) >= self.workers:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                out.update((pending.pop(f), f.result()) for f in done)
+            pending[self._pool.submit(fit_svm, self.classes[c].pos, self.classes[c].negatives(), self.p)] = c
+        out.update((c, f.result()) for f, c in pending.items())
+        return out
+
+    def _retrain(self, due: list[int], image: int) -> None:
+        """Refit the classes in ``due`` (in parallel), then update their caches in class order."""
+        fits = self._fits(due)
+        for c in due:
+            self._update(c, self.classes[c], *fits[c], image)
+
+    def _update(self, c: int, cache: _ClassCache, w: np.ndarray, b: float, image: int) -> None:
         neg = cache.negatives()
-        cache.w, cache.b = fit_svm(cache.pos, neg, self.p)
+        cache.w, cache.b = w, b
         cache.retrains += 1
         cache.added = 0
         obj = objective(cache.w, cache.b, cache.pos, neg, self.p)

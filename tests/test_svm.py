@@ -23,12 +23,28 @@ def problem(seed=0, images=12, per_image=60, dim=8):
     return pos, imgs
 
 
-def mine(pos, imgs, p=P):
-    miner = HardNegativeMiner(pos, p)
-    for k, (X, iou) in enumerate(imgs):
-        miner.add_image(X, iou, last=k == len(imgs) - 1)
-    miner.finish()
+def mine(pos, imgs, p=P, workers=1):
+    miner = HardNegativeMiner(pos, p, workers)
+    try:
+        for k, (X, iou) in enumerate(imgs):
+            miner.add_image(X, iou, last=k == len(imgs) - 1)
+        miner.finish()
+    finally:
+        miner.close()
     return miner
+
+
+def test_classes_fitted_in_worker_processes_give_the_same_svms():
+    import pickle
+
+    pos, imgs = problem(4)
+    pos = pos + [p + 1 for p in pos] + [pos[0] - 1]  # 5 classes: more due at once than workers
+    imgs = [(X, np.concatenate([iou, iou, iou[:, :1]], axis=1)) for X, iou in imgs]
+    serial, parallel = mine(pos, imgs), mine(pos, imgs, workers=2)
+    for a, b in zip(serial.model(), parallel.model()):
+        np.testing.assert_array_equal(a, b)
+    assert serial.history == parallel.history and len(serial.history) > 10
+    assert pickle.loads(pickle.dumps(parallel))._pool is None  # a checkpoint holds no processes
 
 
 @pytest.mark.parametrize("seed", range(6))
