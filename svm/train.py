@@ -9,8 +9,9 @@ negatives scoring below ``evict_threshold``. A class starts from ``w = 0, b = 0`
 negative 0, so its first image's negatives all count as hard: the same as R-CNN's first pass.
 
 Classes are independent given the image stream, so the fits due after one image run in ``workers``
-processes at once (liblinear is single-threaded, and its random generator is global to a process, so
-threads would not do); the result is the same for any number of workers.
+processes at once when they are big enough to pay for starting them (liblinear is single-threaded, and
+its random generator is global to a process, so threads would not do); the result is the same for any
+number of workers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from sklearn.svm import LinearSVC
 __all__ = ["SvmParams", "HardNegativeMiner", "fit_svm", "objective", "mean_norm_scale"]
 
 log = logging.getLogger("svm")
+
+# Fits go to worker processes only when the classes due hold more negatives than this in all: starting
+# the processes costs about 2 s, more than a few small fits (the demo's first image: 5 x ~2k) take.
+PARALLEL_MIN_NEGATIVES = 20_000
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class HardNegativeMiner:
         self.history: list[dict] = []  # one record per retrain: class, image, objective pieces, cache size
         self.images_seen = 0
         self.workers = workers
+        self.parallel_min_negatives = PARALLEL_MIN_NEGATIVES
         self._pool = None
 
     def __getstate__(self) -> dict:  # a checkpoint keeps the mining state, not the worker processes
@@ -149,9 +155,10 @@ class HardNegativeMiner:
         return W, b
 
     def _fits(self, due: list[int]) -> dict[int, tuple[np.ndarray, float]]:
-        """``fit_svm`` of each class in ``due``; with workers, at most ``workers`` classes' negatives are
-        copied out at a time."""
-        if self.workers <= 1 or len(due) <= 1:
+        """``fit_svm`` of each class in ``due``; with workers (and enough work, see
+        ``PARALLEL_MIN_NEGATIVES``), at most ``workers`` classes' negatives are copied out at a time."""
+        rows = sum(sum(len(x) for x in self.classes[c].neg) for c in due)
+        if self.workers <= 1 or len(due) <= 1 or rows <= self.parallel_min_negatives:
             return {c: fit_svm(self.classes[c].pos, self.classes[c].negatives(), self.p) for c in due}
         if self._pool is None:
             from rcnn.parallel import process_pool

@@ -23,15 +23,21 @@ def problem(seed=0, images=12, per_image=60, dim=8):
     return pos, imgs
 
 
-def mine(pos, imgs, p=P, workers=1):
+def mine(pos, imgs, p=P, workers=1, parallel_min_negatives=None):
+    """Mine every image; ``parallel_min_negatives`` overrides the miner's threshold for using workers.
+    Returns the miner and whether it started worker processes."""
     miner = HardNegativeMiner(pos, p, workers)
+    if parallel_min_negatives is not None:
+        miner.parallel_min_negatives = parallel_min_negatives
+    started = False
     try:
         for k, (X, iou) in enumerate(imgs):
             miner.add_image(X, iou, last=k == len(imgs) - 1)
+            started |= miner._pool is not None
         miner.finish()
     finally:
         miner.close()
-    return miner
+    return miner, started
 
 
 def test_classes_fitted_in_worker_processes_give_the_same_svms():
@@ -40,7 +46,10 @@ def test_classes_fitted_in_worker_processes_give_the_same_svms():
     pos, imgs = problem(4)
     pos = pos + [p + 1 for p in pos] + [pos[0] - 1]  # 5 classes: more due at once than workers
     imgs = [(X, np.concatenate([iou, iou, iou[:, :1]], axis=1)) for X, iou in imgs]
-    serial, parallel = mine(pos, imgs), mine(pos, imgs, workers=2)
+    serial, _ = mine(pos, imgs)
+    parallel, started = mine(pos, imgs, workers=2, parallel_min_negatives=0)  # small: forced to the workers
+    assert started
+    assert not mine(pos, imgs, workers=2)[1]  # by default this little work stays in this process
     for a, b in zip(serial.model(), parallel.model()):
         np.testing.assert_array_equal(a, b)
     assert serial.history == parallel.history and len(serial.history) > 10
@@ -52,7 +61,7 @@ def test_hard_negative_mining_reaches_the_model_trained_on_every_negative(seed):
     """One pass of mining, against brute force (one fit on every negative): on the whole problem its
     objective is within 10% of the optimum (measured: 0-7%; the first image's negatives alone: +86-600%)."""
     pos, imgs = problem(seed)
-    miner = mine(pos, imgs)
+    miner, _ = mine(pos, imgs)
     W, b, trained = miner.model()
     assert trained.all() and len(miner.history) > 2 * 2  # several retrains per class
     for c in range(2):
