@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 
+from proposals.stage import split_names
 from rcnn.config import load_config
 from rcnn.stages import RunContext, run_stage
 
@@ -87,8 +88,7 @@ def run(overrides: list[str], only: list[str] | None = None, split: str = "test"
         start = time.perf_counter()
         metrics = run_stage(ctx, "proposals")
         walls[name] = time.perf_counter() - start
-        ds = ctx.dataset
-        results[name] = metrics[ds.test_split if split == "test" else ds.train_split]
+        results[name] = metrics[split_names(ctx)[0]]
         print(f"== {name}: {results[name]}", file=sys.stderr)
     return results, walls
 

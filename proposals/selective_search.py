@@ -84,10 +84,15 @@ class SSParams:
         return asdict(self)
 
 
+def _name(value) -> str:
+    """A config enum's value (or a plain string, from a dict config)."""
+    return value.value if hasattr(value, "value") else str(value)
+
+
 def resolve_params(cfg) -> SSParams:
     """``proposals.ss`` config -> :class:`SSParams`: the mode's values, overridden by explicit keys."""
-    mode = cfg.mode.value if hasattr(cfg.mode, "value") else str(cfg.mode)
-    backend = cfg.backend.value if hasattr(cfg.backend, "value") else str(cfg.backend)
+    mode = _name(cfg.mode)
+    backend = _name(cfg.backend)
     base = {**_MODE_DEFAULTS, **MODES[mode]}
     if mode == "opencv_fast":
         base["min_box_side"] = 0
@@ -113,7 +118,7 @@ def resolve_params(cfg) -> SSParams:
     if merge_iou is not None and not 0 < merge_iou <= 1:
         raise ValueError(f"proposals.ss.merge_iou must be in (0, 1] or null, got {merge_iou}")
     return SSParams(
-        order=cfg.order.value if hasattr(cfg.order, "value") else str(cfg.order),
+        order=_name(cfg.order),
         merge_iou=merge_iou,
         backend=backend,
         mode=mode,

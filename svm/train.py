@@ -155,11 +155,11 @@ class HardNegativeMiner:
         return W, b
 
     def _fits(self, due: list[int]) -> dict[int, tuple[np.ndarray, float]]:
-        """``fit_svm`` of each class in ``due``; with workers (and enough work, see
-        ``PARALLEL_MIN_NEGATIVES``), at most ``workers`` classes' negatives are copied out at a time."""
-        rows = sum(sum(len(x) for x in self.classes[c].neg) for c in due)
+        """``fit_svm`` of each class in ``due`` (whose negatives are one block each); with workers and
+        enough work (see ``PARALLEL_MIN_NEGATIVES``), at most ``workers`` fits in flight at a time."""
+        rows = sum(len(self.classes[c].neg[0]) for c in due)
         if self.workers <= 1 or len(due) <= 1 or rows <= self.parallel_min_negatives:
-            return {c: fit_svm(self.classes[c].pos, self.classes[c].negatives(), self.p) for c in due}
+            return {c: fit_svm(self.classes[c].pos, self.classes[c].neg[0], self.p) for c in due}
         if self._pool is None:
             from rcnn.parallel import process_pool
 
@@ -169,18 +169,21 @@ class HardNegativeMiner:
             if len(pending) >= self.workers:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 out.update((pending.pop(f), f.result()) for f in done)
-            pending[self._pool.submit(fit_svm, self.classes[c].pos, self.classes[c].negatives(), self.p)] = c
+            pending[self._pool.submit(fit_svm, self.classes[c].pos, self.classes[c].neg[0], self.p)] = c
         out.update((c, f.result()) for f, c in pending.items())
         return out
 
     def _retrain(self, due: list[int], image: int) -> None:
         """Refit the classes in ``due`` (in parallel), then update their caches in class order."""
+        for c in due:
+            self.classes[c].neg = [self.classes[c].negatives()]  # one block: concatenated once per retrain
         fits = self._fits(due)
         for c in due:
-            self._update(c, self.classes[c], *fits[c], image)
+            self._update(c, *fits[c], image)
 
-    def _update(self, c: int, cache: _ClassCache, w: np.ndarray, b: float, image: int) -> None:
-        neg = cache.negatives()
+    def _update(self, c: int, w: np.ndarray, b: float, image: int) -> None:
+        cache = self.classes[c]
+        neg = cache.neg[0]
         cache.w, cache.b = w, b
         cache.retrains += 1
         cache.added = 0
