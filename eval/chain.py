@@ -14,11 +14,12 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from rcnn.store import atomic_write, write_json
 
-__all__ = ["machine", "run_benchmark", "report_markdown"]
+__all__ = ["machine", "gemm_rates", "run_benchmark", "report_markdown"]
 
 # Images each stage works on, for seconds per image: "train", "test" or "both" splits.
 _PER = {"data": "both", "multibox": "train", "proposals": "both", "finetune": "train", "features": "both",
@@ -45,6 +46,23 @@ def _memory_gib() -> float | None:
     return None
 
 
+def gemm_rates() -> dict:
+    """This machine's matrix-multiply rate (GFLOP/s) in fp32 and bf16, measured now (median of 5)."""
+    import torch
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        out[name] = round(2 * 2048**3 / sorted(times)[2] / 1e9, 1)
+    return out
+
+
 def machine() -> dict:
     """What the figures were measured on."""
     import torch
@@ -58,7 +76,7 @@ def machine() -> dict:
     return {
         "cpu": _cpu_model(), "cores": cores, "memory_gib": _memory_gib(), "gpu": gpu,
         "os": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "gemm_gflops": gemm_rates(),
     }  # fmt: skip
 
 
@@ -73,7 +91,8 @@ def report_markdown(r: dict) -> str:
         f"## Benchmark: {r['dataset']}, {r['date']}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {gpu}; torch {m['torch']}, "
-        f"torchvision {m['torchvision']}, Python {m['python']}.",
+        f"torchvision {m['torchvision']}, Python {m['python']}. Matrix multiply measured in this run: "
+        f"{m['gemm_gflops']['fp32']} GFLOP/s fp32, {m['gemm_gflops']['bf16']} GFLOP/s bf16.",
         "",
         "```bash",
         r["command"],
@@ -93,7 +112,10 @@ def report_markdown(r: dict) -> str:
         "",
         f"Features: {f['mode']} mode on {f['device']}, {f['bytes_per_image'] / 1024:.0f} KiB per image"
         + (f", {f['crops_per_second']} crops/s" if f.get("crops_per_second") else " (cached)")
-        + f"; backbone weights: {f['backbone_weights']}.",
+        + f"; backbone weights: {f['backbone_weights']}"
+        + (" (RANDOM INITIALISATION: untrained features)" if f["backbone_weights"] == "none" else "")
+        + (f"; SVM C = {r['svm']['C']:g}" + (" (chosen on held-out train images)" if r["svm"].get("C_selection") else "")
+           if r.get("svm", {}).get("C") is not None else "") + ".",
         "",
         "| stage | seconds | images | seconds / image |",
         "|---|---:|---:|---:|",
@@ -130,6 +152,7 @@ def run_benchmark(ctx) -> dict:
         "eval": {k: ev.get(k) for k in ("voc07_map", "voc_map", "ilsvrc_map", "coco_map", "coco_map50", "coco_map75")},
         "proposals": {s: proposals[s] for s in (ds.train_split, ds.test_split) if s in proposals and isinstance(proposals[s], dict)},
         "features": {k: res.get("features", {}).get(k) for k in ("mode", "device", "bytes_per_image", "crops_per_second", "backbone_weights")},
+        "svm": {k: res.get("svm", {}).get(k) for k in ("C", "C_selection", "degenerate_classes")},
         "stages": stages,
         "seconds": round(sum(s["seconds"] for s in stages), 2),
     }  # fmt: skip

@@ -6,11 +6,18 @@
   * ``auto``: ImageNet weights when they are in the cache, else random initialisation (logged, and
     recorded as what was actually loaded, so caches keyed on it never mix the two).
   * ``none``: random initialisation (seeded by ``seed``).
-  * a path: a state dict, or a checkpoint of this project holding one under ``"backbone"``/``"model"``.
+  * a path: a state dict, or a weights file of this project holding one under ``"backbone"``/``"model"``.
+
+Every set of weights comes with the input normalisation it was trained on (``normalization``):
+``imagenet`` (RGB in [0, 1], minus ImageNet's mean, over its std: this project's own training and
+random weights) or ``inception`` ((x - 0.5) / 0.5, torchvision's ImageNet GoogLeNet, run with its
+``transform_input=True``). The files this project writes store it; torchvision's ImageNet file is
+recognised by its name; a plain state dict of unknown origin is taken as ``imagenet``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -20,12 +27,29 @@ import torch
 from torch import nn
 from torchvision.models import GoogLeNet, GoogLeNet_Weights, googlenet
 
-__all__ = ["BackboneError", "LoadedWeights", "build_googlenet", "googlenet_from_state", "imagenet_weights_path", "resolve_weights"]
+__all__ = [
+    "BackboneError",
+    "LoadedWeights",
+    "build_googlenet",
+    "googlenet_from_state",
+    "imagenet_weights_path",
+    "resolve_weights",
+    "NORMALIZATIONS",
+    "NORMALIZATION_IMAGENET",
+    "WEIGHTS_FORMAT",
+]
 
 log = logging.getLogger("features.backbone")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Input normalisations: the crops are always made ImageNet-normalised; a network trained on
+# "inception" inputs converts them first (torchvision's ``transform_input``).
+NORMALIZATION_IMAGENET = "imagenet"  # (rgb - IMAGENET_MEAN) / IMAGENET_STD
+NORMALIZATION_INCEPTION = "inception"  # (rgb - 0.5) / 0.5: torchvision's ImageNet GoogLeNet
+NORMALIZATIONS = (NORMALIZATION_IMAGENET, NORMALIZATION_INCEPTION)
+WEIGHTS_FORMAT = "rcnn-googlenet-weights"  # a weights file written by this project (see save_weights)
 
 
 class BackboneError(RuntimeError):
@@ -34,14 +58,16 @@ class BackboneError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedWeights:
-    """What ``weights`` resolved to: ``kind`` in {imagenet, none, file} and its identity for cache keys."""
+    """What ``weights`` resolved to: ``kind`` in {imagenet, none, file}, the input normalisation the
+    weights expect, and their identity for cache keys."""
 
     kind: str
     path: str | None = None
     stamp: str | None = None  # size and mtime of the file, so a replaced file changes cache keys
+    normalization: str = NORMALIZATION_IMAGENET
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "stamp": self.stamp}
+        return {"kind": self.kind, "path": self.path, "stamp": self.stamp, "normalization": self.normalization}
 
 
 def imagenet_weights_path() -> Path:
@@ -82,24 +108,40 @@ def random_init(model: nn.Module) -> nn.Module:
 
 
 def resolve_weights(weights: str) -> LoadedWeights:
-    """Decide what ``weights`` means here, without loading anything."""
+    """Decide what ``weights`` means here, without building the network.
+
+    ``auto`` downloads the ImageNet weights when they are not cached yet; offline it falls back to random
+    initialisation and says so loudly (a warning now; ``backbone_weights: none`` in every report).
+    """
     if weights == "none":
         return LoadedWeights("none", None, RANDOM_INIT)
     if weights in ("imagenet", "auto"):
         path = imagenet_weights_path()
+        if not path.exists() and weights == "auto":
+            try:
+                _download_imagenet()
+            except BackboneError as e:
+                _warn_once(
+                    "\n" + "!" * 100 + "\nbackbone.weights=auto: GoogLeNet's ImageNet weights are not cached and could not "
+                    "be downloaded (%s).\nUSING RANDOM INITIALISATION: features will be far weaker than R-CNN's. Fetch %s "
+                    "to %s, or train a backbone here (stage=pretrain) and pass backbone.weights=PATH.\n" + "!" * 100,
+                    str(e.__cause__ or e).splitlines()[0][:200], GoogLeNet_Weights.IMAGENET1K_V1.url, path,
+                )
+                return LoadedWeights("none", None, RANDOM_INIT)
         if path.exists():
-            return LoadedWeights("imagenet", str(path), _stamp(path))
-        if weights == "auto":
-            _warn_once(
-                "ImageNet weights for GoogLeNet are not in %s: using random initialisation "
-                "(backbone.weights=imagenet on a machine with internet downloads them)", path.parent
-            )
-            return LoadedWeights("none", None, RANDOM_INIT)
-        return LoadedWeights("imagenet", str(path), None)  # downloaded (or refused) when loaded
+            return LoadedWeights("imagenet", str(path), _stamp(path), NORMALIZATION_INCEPTION)
+        return LoadedWeights("imagenet", str(path), None, NORMALIZATION_INCEPTION)  # downloaded (or refused) when loaded
     path = Path(weights)
     if not path.is_file():
         raise BackboneError(f"{path}: backbone weights file not found (backbone.weights=imagenet|auto|none|PATH)")
-    return LoadedWeights("file", str(path.resolve()), _stamp(path))
+    stamp = _stamp(path)
+    return LoadedWeights("file", str(path.resolve()), stamp, _file_normalization(str(path.resolve()), stamp))
+
+
+@functools.lru_cache(maxsize=32)
+def _file_normalization(path: str, stamp: str) -> str:
+    """The normalisation a weights file declares (read once per file version: stages resolve often)."""
+    return read_weights_file(path)[1]
 
 
 _warned: set[str] = set()
@@ -111,37 +153,58 @@ def _warn_once(msg: str, *args) -> None:
         log.warning(msg, *args)
 
 
+_download_failed: list[str] = []  # one failed download per process is enough to know we are offline
+
+
 def _download_imagenet() -> dict:
+    """torchvision's ImageNet GoogLeNet state dict, downloaded into torch's hub cache if needed."""
     w = GoogLeNet_Weights.IMAGENET1K_V1
+    if _download_failed:
+        raise BackboneError(_download_failed[0])
     try:
+        if os.environ.get("RCNN_OFFLINE"):
+            raise ConnectionError("RCNN_OFFLINE is set: no download attempted")
         return w.get_state_dict(progress=True, check_hash=False)
     except Exception as e:  # URLError, socket errors, ...: no internet here
-        raise BackboneError(
+        msg = (
             f"could not download GoogLeNet's ImageNet weights ({type(e).__name__}: {e}). On a machine with "
             f"internet, fetch {w.url} and put it at {imagenet_weights_path()}, or pass "
             "backbone.weights=PATH to a state dict, or backbone.weights=none for random initialisation."
-        ) from e
+        )
+        _download_failed.append(msg)
+        raise BackboneError(msg) from e
 
 
-def _state_dict_from_file(path: str) -> dict:
+def read_weights_file(path: str) -> tuple[dict, str]:
+    """``(state dict, normalization)`` of a weights file: a plain state dict, torchvision's ImageNet
+    file (recognised by its name), or a file of this project (the state under ``backbone``/``model``,
+    with its ``normalization``)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise BackboneError(f"{path}: not a readable torch state dict ({e})") from e
+    normalization = NORMALIZATION_IMAGENET
+    if isinstance(obj, dict) and isinstance(obj.get("normalization"), str):
+        normalization = obj["normalization"]
+    elif os.path.basename(path) == os.path.basename(GoogLeNet_Weights.IMAGENET1K_V1.url):
+        normalization = NORMALIZATION_INCEPTION
+    if normalization not in NORMALIZATIONS:
+        raise BackboneError(f"{path}: unknown input normalization {normalization!r} (one of {', '.join(NORMALIZATIONS)})")
     for key in ("backbone", "model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict):
         raise BackboneError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return obj
+    return obj, normalization
 
 
 def build_googlenet(weights: str | LoadedWeights = "none") -> tuple[GoogLeNet, LoadedWeights]:
-    """GoogLeNet without auxiliary heads; ``model.fc`` maps the 1024-d pooled feature to 1000 logits.
+    """GoogLeNet without auxiliary heads; ``model.fc`` maps the 1024-d pooled feature to its logits.
 
-    Input: ImageNet-normalised RGB (mean ``IMAGENET_MEAN``, std ``IMAGENET_STD``).
-    Returns the model (eval mode) and what its weights resolved to.
+    Input: ImageNet-normalised RGB (mean ``IMAGENET_MEAN``, std ``IMAGENET_STD``); weights trained on
+    ``inception`` inputs convert them inside (``transform_input``). Returns the model (eval mode) and
+    what its weights resolved to.
     """
     loaded = weights if isinstance(weights, LoadedWeights) else resolve_weights(weights)
     model = googlenet(weights=None, aux_logits=False, init_weights=False, transform_input=False)
@@ -149,27 +212,38 @@ def build_googlenet(weights: str | LoadedWeights = "none") -> tuple[GoogLeNet, L
         random_init(model)
     elif loaded.kind == "imagenet":
         path = Path(loaded.path)
-        state = _state_dict_from_file(str(path)) if path.exists() else _download_imagenet()
-        # torchvision's ImageNet GoogLeNet was trained on inputs transformed to its own normalisation.
-        model.transform_input = True
-        state = {k: v for k, v in state.items() if not k.startswith("aux")}
+        state = read_weights_file(str(path))[0] if path.exists() else _download_imagenet()
         _load(model, state, str(path))
     elif loaded.kind == "file":
-        _load(model, _state_dict_from_file(loaded.path), loaded.path)
+        _load(model, read_weights_file(loaded.path)[0], loaded.path)
+    set_normalization(model, loaded.normalization)
     return model.eval(), loaded
 
 
-def googlenet_from_state(state: dict, transform_input: bool = False) -> GoogLeNet:
+def set_normalization(model: GoogLeNet, normalization: str) -> GoogLeNet:
+    """Make ``model`` take ImageNet-normalised input whatever its weights were trained on."""
+    if normalization not in NORMALIZATIONS:
+        raise BackboneError(f"unknown input normalization {normalization!r} (one of {', '.join(NORMALIZATIONS)})")
+    model.transform_input = normalization == NORMALIZATION_INCEPTION
+    return model
+
+
+def normalization_of(model: GoogLeNet) -> str:
+    return NORMALIZATION_INCEPTION if model.transform_input else NORMALIZATION_IMAGENET
+
+
+def googlenet_from_state(state: dict, normalization: str) -> GoogLeNet:
     """GoogLeNet (eval mode) from a state dict held in memory, e.g. a detector file's backbone."""
-    model = googlenet(weights=None, aux_logits=False, init_weights=False, transform_input=transform_input)
+    model = googlenet(weights=None, aux_logits=False, init_weights=False, transform_input=False)
     _load(model, state, "state dict")
-    return model.eval()
+    return set_normalization(model, normalization).eval()
 
 
 def _load(model: nn.Module, state: dict, source: str) -> None:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
-    if not any(k.startswith("fc.") for k in state):  # features only: the ImageNet classifier is not needed
+    if any(k.startswith("fc.") and (k not in state or state[k].shape != own[k].shape) for k in own):
+        # features only: a classifier for other classes (or none) is not needed; keep the model's own
         state = {**state, **{k: v for k, v in own.items() if k.startswith("fc.")}}
     missing = [k for k in own if k not in state]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -205,6 +279,28 @@ def fold_batchnorm(model: GoogLeNet) -> GoogLeNet:
             fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
             module.conv, module.bn = fused, nn.Identity()
     return folded
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (None: fp32). ``auto`` takes bf16 where the hardware computes
+    it natively (a CPU with AVX512-BF16 or AMX, a GPU from Ampere on), else fp32 on a CPU, fp16 on a GPU."""
+    precision = getattr(precision, "value", precision)
+    if precision == "fp32":
+        return None
+    if precision in ("fp16", "bf16"):
+        return torch.float16 if precision == "fp16" else torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device | str):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; a no-op for None (fp32)."""
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def trunk(model: GoogLeNet) -> nn.Module:

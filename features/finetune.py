@@ -25,6 +25,7 @@ from torchvision.ops import roi_align
 from rcnn import boxes as B
 from rcnn.store import torch_save
 
+from .backbone import amp_dtype, autocast
 from .extract import RegionFeatures
 from .warp import context_boxes, normalize_image, warp_crops
 
@@ -92,6 +93,7 @@ class FineTuner:
 
     def __init__(self, net, num_classes: int, windows: Windows, load_image: Callable[[int], np.ndarray], cfg, fcfg, seed: int = 0):
         self.cfg, self.fcfg = cfg, fcfg  # cfg: the finetune section; fcfg: the features section
+        self.amp = amp_dtype(fcfg.precision, torch.device("cpu"))  # bf16 where the CPU computes it natively
         self.model = RegionFeatures(net, fcfg.roi_layer.value if fcfg.mode.value == "roi" else "inception4e")
         self.model.net.fc = nn.Linear(1024, num_classes + 1)
         self.windows = windows
@@ -153,7 +155,7 @@ class FineTuner:
             rois = torch.cat([boxes.new_zeros(len(sel), 1), boxes], 1)
             pooled = roi_align(fmap, rois, (cells, cells), spatial_scale=fmap.shape[-1] / x.shape[-1], sampling_ratio=2, aligned=True)
             pooled = torch.where(torch.from_numpy(flips[sel]).view(-1, 1, 1, 1), pooled.flip(3), pooled)
-            feats[torch.from_numpy(sel)] = self.model.head(pooled)
+            feats[torch.from_numpy(sel)] = self.model.head(pooled).float()
         return net.fc(feats)
 
     @torch.no_grad()
@@ -170,7 +172,8 @@ class FineTuner:
         self.model.train()
         for _ in range(batches):
             idx = self.sample()
-            self._logits(idx, np.zeros(len(idx), bool))
+            with autocast(self.amp, "cpu"):
+                self._logits(idx, np.zeros(len(idx), bool))
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
         self.rng = rng
@@ -187,7 +190,8 @@ class FineTuner:
                     m.eval()
         idx = self.sample()
         flips = self.rng.random(len(idx)) < 0.5 if self.cfg.flip else np.zeros(len(idx), bool)
-        logits = self._logits(idx, flips)
+        with autocast(self.amp, "cpu"):
+            logits = self._logits(idx, flips).float()
         target = torch.from_numpy(self.windows.labels[idx])
         loss = F.cross_entropy(logits, target)
         self.opt.zero_grad(set_to_none=True)

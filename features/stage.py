@@ -22,7 +22,7 @@ from rcnn.config import to_dict
 from rcnn.store import StageStore, torch_save
 from rcnn.viz import plot_history
 
-from .backbone import LoadedWeights, build_googlenet, fold_batchnorm, resolve_weights
+from .backbone import LoadedWeights, amp_dtype, autocast, build_googlenet, fold_batchnorm, precision_name, resolve_weights
 from .extract import RegionFeatures, features_roi, features_warp
 
 log = logging.getLogger("features")
@@ -54,7 +54,8 @@ def finetune_store(ctx, proposals: StageStore) -> StageStore:
     """Keyed by the fine-tuning settings, the feature geometry, the starting weights and the proposals."""
     cfg = ctx.cfg
     tune = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("enabled", "checkpoint_every", "image_cache")}
-    geometry = {k: v for k, v in to_dict(cfg.features).items() if k not in ("batch_size", "channels_last", "loader_workers")}
+    geometry = resolved_feature_settings(cfg.features, resolve_device(cfg.device.value))
+    geometry.pop("channels_last")
     return StageStore(
         ctx.run_dir, "finetune",
         {"finetune": tune, "features": geometry, "backbone": resolve_weights(cfg.backbone.weights).describe(), "seed": cfg.seed},
@@ -79,6 +80,13 @@ def build_model(cfg, weights: LoadedWeights) -> tuple[RegionFeatures, dict, torc
     if cfg.features.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, weights.describe(), device
+
+
+def resolved_feature_settings(fc, device: torch.device) -> dict:
+    """The feature settings that shape the features (precision resolved for this machine)."""
+    settings = {k: v for k, v in to_dict(fc).items() if k not in ("batch_size", "loader_workers")}
+    settings["precision"] = precision_name(amp_dtype(fc.precision, device))
+    return settings
 
 
 def image_boxes(ds, proposals: StageStore, image_id, with_gt: bool) -> tuple[np.ndarray, int]:
@@ -160,7 +168,7 @@ def run_features(ctx) -> dict:
     cfg, ds, fc = ctx.cfg, ctx.dataset, ctx.cfg.features
     proposals = _proposals_store(ctx)
     model, weights, device = build_model(cfg, backbone_weights(ctx, proposals))
-    settings = {k: v for k, v in to_dict(fc).items() if k not in ("batch_size", "loader_workers")}  # shape no output
+    settings = resolved_feature_settings(fc, device)
     if fc.mode.value == "warp":
         settings.pop("roi_layer"), settings.pop("roi_image_size")
     store = StageStore(
@@ -180,7 +188,7 @@ def run_features(ctx) -> dict:
     start = time.perf_counter()
     net_seconds = 0.0
     bar = tqdm(total=crops_total, desc=f"features ({fc.mode.value})", unit="crop", disable=not cfg.progress)
-    amp = torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+    amp = autocast(amp_dtype(fc.precision, device), device)
     workers = loader_workers(fc, device, ctx.workers)
     if fc.mode.value == "warp" and workers > 0 and todo:
         with amp:
@@ -267,7 +275,7 @@ def run_finetune(ctx) -> dict:
             tuner.save(checkpoint)
     bar.close()
     seconds = time.perf_counter() - start
-    _export(checkpoint, model_path)
+    _export(checkpoint, model_path, start_weights.normalization)
     series = {"loss": "loss (softmax)", "accuracy": "batch accuracy"}
     plot_history(tuner.history, "iteration", series, store.dir / "loss.png", "fine-tuning")
     shutil.copyfile(store.dir / "loss.png", store.stage_dir / "loss.png")
@@ -290,7 +298,11 @@ def run_finetune(ctx) -> dict:
     return metrics
 
 
-def _export(checkpoint, path) -> None:
-    """model.pt: the fine-tuned backbone (a state dict under "backbone") and its classifier."""
+def _export(checkpoint, path, normalization: str) -> None:
+    """model.pt: the fine-tuned backbone (a state dict under "backbone"), the input normalisation it was
+    trained on (that of the weights it started from) and its classifier."""
+    from .backbone import WEIGHTS_FORMAT
+
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    torch_save(path, {"backbone": ck["backbone"], "classifier": ck["classifier"], "iteration": ck["iteration"]})
+    torch_save(path, {"format": WEIGHTS_FORMAT, "backbone": ck["backbone"], "normalization": normalization,
+                      "classifier": ck["classifier"], "iteration": ck["iteration"], "source": "stage=finetune"})  # fmt: skip

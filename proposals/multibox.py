@@ -26,7 +26,15 @@ from sklearn.cluster import KMeans
 from torch import nn
 from tqdm import tqdm
 
-from features.backbone import IMAGENET_MEAN, IMAGENET_STD, LoadedWeights, build_googlenet, trunk
+from features.backbone import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneError,
+    LoadedWeights,
+    build_googlenet,
+    googlenet_from_state,
+    trunk,
+)
 from rcnn.store import torch_save
 from rcnn.viz import plot_history
 
@@ -207,7 +215,7 @@ def train_multibox(
         state.epoch += 1
         mean = sums / len(data)
         state.history.append({"epoch": state.epoch, "loss": mean[0], "loc": mean[1], "conf": mean[2]})
-        _save(checkpoint, model, opt, sched, state, {"priors": priors})
+        _save(checkpoint, model, opt, sched, state, {"priors": priors, "normalization": weights.normalization})
         bar.update()
         bar.set_postfix(loss=f"{mean[0]:.3f}")
         if on_epoch:
@@ -231,10 +239,14 @@ def export_model(checkpoint: Path, path: Path) -> Path:
 
 
 def load_model(source: Path | dict) -> MultiBoxNet:
-    """A trained MultiBox model from its checkpoint file, or the checkpoint's ``{"model", "priors"}`` dict
-    (the architecture, priors included, is rebuilt)."""
+    """A trained MultiBox model from its checkpoint file, or the checkpoint's ``{"model", "priors",
+    "normalization"}`` dict (the architecture, priors and input normalisation included, is rebuilt)."""
     ck = source if isinstance(source, dict) else torch.load(source, map_location="cpu", weights_only=False)
-    backbone, _ = build_googlenet("none")
+    if "normalization" not in ck:
+        raise BackboneError(f"{source if not isinstance(source, dict) else 'MultiBox model'}: no input normalization "
+                            "stored (made by an older version); retrain it with stage=multibox")  # fmt: skip
+    trunk_state = {k.removeprefix("trunk."): v for k, v in ck["model"].items() if k.startswith("trunk.")}
+    backbone = googlenet_from_state(trunk_state, ck["normalization"])
     model = MultiBoxNet(backbone, torch.from_numpy(np.asarray(ck["priors"])))
     model.load_state_dict(ck["model"])
     return model.eval().to(memory_format=torch.channels_last)

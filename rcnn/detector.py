@@ -4,7 +4,8 @@ A detector file (``torch.save`` of plain tensors, lists and strings; read with `
 
     format            "rcnn-googlenet-detector", version
     classes           class names, in label order; category_ids: the dataset's category ids
-    backbone          GoogLeNet state dict (BatchNorm unfolded) and backbone_transform_input
+    backbone          GoogLeNet state dict (BatchNorm unfolded)
+    normalization     the input normalisation the backbone expects (features/backbone.py)
     features          the feature settings (mode, input_size, padding, roi_layer, roi_image_size, ...)
     feature_scale     R-CNN's factor bringing the mean feature norm to 20 (already folded into the weights)
     svm_w, svm_b      [C, D], [C]: score = raw feature @ svm_w.T + svm_b; untrained classes have b = -inf
@@ -35,7 +36,7 @@ from . import boxes as B
 __all__ = ["Detector", "ImageDetections", "postprocess", "FORMAT", "DetectorError"]
 
 FORMAT = "rcnn-googlenet-detector"
-VERSION = 1
+VERSION = 2  # 2: the backbone's input normalisation stored (it was lost for non-ImageNet-named weights)
 
 
 class DetectorError(RuntimeError):
@@ -87,6 +88,9 @@ class Detector:
     def __init__(self, parts: dict, device: str = "auto"):
         if parts.get("format") != FORMAT:
             raise DetectorError(f"not a detector file (format {parts.get('format')!r}, expected {FORMAT!r})")
+        if parts.get("version") != VERSION:
+            raise DetectorError(f"detector file version {parts.get('version')}, this toolkit reads {VERSION}: "
+                                "train it again with stage=svm")  # fmt: skip
         self.parts = parts
         self.classes: list[str] = list(parts["classes"])
         self.svm_w = parts["svm_w"].numpy().astype(np.float32)
@@ -149,7 +153,7 @@ class Detector:
             from features.backbone import fold_batchnorm, googlenet_from_state
             from features.extract import RegionFeatures
 
-            net = googlenet_from_state(self.parts["backbone"], bool(self.parts.get("backbone_transform_input")))
+            net = googlenet_from_state(self.parts["backbone"], self.parts["normalization"])
             model = RegionFeatures(fold_batchnorm(net), self.features_cfg["roi_layer"]).to(self.device)
             if self.features_cfg.get("channels_last", True):
                 model = model.to(memory_format=torch.channels_last)
@@ -161,7 +165,9 @@ class Detector:
         from features.extract import features_roi, features_warp
 
         fc, model, device = self.features_cfg, self._network(), self.device
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        from features.backbone import amp_dtype, autocast
+
+        with autocast(amp_dtype(fc.get("precision", "fp32"), device), device):
             if fc["mode"] == "warp":
                 return features_warp(model, rgb, boxes, fc["input_size"], fc["padding"], fc["batch_size"],
                                      fc.get("channels_last", True), device)  # fmt: skip
@@ -187,7 +193,7 @@ class Detector:
 
         mb = pc["multibox"]
         if self._multibox is None:
-            self._multibox = load_model({"model": mb["model"], "priors": mb["priors"]})
+            self._multibox = load_model(mb)
         with torch.inference_mode():
             boxes, scores = predict(self._multibox, warp_image(rgb, mb["input_size"])[None])
         mb_boxes, mb_scores = top_boxes(boxes[0], scores[0], mb["top_k"], w, h)

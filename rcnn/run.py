@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from features.backbone import BackboneError
+    from features.pretrain_data import PretrainDataError
+
     from .datasets import DatasetError
     from .detector import DetectorError
     from .stages import RunContext, run_stage
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = RunContext(cfg)
     try:
         run_stage(ctx, cfg.stage.value)
-    except (DatasetError, StoreError, DetectorError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (DatasetError, StoreError, DetectorError, BackboneError, PretrainDataError, FileNotFoundError, FileExistsError,
+            FloatingPointError) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -46,6 +46,7 @@ class RunContext:
 # imported when the stage runs, so that a stage's dependencies load only when needed.
 STAGES: dict[str, str] = {
     Stage.data.value: "rcnn.datasets.stage:run",
+    Stage.pretrain.value: "features.pretrain:run_pretrain",
     Stage.proposals.value: "proposals.stage:run_proposals",
     Stage.multibox.value: "proposals.stage:run_multibox",
     Stage.finetune.value: "features.stage:run_finetune",

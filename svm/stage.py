@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def _proposal_parts(ctx) -> dict:
     if uses_multibox(cfg):
         ck = torch.load(multibox_store(ctx).dir / "model.pt", map_location="cpu", weights_only=False)
         out["multibox"] = {
-            "model": ck["model"], "priors": torch.as_tensor(np.asarray(ck["priors"])),
+            "model": ck["model"], "priors": torch.as_tensor(np.asarray(ck["priors"])), "normalization": ck["normalization"],
             "input_size": cfg.multibox.input_size, "top_k": cfg.multibox.top_k,
         }  # fmt: skip
     return out
@@ -83,10 +84,95 @@ def _load_checkpoint(path, scale: float) -> dict | None:
     return state
 
 
+def _positives(ds, features, ids: list, scale: float) -> list[np.ndarray]:
+    """Per class, the scaled features of its ground-truth boxes in ``ids`` ``[P_c, D]``."""
+    from features.stage import gt_entry
+    from proposals.stage import gt_for_recall
+
+    positives: list[list[np.ndarray]] = [[] for _ in range(ds.num_classes)]
+    for i in ids:
+        _, labels = gt_for_recall(ds, i)
+        gt_feats = np.asarray(features.get_array(gt_entry(i)), np.float32) * scale
+        for c in np.unique(labels):
+            positives[c].append(gt_feats[labels == c])
+    return [np.concatenate(p) if p else np.zeros((0, 1024), np.float32) for p in positives]
+
+
+def holdout_split(ids: list, fraction: float) -> tuple[list, list]:
+    """``(fit, held)``: every ``round(1 / fraction)``-th image held out, the rest to fit on."""
+    step = max(2, round(1 / fraction))
+    held = set(ids[::step])
+    return [i for i in ids if i not in held], ids[::step]
+
+
+def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStore) -> tuple[float, list[dict]]:
+    """R-CNN's C was tuned for ImageNet fc7 features; here it is chosen on the training data. Each C of
+    ``svm.C_grid`` trains SVMs (hard-negative mining, as the final ones) on the train images outside a
+    held-out part, and the held-out images' detections (no box regression) are scored by VOC07 mAP; the
+    best C wins (ties: the smaller). Each C's result is saved as it completes, so a killed run resumes."""
+    from dataclasses import replace
+
+    from eval.detections import Detections
+    from eval.voc import voc_eval
+    from rcnn.detector import postprocess
+
+    cfg, ds, sc = ctx.cfg, ctx.dataset, ctx.cfg.svm
+    path = store.dir / "c_selection.json"
+    done: list[dict] = json.loads(path.read_text()) if path.exists() else []
+    fit, held = holdout_split(ids, sc.holdout)
+    pos = _positives(ds, features, fit, scale)
+    gts = [(a.boxes, a.labels, a.difficult) for a in (ds.annotation(i) for i in held)]
+    for C in sc.C_grid:
+        if any(np.isclose(r["C"], C) for r in done):
+            continue
+        t = time.perf_counter()
+        miner = HardNegativeMiner(pos, replace(SvmParams.from_config(sc, cfg.seed), C=float(C)), ctx.workers)
+        state = {"next": 0, "scale": scale, "miner": miner, "pairs_x": None, "pairs_t": None}
+        try:
+            _mine(ctx, miner, state, fit, features, proposals, checkpoint=None, desc=f"svm C={C:g} (held-out choice)")
+        finally:
+            miner.close()
+        W, b, _ = miner.model()
+        parts = []
+        for k, i in enumerate(held):
+            a = ds.annotation(i)
+            raw = np.asarray(features.get_array(i), np.float32)
+            boxes, scores, labels = postprocess(proposals.get(i)["boxes"], raw @ (W * scale).T + b, None, a.width, a.height,
+                                                cfg.detect.nms_iou, cfg.detect.max_per_image)  # fmt: skip
+            parts.append((np.full(len(scores), k), labels, scores, boxes))
+        dets = Detections(*(np.concatenate([p[j] for p in parts]) for j in range(4)))
+        m = voc_eval(dets, gts, ds.num_classes, use_07_metric=True)["map"]
+        degenerate = degenerate_classes(W, b, pos)
+        done.append({"C": float(C), "heldout_voc07_map": None if np.isnan(m) else round(float(m), 4),
+                     "degenerate_classes": len(degenerate), "seconds": round(time.perf_counter() - t, 1)})  # fmt: skip
+        log.info("C=%g: held-out VOC07 mAP %.4f (%d of %d images held out), %d degenerate classes",
+                 C, m, len(held), len(ids), len(degenerate))  # fmt: skip
+        write_json(path, done)
+    scored = [r for r in done if r["heldout_voc07_map"] is not None]
+    if not scored:
+        from rcnn.datasets import DatasetError
+
+        raise DatasetError(f"svm.C=null: no C could be scored on the {len(held)} held-out train images (none has a "
+                           "ground-truth box); raise svm.holdout or set svm.C (R-CNN: 0.001)")  # fmt: skip
+    best = max(scored, key=lambda r: (r["heldout_voc07_map"], -r["C"]))
+    print("SVM C on held-out train images: " + ", ".join(f"C={r['C']:g} {r['heldout_voc07_map']:.3f}" for r in scored)
+          + f" -> C={best['C']:g}")  # fmt: skip
+    return best["C"], done
+
+
+def degenerate_classes(W: np.ndarray, b: np.ndarray, pos: list[np.ndarray]) -> list[int]:
+    """Trained classes whose SVM scores fewer than half of its own (scaled) training positives above 0:
+    a fit that leaves ``w ~ 0`` because C is too small for these features."""
+    out = []
+    for c, p in enumerate(pos):
+        if len(p) and np.isfinite(b[c]) and float(np.mean(p @ W[c] + b[c] > 0)) < 0.5:
+            out.append(c)
+    return out
+
+
 def run_svm(ctx) -> dict:
     from features.backbone import build_googlenet
-    from features.stage import backbone_weights, gt_entry
-    from proposals.stage import gt_for_recall
+    from features.stage import backbone_weights
     from rcnn.stages import run_stage
 
     cfg, ds = ctx.cfg, ctx.dataset
@@ -115,17 +201,13 @@ def run_svm(ctx) -> dict:
     sample = [ids[int(k)] for k in np.unique(np.linspace(0, len(ids) - 1, min(sc.norm_images, len(ids))).astype(int))]
     scale = mean_norm_scale((features.get_array(i) for i in sample), sc.target_norm)
 
-    positives: list[list[np.ndarray]] = [[] for _ in range(C)]
-    for i in ids:
-        _, labels = gt_for_recall(ds, i)
-        gt_feats = np.asarray(features.get_array(gt_entry(i)), np.float32) * scale
-        for c in np.unique(labels):
-            positives[c].append(gt_feats[labels == c])
-    pos = [np.concatenate(p) if p else np.zeros((0, 1024), np.float32) for p in positives]
+    pos = _positives(ds, features, ids, scale)
+    chosen, selection = (sc.C, None) if sc.C is not None else select_C(ctx, features, proposals, ids, scale, store)
+    params = replace(SvmParams.from_config(sc, cfg.seed), C=float(chosen))
     checkpoint = store.dir / "checkpoint.pt"
     state = _load_checkpoint(checkpoint, scale)
     if state is None:
-        state = {"next": 0, "scale": scale, "miner": HardNegativeMiner(pos, SvmParams.from_config(sc, cfg.seed), ctx.workers),
+        state = {"next": 0, "scale": scale, "miner": HardNegativeMiner(pos, params, ctx.workers),
                  "pairs_x": [[] for _ in range(C)], "pairs_t": [[] for _ in range(C)]}  # fmt: skip
     else:
         log.info("resuming the SVMs at train image %d of %d (%s)", state["next"] + 1, len(ids), checkpoint)
@@ -137,6 +219,13 @@ def run_svm(ctx) -> dict:
         miner.close()
     mining_seconds = time.perf_counter() - start
     W, b, trained = miner.model()
+    degenerate = [ds.classes[c] for c in degenerate_classes(W, b, pos)]
+    if degenerate:
+        log.warning(
+            "%d SVMs are degenerate (they score most of their own training positives below 0: w ~ 0): %s. C=%g is "
+            "too small for these features; svm.C=null chooses C on held-out train images", len(degenerate),
+            ", ".join(degenerate[:10]) + (" ..." if len(degenerate) > 10 else ""), chosen,
+        )  # fmt: skip
 
     t = time.perf_counter()
     reg_w = np.zeros((C, W.shape[1], 4), np.float32)
@@ -156,9 +245,10 @@ def run_svm(ctx) -> dict:
     parts = {
         "format": FORMAT, "version": VERSION,
         "classes": list(ds.classes), "category_ids": [int(x) if isinstance(x, (int, np.integer)) else str(x) for x in ds.category_ids],
-        "backbone": net.state_dict(), "backbone_transform_input": bool(net.transform_input),
+        "backbone": net.state_dict(), "normalization": weights.normalization,
         "backbone_weights": weights.kind,
-        "features": to_dict(cfg.features), "feature_scale": float(scale),
+        "features": {**to_dict(cfg.features), "precision": features.identity["config"]["features"]["precision"]},
+        "feature_scale": float(scale),
         "svm_w": torch.from_numpy(W * scale), "svm_b": torch.from_numpy(b),
         "reg_w": torch.from_numpy(reg_w) if sc.regression else None,
         "reg_b": torch.from_numpy(reg_b) if sc.regression else None,
@@ -181,6 +271,9 @@ def run_svm(ctx) -> dict:
         "classes_trained": int(trained.sum()),
         "classes_without_positives": [ds.classes[c] for c in range(C) if not len(pos[c])],
         "feature_scale": round(float(scale), 6),
+        "C": float(chosen),
+        "C_selection": selection,
+        "degenerate_classes": degenerate,
         "retrains": len(miner.history),
         "positives": int(sum(len(p) for p in pos)),
         "regression_pairs": int(sum(reg_pairs)),
@@ -190,7 +283,8 @@ def run_svm(ctx) -> dict:
         "seconds": round(time.perf_counter() - start, 2),
         "per_class": {
             ds.classes[c]: {"positives": len(pos[c]), "objective": last[c]["total"], "negatives": last[c]["negatives"],
-                            "regression_pairs": reg_pairs[c]}  # fmt: skip
+                            "regression_pairs": reg_pairs[c],
+                            "positives_above_zero": round(float(np.mean(pos[c] @ W[c] + b[c] > 0)), 4)}  # fmt: skip
             for c in sorted(last)
         },
     }
@@ -202,22 +296,23 @@ def run_svm(ctx) -> dict:
     return metrics
 
 
-def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint) -> None:
+def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint, desc: str = "svm (hard negatives)") -> None:
     """Stream the train images from ``state["next"]`` through the miner (collecting the regressors'
-    pairs), checkpointing every ``svm.checkpoint_seconds``; then the miner's last fits."""
+    pairs when ``state`` has room for them), checkpointing every ``svm.checkpoint_seconds`` (unless
+    ``checkpoint`` is None); then the miner's last fits."""
     from proposals.stage import gt_for_recall
 
     cfg, ds, sc, C = ctx.cfg, ctx.dataset, ctx.cfg.svm, ctx.dataset.num_classes
     pairs_x, pairs_t, scale = state["pairs_x"], state["pairs_t"], state["scale"]
     saved = time.perf_counter()
-    bar = tqdm(total=len(ids), initial=state["next"], desc="svm (hard negatives)", unit="img", disable=not cfg.progress)
+    bar = tqdm(total=len(ids), initial=state["next"], desc=desc, unit="img", disable=not cfg.progress)
     for k in range(state["next"], len(ids)):
         i = ids[k]
         raw = features.get_array(i)
         props = proposals.get(i)["boxes"]
         gt, labels = gt_for_recall(ds, i)
         miner.add_image(np.asarray(raw, np.float32) * scale, class_max_iou(props, gt, labels, C), last=k == len(ids) - 1)
-        if sc.regression and len(gt) and len(props):
+        if sc.regression and pairs_x is not None and len(gt) and len(props):
             ov = B.iou(props, gt)
             best, sel = ov.argmax(axis=1), ov.max(axis=1) > sc.regression_iou
             for c in np.unique(labels[best[sel]]):
@@ -226,7 +321,7 @@ def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint) -
                 pairs_t[c].append(encode(props[rows], gt[best[rows]]).astype(np.float32))
         state["next"] = k + 1
         bar.update()
-        if time.perf_counter() - saved >= sc.checkpoint_seconds and k + 1 < len(ids):
+        if checkpoint is not None and time.perf_counter() - saved >= sc.checkpoint_seconds and k + 1 < len(ids):
             torch_save(checkpoint, state)  # a killed run resumes after this image
             saved = time.perf_counter()
     bar.close()

@@ -17,7 +17,7 @@ def test_dataset_preset_and_its_keys():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("stage=train", "unknown stage 'train'. Valid stages: data, proposals, multibox, finetune"),
+        ("stage=train", "unknown stage 'train'. Valid stages: data, pretrain, proposals, multibox, finetune"),
         ("nonsense=1", "unknown key 'nonsense' at the top level. Valid keys: dataset, stage, out, seed"),
         ("dataset.nonsense=1", "unknown key 'dataset.nonsense' at 'dataset'. Valid keys: name, "),
         ("dataset=imagenet", "unknown dataset 'imagenet'. Valid choices: demo, voc, coco, ilsvrc, coco128"),

@@ -174,10 +174,17 @@ def test_a_killed_svm_stage_resumes_to_the_same_detector(trained, tmp_path, monk
     shutil.rmtree(copy / "svm")
     calls = {"n": 0}
     original = HardNegativeMiner.add_image
+    # C is chosen first (each C of the grid mines the train images outside the held-out ones), then the
+    # final SVMs mine every train image: die at the final mining's third image.
+    from rcnn.config import load_config
+    from svm.stage import holdout_split
+
+    cfg = load_config(args)
+    choosing = len(cfg.svm.C_grid) * len(holdout_split(list(range(cfg.dataset.train_images)), cfg.svm.holdout)[0])
 
     def dies_at_the_third_image(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == choosing + 3:
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
@@ -187,7 +194,7 @@ def test_a_killed_svm_stage_resumes_to_the_same_detector(trained, tmp_path, monk
     assert list((copy / "svm").glob("*/checkpoint.pt"))
     calls["n"] = -100  # the rerun is not interrupted
     assert main(again) == 0
-    assert calls["n"] == -100 + 2  # it went on from the third image: two images of four left
+    assert calls["n"] == -100 + 2  # C was not chosen again, and mining went on from the third image of four
     a = torch.load(run / "svm" / "detector.pt", weights_only=True)
     b = torch.load(copy / "svm" / "detector.pt", weights_only=True)
     for key in ("svm_w", "svm_b", "reg_w", "reg_b"):

@@ -62,14 +62,14 @@ def test_bad_image_fails_naming_it_and_keeps_finished_work(tmp_path, capsys):
 def test_config_errors_fail_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     assert run("stage=detekt", f"out={out}") == 2
-    assert "Valid stages: data, proposals" in capsys.readouterr().err
+    assert "Valid stages: data, pretrain, proposals" in capsys.readouterr().err
     assert run("dataset.limit=many", f"out={out}") == 2
     assert not out.exists()
 
 
 def test_help(capsys):
     assert main(["--help"]) == 0
-    assert "stage=<data|proposals" in capsys.readouterr().out
+    assert "stage=<data|pretrain|proposals" in capsys.readouterr().out
 
 
 def test_module_entry_point():

@@ -157,3 +157,41 @@ def test_regressor_is_ridge_on_whitened_targets_folded_back():
     ridge = Ridge(alpha=10.0).fit(X.astype(np.float64), white(t))
     np.testing.assert_allclose(X @ W + b, white.undo(ridge.predict(X.astype(np.float64))), rtol=1e-4, atol=1e-5)
     assert np.corrcoef((X @ W + b)[:, 3], t[:, 3])[0, 1] > 0.95  # it learned the offsets
+
+
+def test_degenerate_fits_are_detected():
+    from svm.stage import degenerate_classes
+
+    pos = [np.ones((4, 3), np.float32), np.ones((4, 3), np.float32), np.zeros((0, 3), np.float32)]
+    W = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    b = np.array([-1.0, 0.0, -np.inf])  # class 0: w = 0 scores every positive -1; class 2: untrained
+    assert degenerate_classes(W, b, pos) == [0]
+
+
+def test_holdout_split_is_every_kth_image():
+    from svm.stage import holdout_split
+
+    fit, held = holdout_split(list(range(12)), 0.2)
+    assert held == [0, 5, 10] and fit == [1, 2, 3, 4, 6, 7, 8, 9, 11]
+    assert holdout_split(list(range(4)), 0.5) == ([1, 3], [0, 2])
+
+
+def test_C_is_chosen_on_held_out_train_images(tmp_path):
+    import json
+
+    from rcnn.run import main
+
+    from .test_detect import TINY
+
+    run = tmp_path / "run"
+    args = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={run}", "dataset.train_images=6", "svm.C=null",
+            "svm.C_grid=[0.00001,1.0]", "svm.holdout=0.5", "stage=svm"]  # fmt: skip
+    assert main(args) == 0
+    m = json.loads((run / "svm" / "metrics.json").read_text())
+    sel = m["C_selection"]
+    assert [r["C"] for r in sel] == [0.00001, 1.0] and all(r["heldout_voc07_map"] is not None for r in sel)
+    best = max(sel, key=lambda r: (r["heldout_voc07_map"], -r["C"]))
+    assert m["C"] == best["C"]
+    assert json.loads((run / "svm" / m["key"] / "c_selection.json").read_text()) == sel
+    assert isinstance(m["degenerate_classes"], list)
+    assert all(0 <= v["positives_above_zero"] <= 1 for v in m["per_class"].values())
