@@ -58,9 +58,21 @@ def finetune_store(ctx, proposals: StageStore) -> StageStore:
     geometry.pop("channels_last")
     return StageStore(
         ctx.run_dir, "finetune",
-        {"finetune": tune, "features": geometry, "backbone": resolve_weights(cfg.backbone.weights).describe(), "seed": cfg.seed},
+        {"finetune": tune, "features": geometry, "backbone": resolve_weights(cfg.backbone.weights).describe(), "seed": cfg.seed,
+         "svm_holdout": cfg.svm.holdout if cfg.svm.C is None else None},  # finetune_images
         inputs={"proposals": proposals.key}, version=FINETUNE_VERSION,
     )  # fmt: skip
+
+
+def finetune_images(cfg, ds) -> list:
+    """The train images fine-tuning learns from: all of them, less the SVMs' held-out images when C is
+    chosen on those (``svm.C=null``): a network tuned on them would make them look easier than new ones."""
+    ids = ds.image_ids(ds.train_split)
+    if cfg.svm.C is None:
+        from svm.stage import holdout_split
+
+        ids = holdout_split(ids, cfg.svm.holdout)[0]
+    return ids
 
 
 def backbone_weights(ctx, proposals: StageStore) -> LoadedWeights:
@@ -249,7 +261,7 @@ def run_finetune(ctx) -> dict:
         metrics = json.loads((store.dir / "metrics.json").read_text())
         store.finish(metrics)
         return metrics
-    ids = ds.image_ids(ds.train_split)
+    ids = finetune_images(cfg, ds)
     windows = label_windows([proposals.get(i)["boxes"] for i in ids], [gt_for_recall(ds, i) for i in ids], cfg.finetune.fg_iou)
     net, start_weights = build_googlenet(resolve_weights(cfg.backbone.weights))
     tuner = FineTuner(net, ds.num_classes, windows, lambda k: ds.load_image(ids[k]), cfg.finetune, cfg.features, cfg.seed)
@@ -285,6 +297,7 @@ def run_finetune(ctx) -> dict:
         "key": store.key,
         "mode": cfg.features.mode.value,
         "iterations": tuner.iteration,
+        "train_images": len(ids),
         "windows_foreground": int(len(windows.foreground())),
         "windows_background": int(len(windows.background())),
         "loss_first": tuner.history[0]["loss"],
