@@ -121,10 +121,15 @@ class ClassificationTree:
         self._cache = images
 
     def cached_bytes_estimate(self) -> int:
-        """Memory the decoded images would take, estimated from the first one's size."""
-        first = next((self.decode(i) for i in range(min(len(self), 5)) if self.decode(i) is not None), None)
-        self.bad.clear()
-        return 0 if first is None else first.numel() * len(self)
+        """Memory the decoded images would take, estimated from the size of the first readable one
+        (read from its header: nothing is decoded)."""
+        for sample in self.samples[:5]:
+            try:
+                with Image.open(sample.path) as im:
+                    return 3 * im.width * im.height * len(self)
+            except Exception:  # an unreadable file: decode() names it later
+                continue
+        return 0
 
 
 # -- training augmentation -------------------------------------------------------------------------
