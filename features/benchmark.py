@@ -49,11 +49,12 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def googlenet_gflop_per_crop(model: RegionFeatures) -> float:
+def googlenet_gflop_per_crop(model: torch.nn.Module, size: int = 224) -> float:
+    """GFLOPs of one ``size x size`` forward pass of ``model`` (torch's counter: 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(torch.randn(1, 3, 224, 224))
+        model(torch.randn(1, 3, size, size))
     return counter.get_total_flops() / 1e9
 
 

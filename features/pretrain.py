@@ -33,7 +33,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.models import GoogLeNet, googlenet
 
-from rcnn.store import StageStore, torch_save
+from rcnn.store import StageStore, atomic_write, torch_save
 from rcnn.viz import png
 
 from .backbone import NORMALIZATION_IMAGENET, WEIGHTS_FORMAT, amp_dtype, autocast, fold_batchnorm, precision_name, random_init
@@ -137,7 +137,7 @@ class Pretrainer:
         self.steps_per_epoch = max(len(tree) // pc.batch_size, 1)
         self.total_steps = self.steps_per_epoch * pc.epochs
         warmup = round(pc.warmup_epochs * self.steps_per_epoch)
-        sched = pc.schedule.value if hasattr(pc.schedule, "value") else str(pc.schedule)
+        sched = getattr(pc.schedule, "value", pc.schedule)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt,
             lambda s: lr_factor(sched, s, self.total_steps, self.steps_per_epoch, warmup, pc.lr_decay, pc.lr_decay_epochs),
@@ -295,13 +295,11 @@ def pretrain_root(pc) -> Path:
 
 
 def _forward_flops(num_classes: int, size: int) -> float:
-    """FLOPs of one inference forward pass at ``size`` (torch's counter: 2 per multiply-add)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one inference forward pass at ``size``."""
+    from .benchmark import googlenet_gflop_per_crop
 
     net = googlenet(weights=None, num_classes=num_classes, aux_logits=False, init_weights=False).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(torch.zeros(1, 3, size, size))
-    return float(counter.get_total_flops())
+    return googlenet_gflop_per_crop(net, size) * 1e9
 
 
 def _plot(history: list[dict], path: Path) -> None:
@@ -473,7 +471,5 @@ def _publish(store: StageStore, model_path: Path) -> None:
     """``<out>/pretrain/model.pt``: a copy of this key's model (the stage's latest, as metrics.json)."""
     target = store.stage_dir / "model.pt"
     if not target.exists() or target.stat().st_size != model_path.stat().st_size or target.read_bytes() != model_path.read_bytes():
-        from rcnn.store import atomic_write
-
         data = model_path.read_bytes()
         atomic_write(target, lambda f: f.write(data))

@@ -110,8 +110,6 @@ def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStor
     ``svm.C_grid`` trains SVMs (hard-negative mining, as the final ones) on the train images outside a
     held-out part, and the held-out images' detections (no box regression) are scored by VOC07 mAP; the
     best C wins (ties: the smaller). Each C's result is saved as it completes, so a killed run resumes."""
-    from dataclasses import replace
-
     from eval.detections import Detections
     from eval.voc import voc_eval
     from rcnn.detector import postprocess
