@@ -91,7 +91,7 @@ def report_markdown(r: dict) -> str:
         f"## Benchmark: {r['dataset']}, {r['date']}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {gpu}; torch {m['torch']}, "
-        f"torchvision {m['torchvision']}, Python {m['python']}. Matrix multiply measured in this run: "
+        f"torchvision {m['torchvision']}, Python {m['python']}. CPU matrix multiply measured in this run: "
         f"{m['gemm_gflops']['fp32']} GFLOP/s fp32, {m['gemm_gflops']['bf16']} GFLOP/s bf16.",
         "",
         "```bash",

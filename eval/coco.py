@@ -46,7 +46,8 @@ def coco_gt(ds: DetectionDataset, split: str) -> dict:
                 "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": int(crowd),
             })  # fmt: skip
     cats = [{"id": int(c), "name": n} for c, n in zip(ds.category_ids, ds.classes)]
-    return {"images": images, "annotations": anns, "categories": cats}
+    # "info" and "licenses" are empty but present: pycocotools 2.0.10's loadRes copies dataset["info"]
+    return {"info": {}, "licenses": [], "images": images, "annotations": anns, "categories": cats}
 
 
 def coco_eval(dets: Detections, ds: DetectionDataset, split: str) -> dict:

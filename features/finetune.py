@@ -73,15 +73,15 @@ def label_windows(
 class _ImageCache:
     """Normalised images by index, the most recently used ``capacity`` kept in memory."""
 
-    def __init__(self, load: Callable[[int], np.ndarray], capacity: int):
-        self.load, self.capacity = load, capacity
+    def __init__(self, load: Callable[[int], np.ndarray], capacity: int, device: torch.device):
+        self.load, self.capacity, self.device = load, capacity, device
         self.items: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def __call__(self, i: int) -> torch.Tensor:
         if i in self.items:
             self.items.move_to_end(i)
             return self.items[i]
-        t = normalize_image(self.load(i))
+        t = normalize_image(self.load(i), self.device)
         self.items[i] = t
         if len(self.items) > self.capacity:
             self.items.popitem(last=False)
@@ -91,13 +91,16 @@ class _ImageCache:
 class FineTuner:
     """One fine-tuning run: the network, its classifier, the optimiser and the sampler's state."""
 
-    def __init__(self, net, num_classes: int, windows: Windows, load_image: Callable[[int], np.ndarray], cfg, fcfg, seed: int = 0):
+    def __init__(self, net, num_classes: int, windows: Windows, load_image: Callable[[int], np.ndarray], cfg, fcfg,
+                 seed: int = 0, device: torch.device | str = "cpu"):  # fmt: skip
         self.cfg, self.fcfg = cfg, fcfg  # cfg: the finetune section; fcfg: the features section
-        self.amp = amp_dtype(fcfg.precision, torch.device("cpu"))  # bf16 where the CPU computes it natively
+        self.device = torch.device(device)
+        self.amp = amp_dtype(fcfg.precision, self.device)  # bf16 where the CPU or GPU computes it natively
         self.model = RegionFeatures(net, fcfg.roi_layer.value if fcfg.mode.value == "roi" else "inception4e")
         self.model.net.fc = nn.Linear(1024, num_classes + 1)
+        self.model.to(self.device)
         self.windows = windows
-        self.images = _ImageCache(load_image, cfg.image_cache)
+        self.images = _ImageCache(load_image, cfg.image_cache, self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.step_size, gamma=0.1)
@@ -130,20 +133,21 @@ class FineTuner:
         return np.concatenate([self._draw(fg, c.fg_per_batch), self._draw(bg, c.batch_size - c.fg_per_batch)])
 
     def _logits(self, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
-        w, f = self.windows, self.fcfg
+        w, f, dev = self.windows, self.fcfg, self.device
         net = self.model.net
+        flip = torch.from_numpy(flips).to(dev).view(-1, 1, 1, 1)
         if f.mode.value == "warp":
             crops = []
             for i in np.unique(w.image[idx]):
                 sel = np.flatnonzero(w.image[idx] == i)
-                c = warp_crops(self.images(int(i)), torch.from_numpy(w.boxes[idx[sel]]), f.input_size, f.padding)
+                c = warp_crops(self.images(int(i)), torch.from_numpy(w.boxes[idx[sel]]).to(dev), f.input_size, f.padding)
                 crops.append((sel, c))
-            batch = torch.empty((len(idx), 3, f.input_size, f.input_size))
+            batch = torch.empty((len(idx), 3, f.input_size, f.input_size), device=dev)
             for sel, c in crops:
-                batch[torch.from_numpy(sel)] = c
-            batch = torch.where(torch.from_numpy(flips).view(-1, 1, 1, 1), batch.flip(3), batch)
+                batch[torch.from_numpy(sel).to(dev)] = c
+            batch = torch.where(flip, batch.flip(3), batch)
             return net.fc(self.model(batch.contiguous(memory_format=torch.channels_last)))
-        feats = torch.empty((len(idx), 1024))
+        feats = torch.empty((len(idx), 1024), device=dev)
         cells = f.input_size // self.model.stride
         for i in np.unique(w.image[idx]):
             sel = np.flatnonzero(w.image[idx] == i)
@@ -151,11 +155,12 @@ class FineTuner:
             scale = f.roi_image_size / min(img.shape[1:])
             x = F.interpolate(img[None], scale_factor=scale, mode="bilinear", align_corners=False)
             fmap = self.model.stem(x)
-            boxes = context_boxes(torch.from_numpy(w.boxes[idx[sel]]), f.input_size, f.padding) * scale
+            boxes = context_boxes(torch.from_numpy(w.boxes[idx[sel]]), f.input_size, f.padding).to(dev) * scale
             rois = torch.cat([boxes.new_zeros(len(sel), 1), boxes], 1)
             pooled = roi_align(fmap, rois, (cells, cells), spatial_scale=fmap.shape[-1] / x.shape[-1], sampling_ratio=2, aligned=True)
-            pooled = torch.where(torch.from_numpy(flips[sel]).view(-1, 1, 1, 1), pooled.flip(3), pooled)
-            feats[torch.from_numpy(sel)] = self.model.head(pooled).float()
+            sel_t = torch.from_numpy(sel).to(dev)
+            pooled = torch.where(flip[sel_t], pooled.flip(3), pooled)
+            feats[sel_t] = self.model.head(pooled).float()
         return net.fc(feats)
 
     @torch.no_grad()
@@ -172,7 +177,7 @@ class FineTuner:
         self.model.train()
         for _ in range(batches):
             idx = self.sample()
-            with autocast(self.amp, "cpu"):
+            with autocast(self.amp, self.device):
                 self._logits(idx, np.zeros(len(idx), bool))
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
@@ -190,9 +195,9 @@ class FineTuner:
                     m.eval()
         idx = self.sample()
         flips = self.rng.random(len(idx)) < 0.5 if self.cfg.flip else np.zeros(len(idx), bool)
-        with autocast(self.amp, "cpu"):
+        with autocast(self.amp, self.device):
             logits = self._logits(idx, flips).float()
-        target = torch.from_numpy(self.windows.labels[idx])
+        target = torch.from_numpy(self.windows.labels[idx]).to(self.device)
         loss = F.cross_entropy(logits, target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,7 +224,7 @@ class FineTuner:
         torch_save(path, state)
 
     def load(self, path: Path) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location=self.device, weights_only=False)
         self.model.net.load_state_dict({**ck["backbone"], **{f"fc.{k}": v for k, v in ck["classifier"].items()}})
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])

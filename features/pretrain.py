@@ -36,7 +36,9 @@ from torchvision.models import GoogLeNet, googlenet
 from rcnn.store import StageStore, atomic_write, torch_save
 from rcnn.viz import png
 
-from .backbone import NORMALIZATION_IMAGENET, WEIGHTS_FORMAT, amp_dtype, autocast, fold_batchnorm, precision_name, random_init
+from .backbone import (
+    NORMALIZATION_IMAGENET, WEIGHTS_FORMAT, amp_dtype, autocast, fold_batchnorm, precision_name, random_init, resolve_device,
+)
 from .pretrain_data import ClassificationTree, TrainCrops, scheme_crops, to_input
 
 __all__ = ["pretrain_googlenet", "Pretrainer", "evaluate", "topk_correct", "lr_factor", "run_pretrain"]
@@ -178,7 +180,7 @@ class Pretrainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         torch.manual_seed(_seed(self.seed, self.step, -2))  # dropout: a function of the step alone
         self.model.train()
-        x, y = to_input(images).to(self.device), labels.to(self.device)
+        x, y = to_input(images.to(self.device, non_blocking=True)), labels.to(self.device)
         with self.autocast():
             outputs = self.model(x)
             loss, main = training_loss(outputs, y, self.pc.aux_weight, self.pc.label_smoothing)
@@ -210,7 +212,7 @@ class Pretrainer:
                 if k >= bn_batches:
                     break
                 if batch is not None:
-                    net(to_input(batch[0]).to(self.device))
+                    net(to_input(batch[0].to(self.device)))
         for m in bns:
             m.momentum = 0.1
         return net.eval()
@@ -259,7 +261,7 @@ def evaluate(model: nn.Module, tree: ClassificationTree, scheme: str, size: int,
         nonlocal n
         crops = torch.cat([c for c, _ in pending])
         with autocast(dtype, device):
-            logits = torch.cat([model(to_input(crops[k : k + batch_crops]).to(device)).float()
+            logits = torch.cat([model(to_input(crops[k : k + batch_crops].to(device))).float()
                                 for k in range(0, len(crops), batch_crops)])  # fmt: skip
         probs = logits.softmax(1).cpu()
         counts = torch.tensor([len(c) for c, _ in pending])
@@ -334,7 +336,6 @@ def run_pretrain(ctx) -> dict:
     """Train (or resume), test with each scheme, write ``<out>/pretrain/model.pt`` and its metrics."""
     from tqdm import tqdm
 
-    from .stage import resolve_device
 
     cfg, pc = ctx.cfg, ctx.cfg.pretrain
     store = pretrain_store(ctx)

@@ -173,8 +173,8 @@ class TrainCrops:
 def to_input(batch_u8: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, 3, S, S]`` -> ImageNet-normalised float ``[B, 3, S, S]`` (channels_last)."""
     x = batch_u8.float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 

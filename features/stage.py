@@ -22,7 +22,9 @@ from rcnn.config import to_dict
 from rcnn.store import StageStore, torch_save
 from rcnn.viz import plot_history
 
-from .backbone import LoadedWeights, amp_dtype, autocast, build_googlenet, fold_batchnorm, precision_name, resolve_weights
+from .backbone import (
+    LoadedWeights, amp_dtype, autocast, build_googlenet, fold_batchnorm, precision_name, resolve_device, resolve_weights,
+)
 from .extract import RegionFeatures, features_roi, features_warp
 
 log = logging.getLogger("features")
@@ -34,14 +36,6 @@ FINETUNE_VERSION = 2  # 2: BatchNorm statistics frozen (calibrated on the data f
 def gt_entry(image_id) -> tuple:
     """The store id of an image's ground-truth box features."""
     return ("gt", image_id)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def _proposals_store(ctx) -> StageStore:
@@ -124,25 +118,17 @@ def put_features(store: StageStore, image_id, feats: np.ndarray, n_gt: int, with
     store.put_array(image_id, feats[n_gt:])
 
 
-class _CropBatches(torch.utils.data.IterableDataset):
-    """Warped crops of every image to do, in batches: ``(image_id, batch index, batches of the image,
-    crops [B, 3, S, S])``. Runs in a DataLoader worker process while the network runs in the main one."""
+class _Decoded(torch.utils.data.Dataset):
+    """The images to do, decoded in DataLoader worker processes: item k is ``(k, uint8 [H, W, 3])``."""
 
-    def __init__(self, ds, proposals: StageStore, ids: list, train: set, fc):
-        self.ds, self.proposals, self.ids, self.train = ds, proposals, ids, train
-        self.size, self.padding, self.batch = fc.input_size, fc.padding, fc.batch_size
+    def __init__(self, ds, ids: list):
+        self.ds, self.ids = ds, ids
 
-    def __iter__(self):
-        from .warp import normalize_image, warp_crops
+    def __len__(self) -> int:
+        return len(self.ids)
 
-        torch.set_num_threads(1)
-        for image_id in self.ids:
-            boxes = torch.from_numpy(image_boxes(self.ds, self.proposals, image_id, image_id in self.train)[0])
-            image = normalize_image(self.ds.load_image(image_id))
-            n = max(1, -(-len(boxes) // self.batch))
-            for k in range(n):
-                crops = warp_crops(image, boxes[k * self.batch : (k + 1) * self.batch], self.size, self.padding)
-                yield image_id, k, n, crops
+    def __getitem__(self, k: int):
+        return k, self.ds.load_image(self.ids[k])
 
 
 def loader_workers(fc, device: torch.device, cores: int) -> int:
@@ -151,27 +137,17 @@ def loader_workers(fc, device: torch.device, cores: int) -> int:
     return min(4, max(cores - 1, 0)) if device.type == "cuda" else 0
 
 
-def _warp_with_workers(model, ds, proposals, todo, train: set, fc, workers: int, store, bar, device) -> float:
-    """Warp mode with crops prepared by ``workers`` processes; returns the seconds spent."""
+def _images(ds, ids: list, workers: int):
+    """``(image_id, rgb)`` in order: decoded in line, or by ``workers`` processes ahead of the network."""
+    if workers == 0:
+        for image_id in ids:
+            yield image_id, ds.load_image(image_id)
+        return
     loader = torch.utils.data.DataLoader(
-        _CropBatches(ds, proposals, todo, train, fc), batch_size=None, num_workers=workers,
-        multiprocessing_context="forkserver", prefetch_factor=2,
+        _Decoded(ds, ids), batch_size=None, num_workers=workers, multiprocessing_context="forkserver", prefetch_factor=2,
     )  # fmt: skip
-    start = time.perf_counter()
-    parts: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for image_id, k, n, crops in loader:
-            if len(crops):
-                if fc.channels_last:
-                    crops = crops.contiguous(memory_format=torch.channels_last)
-                parts.append(model(crops.to(device)).float().cpu())
-            bar.update(len(crops))
-            if k == n - 1:
-                feats = torch.cat(parts).numpy().astype(np.float16) if parts else np.zeros((0, 1024), np.float16)
-                n_gt = len(feats) - len(proposals.get(image_id)["boxes"])
-                put_features(store, image_id, feats, n_gt, image_id in train)
-                parts = []
-    return time.perf_counter() - start
+    for k, rgb in loader:
+        yield ids[k], rgb.numpy()
 
 
 def run_features(ctx) -> dict:
@@ -201,15 +177,7 @@ def run_features(ctx) -> dict:
     net_seconds = 0.0
     bar = tqdm(total=crops_total, desc=f"features ({fc.mode.value})", unit="crop", disable=not cfg.progress)
     amp = autocast(amp_dtype(fc.precision, device), device)
-    workers = loader_workers(fc, device, ctx.workers)
-    if fc.mode.value == "warp" and workers > 0 and todo:
-        with amp:
-            net_seconds = _warp_with_workers(model, ds, proposals, todo, train, fc, workers, store, bar, device)
-        todo_loop = []
-    else:
-        todo_loop = todo
-    for image_id in todo_loop:
-        rgb = ds.load_image(image_id)
+    for image_id, rgb in _images(ds, todo, loader_workers(fc, device, ctx.workers)):
         boxes, n_gt = image_boxes(ds, proposals, image_id, image_id in train)
         t = time.perf_counter()
         with amp:
@@ -264,7 +232,8 @@ def run_finetune(ctx) -> dict:
     ids = finetune_images(cfg, ds)
     windows = label_windows([proposals.get(i)["boxes"] for i in ids], [gt_for_recall(ds, i) for i in ids], cfg.finetune.fg_iou)
     net, start_weights = build_googlenet(resolve_weights(cfg.backbone.weights))
-    tuner = FineTuner(net, ds.num_classes, windows, lambda k: ds.load_image(ids[k]), cfg.finetune, cfg.features, cfg.seed)
+    tuner = FineTuner(net, ds.num_classes, windows, lambda k: ds.load_image(ids[k]), cfg.finetune, cfg.features, cfg.seed,
+                      resolve_device(cfg.device.value))  # fmt: skip
     checkpoint = store.dir / "checkpoint.pt"
     if not checkpoint.exists() and start_weights.kind == "none" and cfg.features.mode.value == "roi":
         tuner.calibrate()  # random weights: BatchNorm statistics from the data, then frozen

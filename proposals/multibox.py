@@ -110,7 +110,7 @@ def hungarian_match(boxes: torch.Tensor, logits: torch.Tensor, gt: torch.Tensor,
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     with torch.no_grad():
         cost = alpha * 0.5 * torch.cdist(boxes.double(), gt.double()).square() - logits.double()[:, None]
-    rows, cols = linear_sum_assignment(cost.numpy())
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
     return rows.astype(np.int64), cols.astype(np.int64)
 
 
@@ -138,8 +138,8 @@ def warp_image(rgb: np.ndarray, size: int) -> np.ndarray:
 def _to_input(batch_u8: torch.Tensor) -> torch.Tensor:
     """uint8 [B, S, S, 3] -> normalised float [B, 3, S, S] (channels_last)."""
     x = batch_u8.permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
@@ -171,13 +171,14 @@ def train_multibox(
     seed: int = 0,
     progress: bool = True,
     on_epoch: Callable[[TrainState], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[MultiBoxNet, TrainState]:
     """Train (or resume from ``checkpoint``) on warped images ``uint8 [N, S, S, 3]`` and normalised
-    ground truth (``[G_i, 4]`` per image). Saves the checkpoint atomically after every epoch."""
+    ground truth (``[G_i, 4]`` per image) on ``device``. Saves the checkpoint atomically after every epoch."""
     torch.manual_seed(seed)
     backbone, _ = build_googlenet(weights)
     positives = float(np.mean([len(g) for g in gts])) if len(gts) else 1.0
-    model = MultiBoxNet(backbone, torch.from_numpy(priors), positives).to(memory_format=torch.channels_last)
+    model = MultiBoxNet(backbone, torch.from_numpy(priors), positives).to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     state = TrainState()
@@ -189,7 +190,7 @@ def train_multibox(
         state = TrainState(ck["epoch"], ck["history"])
         log.info("resuming MultiBox training at epoch %d of %d", state.epoch + 1, cfg.epochs)
     data = torch.from_numpy(images)
-    gt_t = [torch.from_numpy(np.asarray(g, np.float32).reshape(-1, 4)) for g in gts]
+    gt_t = [torch.from_numpy(np.asarray(g, np.float32).reshape(-1, 4)).to(device) for g in gts]
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="multibox", unit="epoch", disable=not progress)
     while state.epoch < cfg.epochs:
@@ -205,7 +206,7 @@ def train_multibox(
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(2), batch)
                 targets = [_flip_boxes(t) if f else t for t, f in zip(targets, flip.tolist())]
-            boxes, logits = model(_to_input(batch))
+            boxes, logits = model(_to_input(batch.to(device)))
             loss, loc, conf = multibox_loss(boxes, logits, targets, cfg.alpha)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -256,11 +257,12 @@ def load_model(source: Path | dict) -> MultiBoxNet:
 def predict(model: MultiBoxNet, warped: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """``uint8 [N, S, S, 3]`` -> ``(boxes [N, K, 4] normalised and clipped to [0, 1], scores [N, K])``."""
     model.eval()
+    device = model.priors.device
     boxes, scores = [], []
     for start in range(0, len(warped), batch_size):
-        b, logit = model(_to_input(torch.from_numpy(warped[start : start + batch_size])))
-        boxes.append(b.clamp(0, 1))
-        scores.append(torch.sigmoid(logit))
+        b, logit = model(_to_input(torch.from_numpy(warped[start : start + batch_size]).to(device)))
+        boxes.append(b.clamp(0, 1).cpu())
+        scores.append(torch.sigmoid(logit).cpu())
     if not boxes:
         return np.zeros((0, model.num_priors, 4), np.float32), np.zeros((0, model.num_priors), np.float32)
     return torch.cat(boxes).numpy(), torch.cat(scores).numpy()

@@ -44,7 +44,16 @@ __all__ = [
     "rects_to_boxes",
 ]
 
-_seg = cv2.ximgproc.segmentation
+
+def _segmentation():
+    """OpenCV's ``ximgproc.segmentation`` module (the contrib build); a clear error without it."""
+    if not hasattr(cv2, "ximgproc"):
+        raise ImportError(
+            f"selective search needs OpenCV's contrib build (cv2.ximgproc); this cv2 ({cv2.__version__}) lacks it: "
+            "pip uninstall opencv-python opencv-python-headless; pip install opencv-contrib-python-headless "
+            "(or use proposals.method=multibox, or proposals.ss.backend=selectivesearch)"
+        )
+    return cv2.ximgproc.segmentation
 
 MODES = {
     "rcnn_fast": dict(color_spaces=["hsv", "lab"], ks=[50, 100], strategies=["ctsf", "tsf"]),
@@ -56,11 +65,11 @@ MODES = {
 }
 _MODE_DEFAULTS = dict(sigma=0.8, min_segment_size=None, min_box_side=20)
 _COLOR_SPACES = ("hsv", "lab", "rgi", "h", "i")
-_STRATEGY_PARTS = {
-    "c": _seg.createSelectiveSearchSegmentationStrategyColor,
-    "t": _seg.createSelectiveSearchSegmentationStrategyTexture,
-    "s": _seg.createSelectiveSearchSegmentationStrategySize,
-    "f": _seg.createSelectiveSearchSegmentationStrategyFill,
+_STRATEGY_PARTS = {  # a letter of a strategy -> OpenCV's maker of that similarity
+    "c": "createSelectiveSearchSegmentationStrategyColor",
+    "t": "createSelectiveSearchSegmentationStrategyTexture",
+    "s": "createSelectiveSearchSegmentationStrategySize",
+    "f": "createSelectiveSearchSegmentationStrategyFill",
 }
 
 
@@ -171,7 +180,8 @@ def unique_boxes(boxes: np.ndarray) -> np.ndarray:
 
 
 def _opencv(bgr: np.ndarray, p: SSParams) -> np.ndarray:
-    ss = _seg.createSelectiveSearchSegmentation()
+    seg = _segmentation()
+    ss = seg.createSelectiveSearchSegmentation()
     ss.setBaseImage(bgr)
     if p.mode == "opencv_fast":
         ss.switchToSelectiveSearchFast()
@@ -183,10 +193,10 @@ def _opencv(bgr: np.ndarray, p: SSParams) -> np.ndarray:
             ss.addImage(_convert(bgr, space))
         for k in p.ks:
             min_size = k if p.min_segment_size is None else p.min_segment_size
-            ss.addGraphSegmentation(_seg.createGraphSegmentation(p.sigma, float(k), int(min_size)))
+            ss.addGraphSegmentation(seg.createGraphSegmentation(p.sigma, float(k), int(min_size)))
         for s in p.strategies:
-            parts = [_STRATEGY_PARTS[c]() for c in s]
-            ss.addStrategy(parts[0] if len(parts) == 1 else _seg.createSelectiveSearchSegmentationStrategyMultiple(*parts))
+            parts = [getattr(seg, _STRATEGY_PARTS[c])() for c in s]
+            ss.addStrategy(parts[0] if len(parts) == 1 else seg.createSelectiveSearchSegmentationStrategyMultiple(*parts))
     return rects_to_boxes(ss.process())
 
 

@@ -84,7 +84,7 @@ def _warped(ds, ids, size: int, progress: bool, desc: str) -> np.ndarray:
 
 def run_multibox(ctx) -> dict:
     """Train MultiBox on the train split (or return the cached model's metrics)."""
-    from features.backbone import resolve_weights
+    from features.backbone import resolve_device, resolve_weights
 
     from .multibox import cluster_priors, export_model, plot_loss, train_multibox
 
@@ -107,7 +107,8 @@ def run_multibox(ctx) -> dict:
     priors = cluster_priors(np.concatenate(gts), mc.num_priors, seed=cfg.seed)
     weights = resolve_weights(cfg.backbone.weights)
     model, state = train_multibox(
-        images, gts, priors, mc, weights, store.dir / "checkpoint.pt", seed=cfg.seed, progress=cfg.progress
+        images, gts, priors, mc, weights, store.dir / "checkpoint.pt", seed=cfg.seed, progress=cfg.progress,
+        device=resolve_device(cfg.device.value),
     )
     export_model(store.dir / "checkpoint.pt", store.dir / "model.pt")
     plot_loss(state.history, store.dir / "loss.png")
@@ -145,12 +146,14 @@ def _multibox_boxes(ctx, mb_store: StageStore, model_path, ids: list, desc: str)
     """MultiBox boxes for the images without an entry: batched in this process, one entry each."""
     import torch
 
+    from features.backbone import resolve_device
+
     from .multibox import load_model, predict, warp_image
 
     todo = mb_store.missing(ids)
     if not todo:
         return
-    model = load_model(model_path)
+    model = load_model(model_path).to(resolve_device(ctx.cfg.device.value))
     size, top_k = ctx.cfg.multibox.input_size, ctx.cfg.multibox.top_k
     from tqdm import tqdm
 

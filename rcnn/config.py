@@ -333,15 +333,15 @@ class FeaturesConfig:
     mode: FeatureMode = FeatureMode.warp  # warp | roi
     input_size: int = 224  # warped crop size (GoogLeNet's input)
     padding: int = 16  # context pixels around each box at the input size (R-CNN)
-    batch_size: int = 64  # crops per forward pass (warp mode)
+    batch_size: Optional[int] = None  # crops per forward pass (warp mode); null = 256 on a GPU, 64 on a CPU
     roi_layer: RoiLayer = RoiLayer.inception5b  # roi mode: where regions are pooled
     roi_image_size: int = 600  # roi mode: the image's shorter side is resized to this
     channels_last: bool = True  # NHWC memory layout (faster for convolutions on CPU)
     # Arithmetic of feature extraction and fine-tuning: auto = bf16 where the CPU or GPU computes it
     # natively (about 2-3x faster than fp32 on this project's AVX512-BF16 CPU), fp32 elsewhere on CPU
     precision: Precision = Precision.auto
-    # Warp mode: processes preparing crops while the network runs; 0 = in line; null = auto (a worker per
-    # spare core on CUDA; in line on a CPU, where a worker takes a core from the network: measured slower)
+    # Processes decoding the next images while the network runs (crops are warped where the network
+    # runs); 0 = in line; null = auto (up to 4 on CUDA; in line on a CPU, whose cores the network uses)
     loader_workers: Optional[int] = None
 
 
@@ -377,6 +377,9 @@ class SvmConfig:
     hard_threshold: float = -1.0001  # mining adds negatives scoring above this
     evict_threshold: float = -1.2  # after a retrain, cached negatives scoring below this are dropped (ILSVRC: -1.1)
     retrain_limit: int = 2000  # retrain a class once more than this many new negatives were added
+    # Hard negatives a class keeps after a retrain (the lowest-scoring dropped first; a warning when hit):
+    # bounds memory (200 ILSVRC classes x 10k x 1024 floats = 8 GB) and each fit's time; null = unbounded
+    max_negatives: Optional[int] = 10000
     target_norm: float = 20.0  # features are scaled to this mean L2 norm
     norm_images: int = 200  # train images sampled to estimate the mean norm
     max_iter: int = 10000  # liblinear's iteration limit per fit
@@ -564,6 +567,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
         ("svm.regression_iou", 0 < cfg.svm.regression_iou <= 1, "in (0, 1]"),
         ("svm.target_norm", cfg.svm.target_norm > 0, "> 0"),
         ("svm.retrain_limit", cfg.svm.retrain_limit >= 0, ">= 0"),
+        ("svm.max_negatives", cfg.svm.max_negatives is None or cfg.svm.max_negatives >= 1, ">= 1 or null"),
         ("detect.nms_iou", 0 < cfg.detect.nms_iou <= 1, "in (0, 1]"),
         ("detect.max_per_image", cfg.detect.max_per_image >= 1, ">= 1"),
     ]

@@ -144,7 +144,7 @@ class Detector:
 
     @property
     def device(self) -> torch.device:
-        from features.stage import resolve_device
+        from features.backbone import resolve_device
 
         return resolve_device(self._device_name)
 
@@ -169,7 +169,7 @@ class Detector:
 
         with autocast(amp_dtype(fc.get("precision", "fp32"), device), device):
             if fc["mode"] == "warp":
-                return features_warp(model, rgb, boxes, fc["input_size"], fc["padding"], fc["batch_size"],
+                return features_warp(model, rgb, boxes, fc["input_size"], fc["padding"], fc.get("batch_size"),
                                      fc.get("channels_last", True), device)  # fmt: skip
             return features_roi(model, rgb, boxes, fc["input_size"], fc["padding"], fc["roi_image_size"],
                                 channels_last=fc.get("channels_last", True), device=device)  # fmt: skip
@@ -193,7 +193,7 @@ class Detector:
 
         mb = pc["multibox"]
         if self._multibox is None:
-            self._multibox = load_model(mb)
+            self._multibox = load_model(mb).to(self.device)
         with torch.inference_mode():
             boxes, scores = predict(self._multibox, warp_image(rgb, mb["input_size"])[None])
         mb_boxes, mb_scores = top_boxes(boxes[0], scores[0], mb["top_k"], w, h)

@@ -272,6 +272,8 @@ def run_svm(ctx) -> dict:
         "C": float(chosen),
         "C_selection": selection,
         "degenerate_classes": degenerate,
+        "max_negatives": sc.max_negatives,
+        "classes_at_negative_bound": [ds.classes[c] for c in range(C) if miner.classes[c].capped],
         "retrains": len(miner.history),
         "positives": int(sum(len(p) for p in pos)),
         "regression_pairs": int(sum(reg_pairs)),
@@ -281,7 +283,7 @@ def run_svm(ctx) -> dict:
         "seconds": round(time.perf_counter() - start, 2),
         "per_class": {
             ds.classes[c]: {"positives": len(pos[c]), "objective": last[c]["total"], "negatives": last[c]["negatives"],
-                            "regression_pairs": reg_pairs[c],
+                            "regression_pairs": reg_pairs[c], "negatives_capped": miner.classes[c].capped,
                             "positives_above_zero": round(float(np.mean(pos[c] @ W[c] + b[c] > 0)), 4)}  # fmt: skip
             for c in sorted(last)
         },

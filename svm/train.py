@@ -2,6 +2,9 @@
 
 The miner sees one image at a time (its proposals' features and their IoU with each class's boxes) and
 keeps, per class, only a cache of hard negatives; positives (ground-truth features) are given up front.
+Beyond R-CNN, ``max_negatives`` bounds each class's cache after every retrain (the lowest-scoring, i.e.
+easiest, negatives go first), so that a class whose SVM evicts nothing (a degenerate fit) cannot grow
+its cache, and its fits' time, without end.
 As in R-CNN's ``rcnn_train.m``: the first image's negatives train the first model; afterwards a class
 adds the negatives its current model scores above ``hard_threshold``, retrains once more than
 ``retrain_limit`` new ones were added (and after the last image), and after each retrain drops cached
@@ -41,6 +44,7 @@ class SvmParams:
     hard_threshold: float = -1.0001
     evict_threshold: float = -1.2
     retrain_limit: int = 2000
+    max_negatives: int | None = None  # per class, after a retrain; the lowest-scoring go first
     max_iter: int = 10000
     seed: int = 0
 
@@ -81,6 +85,7 @@ class _ClassCache:
     b: float = 0.0
     added: int = 0  # negatives added since the last retrain
     retrains: int = 0
+    capped: int = 0  # hard negatives dropped by the max_negatives bound, in all
 
     def negatives(self) -> np.ndarray:
         return np.concatenate(self.neg) if self.neg else np.zeros((0, self.pos.shape[1]), np.float32)
@@ -190,9 +195,20 @@ class HardNegativeMiner:
         obj = objective(cache.w, cache.b, cache.pos, neg, self.p)
         z = neg @ cache.w + cache.b
         easy = z < self.p.evict_threshold
-        cache.neg = [neg[~easy]]
+        keep = np.flatnonzero(~easy)
+        over = len(keep) - self.p.max_negatives if self.p.max_negatives is not None else 0
+        if over > 0:
+            if not cache.capped:
+                log.warning(
+                    "class %d: %d hard negatives after image %d, over svm.max_negatives=%d: the %d lowest-scoring "
+                    "are dropped (and as often as the bound is hit again)", c, len(keep), image, self.p.max_negatives, over,
+                )  # fmt: skip
+            keep = np.sort(keep[np.argsort(-z[keep], kind="stable")[: self.p.max_negatives]])
+            cache.capped += over
+        cache.neg = [neg[keep]]
         record = {"class": c, "image": image, **{k: round(v, 6) for k, v in obj.items()},
-                  "positives": len(cache.pos), "negatives": len(neg), "evicted": int(easy.sum())}  # fmt: skip
+                  "positives": len(cache.pos), "negatives": len(neg), "evicted": int(easy.sum()),
+                  "capped": max(over, 0)}  # fmt: skip
         self.history.append(record)
         log.info(
             "class %d, image %d: objective %.4f = %.4f (reg) + %.4f (pos) + %.4f (neg); %d negatives, %d evicted",

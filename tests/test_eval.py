@@ -197,7 +197,7 @@ def test_coco_identical_to_pycocotools(tmp_path, seed):
             anns.append({"id": len(anns) + 1, "image_id": 100 + i, "category_id": cats[o[4]]["id"],
                          "bbox": [o[0], o[1], w, h], "area": w * h, "iscrowd": o[5]})  # fmt: skip
     gt_path = tmp_path / "gt.json"
-    gt_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    gt_path.write_text(json.dumps({"info": {}, "images": images, "annotations": anns, "categories": cats}))
     from PIL import Image
 
     (tmp_path / "img").mkdir()

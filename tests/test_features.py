@@ -163,7 +163,8 @@ def test_folding_batchnorm_keeps_the_outputs():
         torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
 
 
-def test_crops_prepared_by_a_worker_process_give_the_same_features(tmp_path):
+def test_images_decoded_by_worker_processes_give_the_same_features(tmp_path):
+    """Two decoding workers give the entries of decoding in line, image for image."""
     common = [
         "progress=false", "stage=features", "proposals.method=ss", "proposals.top_n=70", "dataset.train_images=2",
         "dataset.test_images=1", "dataset.width=128", "dataset.height=96", "dataset.min_size=24",
@@ -171,7 +172,7 @@ def test_crops_prepared_by_a_worker_process_give_the_same_features(tmp_path):
         "features.batch_size=32",
     ]  # fmt: skip
     assert main([*common, f"out={tmp_path / 'a'}", "features.loader_workers=0"]) == 0
-    assert main([*common, f"out={tmp_path / 'b'}", "features.loader_workers=1"]) == 0
+    assert main([*common, f"out={tmp_path / 'b'}", "features.loader_workers=2"]) == 0
     a = sorted((tmp_path / "a" / "features").glob("*/entries/*.npy"))
     b = sorted((tmp_path / "b" / "features").glob("*/entries/*.npy"))
     assert [p.name for p in a] == [p.name for p in b] and len(a) == 3 + 2  # + ground truth of 2 train images

@@ -144,3 +144,11 @@ def test_near_duplicates_merged_in_rank_order():
 
     iou = B.iou(merged, merged)
     assert (iou[np.triu_indices(len(merged), 1)] <= 0.7 + 1e-6).all()
+
+
+def test_without_opencv_contrib_the_error_says_what_to_install(monkeypatch):
+    import cv2
+
+    monkeypatch.delattr(cv2, "ximgproc")
+    with pytest.raises(ImportError, match="opencv-contrib-python-headless"):
+        selective_search(np.zeros((32, 32, 3), np.uint8), params())

@@ -195,3 +195,40 @@ def test_C_is_chosen_on_held_out_train_images(tmp_path):
     assert json.loads((run / "svm" / m["key"] / "c_selection.json").read_text()) == sel
     assert isinstance(m["degenerate_classes"], list)
     assert all(0 <= v["positives_above_zero"] <= 1 for v in m["per_class"].values())
+
+
+def test_max_negatives_keeps_each_cache_to_its_hardest_negatives(caplog):
+    """After every retrain a class keeps at most ``max_negatives``: its highest-scoring hard negatives
+    (checked against a sort of the same scores), with a warning the first time the bound is hit."""
+    from dataclasses import replace
+
+    pos, imgs = problem(3, images=8, per_image=120)
+    p = replace(P, max_negatives=50, evict_threshold=-1e9)  # nothing evicted: only the bound trims
+    miner = HardNegativeMiner(pos, p)
+    for k, (X, iou) in enumerate(imgs):
+        before = [c.negatives().copy() for c in miner.classes]
+        W, b = miner._weights()  # the models that pick this image's hard negatives
+        retrains = len(miner.history)
+        miner.add_image(X, iou, last=k == len(imgs) - 1)
+        for rec in miner.history[retrains:]:
+            c, cache = rec["class"], miner.classes[rec["class"]]
+            hard = (iou[:, c] < p.neg_iou) & (X @ W[c] + b[c] > p.hard_threshold)
+            pool = np.concatenate([before[c], X[hard]])
+            z = pool @ cache.w + cache.b
+            expected = np.sort(z)[::-1][: p.max_negatives]
+            kept = np.sort(cache.negatives() @ cache.w + cache.b)[::-1]
+            np.testing.assert_allclose(kept, expected, rtol=1e-5, atol=1e-5)
+            assert rec["capped"] == max(len(pool) - p.max_negatives, 0)
+    assert all(len(c.negatives()) <= 50 for c in miner.classes)
+    assert sum(c.capped for c in miner.classes) > 0
+    assert "over svm.max_negatives=50" in caplog.text
+
+
+def test_max_negatives_unbounded_is_r_cnn_mining():
+    from dataclasses import replace
+
+    pos, imgs = problem(5)
+    a, _ = mine(pos, imgs, P)
+    b, _ = mine(pos, imgs, replace(P, max_negatives=10**9))
+    for x, y in zip(a.model(), b.model()):
+        np.testing.assert_array_equal(x, y)
