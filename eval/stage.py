@@ -12,7 +12,7 @@ from rcnn.datasets.stage import data_store
 from rcnn.store import StageStore, atomic_write
 
 from .coco import coco_eval
-from .detections import DetectionsError, ground_truth, load_detections
+from .detections import ground_truth, load_detections
 from .report import markdown, plot_pr
 from .voc import ilsvrc_eval, voc_eval
 
@@ -25,12 +25,13 @@ def _num(v):
 
 
 def detections_path(ctx) -> Path:
+    """``detections=PATH``, else this configuration's detections on the test split (stage=detect, run
+    now unless cached, as every stage builds what it needs)."""
     if ctx.cfg.detections:
         return Path(ctx.cfg.detections)
-    path = ctx.run_dir / "detect" / "detections.json"
-    if not path.exists():
-        raise DetectionsError(f"no detections at {path}: run stage=detect first, or pass detections=PATH")
-    return path
+    from rcnn.stages import run_stage
+
+    return Path(run_stage(ctx, "detect")["detections_file"])
 
 
 def evaluate(dets, ds, split: str, iou_threshold: float = 0.5) -> dict:

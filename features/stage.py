@@ -153,8 +153,12 @@ def _images(ds, ids: list, workers: int):
 def run_features(ctx) -> dict:
     from proposals.stage import split_names
 
+    from rcnn.stages import run_stage
+
     cfg, ds, fc = ctx.cfg, ctx.dataset, ctx.cfg.features
     proposals = _proposals_store(ctx)
+    if cfg.finetune.enabled:  # the features come from the fine-tuned network, whichever stage asked for them
+        run_stage(ctx, "finetune")
     model, weights, device = build_model(cfg, backbone_weights(ctx, proposals))
     settings = resolved_feature_settings(fc, device)
     if fc.mode.value == "warp":

@@ -29,7 +29,10 @@ def context_boxes(boxes: torch.Tensor, size: int = 224, padding: int = 16) -> to
 def normalize_image(rgb: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 ``[H, W, 3]`` -> float ``[3, H, W]`` on ``device``, normalised with ImageNet's mean and std
     (the uint8 image is copied there first: a quarter of the bytes)."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1).float().div_(255)
+    rgb = np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable:  # np.asarray(PIL image) is read-only; torch warns on sharing such memory
+        rgb = rgb.copy()
+    x = torch.from_numpy(rgb).to(device).permute(2, 0, 1).float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
     return (x - mean) / std

@@ -13,6 +13,7 @@ averaged over the images of the batch.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -147,6 +148,8 @@ def _to_input(batch_u8: torch.Tensor) -> torch.Tensor:
 class TrainState:
     epoch: int = 0
     history: list[dict] = field(default_factory=list)  # one {"epoch", "loss", "loc", "conf"} per epoch
+    seconds: float = 0.0  # training time of every epoch so far, across resumes
+    epochs_before: int = 0  # epochs found done in the checkpoint when this process started
 
 
 def _save(path: Path, model: MultiBoxNet, opt, sched, state: TrainState, extra: dict) -> None:
@@ -156,6 +159,7 @@ def _save(path: Path, model: MultiBoxNet, opt, sched, state: TrainState, extra: 
         "scheduler": sched.state_dict(),
         "epoch": state.epoch,
         "history": state.history,
+        "seconds": state.seconds,
         **extra,
     }
     torch_save(path, payload)
@@ -187,13 +191,14 @@ def train_multibox(
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        state = TrainState(ck["epoch"], ck["history"])
+        state = TrainState(ck["epoch"], ck["history"], ck.get("seconds", 0.0), ck["epoch"])
         log.info("resuming MultiBox training at epoch %d of %d", state.epoch + 1, cfg.epochs)
     data = torch.from_numpy(images)
     gt_t = [torch.from_numpy(np.asarray(g, np.float32).reshape(-1, 4)).to(device) for g in gts]
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="multibox", unit="epoch", disable=not progress)
     while state.epoch < cfg.epochs:
+        epoch_start = time.perf_counter()
         torch.manual_seed(seed + state.epoch)  # a resumed epoch draws what an uninterrupted one would
         gen.manual_seed(seed + state.epoch)
         model.train()
@@ -214,6 +219,7 @@ def train_multibox(
             sums += np.array([loss.item(), loc.item(), conf.item()]) * len(idx)
         sched.step()
         state.epoch += 1
+        state.seconds += time.perf_counter() - epoch_start
         mean = sums / len(data)
         state.history.append({"epoch": state.epoch, "loss": mean[0], "loc": mean[1], "conf": mean[2]})
         _save(checkpoint, model, opt, sched, state, {"priors": priors, "normalization": weights.normalization})

@@ -122,6 +122,8 @@ def run_multibox(ctx) -> dict:
         "num_priors": int(len(priors)),
         "input_size": mc.input_size,
         "epochs": state.epoch,
+        "epochs_computed_now": state.epoch - state.epochs_before,
+        "train_seconds": round(state.seconds, 2),  # every epoch's, across resumes ("seconds": this process)
         "loss_first_epoch": state.history[0]["loss"] if state.history else None,
         "loss_last_epoch": state.history[-1]["loss"] if state.history else None,
         "history": state.history,
@@ -223,11 +225,13 @@ def run_proposals(ctx) -> dict:
     splits = split_names(ctx)
     data_key = data_store(ctx).key
     ss_store = mb_store = None
+    computed_now = {}  # images whose boxes this process computed (the rest were found in the store)
     if uses_ss(cfg):
         params = resolve_params(pc.ss)
         ss_store = StageStore(
             ctx.run_dir, "proposals/ss", {"ss": params.as_dict(), "seed": cfg.seed}, {"data": data_key}, FORMAT_VERSION
         )
+        computed_now["selective_search"] = sum(len(ss_store.missing(ds.image_ids(s))) for s in splits)
         for split in splits:
             process_images(
                 ss_store, ds.image_ids(split), partial(_ss_one, ds, params, cfg.seed),
@@ -240,20 +244,23 @@ def run_proposals(ctx) -> dict:
             ctx.run_dir, "proposals/multibox", {"top_k": cfg.multibox.top_k},
             {"multibox": model_store.key, "data": data_key}, FORMAT_VERSION,
         )  # fmt: skip
+        computed_now["multibox"] = sum(len(mb_store.missing(ds.image_ids(s))) for s in splits)
         for split in splits:
             _multibox_boxes(ctx, mb_store, model_store.dir / "model.pt", ds.image_ids(split), f"multibox {split}")
     store = proposals_store(ctx, ss_store and ss_store.key, mb_store and mb_store.key)
     if store.complete and (store.dir / "metrics.json").exists():
         cached = json.loads((store.dir / "metrics.json").read_text())
         if all(split in cached for split in splits) and not store.missing([i for s in splits for i in ds.image_ids(s)]):
+            cached = {**cached, "images_computed_now": computed_now}
             store.finish(cached)  # the stage's latest metrics are these
             print(format_summary(cached, splits) + "\n(cached)")
             return cached
 
-    metrics = {"stage": "proposals", "key": store.key, "method": pc.method.value}
+    metrics = {"stage": "proposals", "key": store.key, "method": pc.method.value, "images_computed_now": computed_now}
     if ss_store is not None:
         metrics["selective_search"] = params.as_dict()
     metrics["curves"] = {}
+    compute = 0.0
     no_boxes = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0), "seconds": np.float64(0)}
     for split in splits:
         ids = ds.image_ids(split)
@@ -269,12 +276,14 @@ def run_proposals(ctx) -> dict:
         items = [(*gt_for_recall(ds, i), props[i]) for i in ids]
         summary = R.recall_summary(items, ds.num_classes)
         summary["seconds_per_image"] = float(np.mean(seconds)) if seconds else 0.0
+        compute += float(np.sum(seconds))
         metrics[split] = summary
         most = max((len(p) for p in props.values()), default=1)
         metrics["curves"][split] = R.recall_curve([(gt, p) for gt, _, p in items], R.default_counts(most))
     plot = R.plot_recall(metrics["curves"], store.dir / "recall.png", f"{ds.name}: {pc.method.value} proposals")
     shutil.copyfile(plot, store.stage_dir / "recall.png")
-    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    metrics["seconds"] = round(time.perf_counter() - start, 2)  # this process's
+    metrics["compute_seconds"] = round(compute, 2)  # every image's boxes, across resumes (decoding excluded)
     store.finish(metrics)
     print(format_summary(metrics, splits))
     return metrics

@@ -8,6 +8,7 @@ types fail before any work, with a message that lists what is valid.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
@@ -196,7 +197,7 @@ PRETRAIN_PRESETS: dict[str, dict] = {
 @dataclass
 class BackboneConfig:
     # imagenet: torchvision's ImageNet weights (downloaded once, on a machine with internet);
-    # auto: imagenet if already cached, else random initialisation (logged and recorded);
+    # auto: imagenet, downloaded if not cached; offline, random initialisation, said loudly and recorded;
     # none: random initialisation; or a PATH to a state dict / checkpoint.
     weights: str = "auto"
 
@@ -485,18 +486,74 @@ def _explain(override: str, base: DictConfig, cause: BaseException | None) -> st
     return f"bad value for '{key}': {reason}"
 
 
-def usage() -> str:
+def _field_comments(cls) -> dict[str, str]:
+    """The comment of each field of dataclass ``cls`` (and its bases), read from this file: the text after
+    ``#`` on the field's line, or the comment lines just above it."""
+    import dataclasses
+    import inspect
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        above: list[str] = []
+        for line in inspect.getsource(klass).splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("#").strip())
+                continue
+            field_line = re.match(r"    (\w+)\s*:", line)
+            if field_line:
+                trailing = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+                out[field_line.group(1)] = trailing or " ".join(above)
+            above = []
+    return out
+
+
+def _help_lines(node: DictConfig, indent: str = "") -> list[str]:
+    """``key: value  # meaning`` for every key of ``node``, nested sections indented."""
+    typ = OmegaConf.get_type(node)
+    comments = _field_comments(typ) if typ is not None and hasattr(typ, "__dataclass_fields__") else {}
+    values = OmegaConf.to_container(node, resolve=False, enum_to_str=True)
+    lines = []
+    for key in node.keys():
+        if key == "defaults":
+            continue
+        note = f"  # {comments[key]}" if comments.get(key) else ""
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            lines += [f"{indent}{key}:{note}", *_help_lines(child, indent + "  ")]
+        else:
+            text = OmegaConf.to_yaml({key: values[key]}).strip().replace("\n", " ")
+            lines.append(f"{indent}{text}{note}")
+    return lines
+
+
+def usage(argv: list[str] | None = None) -> str:
+    """``--help``: the keys with their defaults and meanings (a chosen ``dataset=`` preset included) and,
+    apart, the settings that preset's recipe applies."""
     _register()
-    cfg = load_config([])
-    groups = ", ".join(DATASET_PRESETS)
-    return (
+    overrides = [a for a in argv or [] if "=" in a and not a.startswith("-")]
+    chosen = [a.split("=", 1)[1] for a in overrides if a.startswith("dataset=")]
+    name = chosen[-1] if chosen and chosen[-1] in DATASET_PRESETS else "demo"
+    try:
+        plain, problem = load_config([*overrides, "dataset.recipe=[]"]), ""
+    except ConfigError as e:  # a preset whose paths must be given (dataset=voc: dataset.root=...)
+        plain, problem = None, str(e)
+    recipe = list(getattr(DATASET_PRESETS[name], "recipe", None) or [])
+    head = (
         "usage: python -m rcnn.run [key=value ...]\n\n"
         f"  stage=<{'|'.join(s.value for s in Stage)}>   (default: all)\n"
         f"  dataset=<{'|'.join(DATASET_PRESETS)}>   (default: demo)\n"
-        "  dataset.<key>=value   adjusts the chosen dataset, e.g. dataset.limit=10\n\n"
-        f"Dataset presets: {groups}.\nDefaults (with dataset=demo):\n\n"
-        + OmegaConf.to_yaml(cfg)
+        "  dataset.<key>=value   adjusts the chosen dataset, e.g. dataset.limit=10\n"
+        "  python -m rcnn.run --help dataset=<preset>   shows that preset's keys\n\n"
+        f"Defaults with dataset={name} (and the other keys given), before the dataset's recipe, each with its "
+        "meaning (rcnn/config.py); pretrain.* shows the pretrain.data preset's recipe:\n\n"
     )
+    body = "\n".join(_help_lines(plain)) if plain is not None else f"({problem}; add it after --help to see the rest)"
+    tail = (f"\n\nThe {name} preset's recipe, applied before your overrides (dataset.recipe=[] drops it):\n  "
+            + " ".join(recipe)) if recipe else ""  # fmt: skip
+    return head + body + tail + "\n"
 
 
 def load_config(overrides: list[str] | None = None) -> DictConfig:
@@ -507,18 +564,51 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     _register()
     from hydra import initialize
 
-    overrides = list(overrides or [])
-    for ov in overrides:
-        if ov.startswith(("+", "~")):
-            raise ConfigError(f"'{ov}': adding or deleting keys is not supported; set existing keys with key=value")
-        if "=" not in ov:
-            raise ConfigError(f"'{ov}' is not a key=value override (see --help)")
+    overrides = [_parseable(ov) for ov in overrides or []]
     with initialize(version_base="1.3", config_path=None, job_name="rcnn"):
         cfg = _compose(overrides)
         recipe = list(cfg.dataset.get("recipe") or []) + PRETRAIN_PRESETS.get(cfg.pretrain.data, {}).get("recipe", [])
         if recipe:  # the presets' own settings first, so that the command line's win
             cfg = _compose(recipe + overrides)
     return _validate(cfg)
+
+
+def _quote(value: str) -> str:
+    """``value`` as one of Hydra's single-quoted strings (a quote, and a backslash before one or at the end,
+    escaped)."""
+    out = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+    return "'" + out.replace("'", "\\'") + "'"
+
+
+def _parseable(override: str) -> str:
+    """One command-line argument as an override Hydra can parse. A value that its grammar rejects (a path
+    with spaces, brackets or quotes, as the shell hands it over) is quoted as the string it is; anything
+    else it cannot parse is a :class:`ConfigError` naming the argument and how to write it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if override.startswith(("-", "+", "~")):
+        hint = f"; did you mean {override.lstrip('-')}?" if override.startswith("-") and "=" in override else ""
+        raise ConfigError(f"'{override}': options are key=value, without dashes, and keys can be set but not added "
+                          f"or deleted{hint}")  # fmt: skip
+    key, eq, value = override.partition("=")
+    if not eq or not re.fullmatch(r"[A-Za-z_][\w.]*", key):
+        raise ConfigError(f"'{override}' is not a key=value override (see --help)")
+    parser = OverridesParser.create()
+    try:
+        parser.parse_override(override)
+        return override
+    except HydraException as e:
+        if value and value[0] in "[{'\"":  # a list, a dict or a quoted string: the user meant Hydra's grammar
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"cannot parse '{override}': {reason}. Close brackets and quotes, or quote the whole "
+                              f"value: {key}='...'") from None  # fmt: skip
+    quoted = f"{key}={_quote(value)}"
+    try:
+        parser.parse_override(quoted)
+    except HydraException:
+        raise ConfigError(f"cannot parse '{override}'; quote the value: {key}='...'") from None
+    return quoted
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -529,8 +619,9 @@ def _compose(overrides: list[str]) -> DictConfig:
     try:
         return compose(config_name="config", overrides=overrides)
     except MissingConfigException as e:
-        group = next((o.split("=", 1) for o in overrides if o.startswith("dataset=")), ["dataset", "?"])
-        raise ConfigError(f"unknown {group[0]} '{group[1]}'. Valid choices: {', '.join(DATASET_PRESETS)}") from e
+        names = [o.split("=", 1)[1].strip("'") for o in overrides if o.startswith("dataset=")]
+        bad = next((n for n in names if n not in DATASET_PRESETS), "?")
+        raise ConfigError(f"unknown dataset '{bad}'. Valid choices: {', '.join(DATASET_PRESETS)}") from e
     except (ConfigCompositionException, OmegaConfBaseException) as e:
         msg = str(e)
         bad = next((o for o in overrides if f"override {o}" in msg or f"'{o.split('=')[0]}'" in msg), None)

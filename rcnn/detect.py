@@ -146,26 +146,53 @@ def image_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+def _readable(files: list[Path]) -> list[Path]:
+    """The files whose image header reads; each other one named in a warning (checked before any work)."""
+    from .datasets.base import DatasetError, image_size
+
+    ok = []
+    for path in files:
+        try:
+            image_size(path)
+            ok.append(path)
+        except DatasetError as e:
+            log.warning("skipped: %s", e)
+    if not ok:
+        raise FileNotFoundError(f"{files[0].parent if len(files) > 1 else files[0]}: no readable image")
+    return ok
+
+
 def detect_files(ctx) -> dict:
-    """``image=PATH_OR_FOLDER``: detections.json (COCO results, image_id = file name) and a PNG per image."""
-    from .datasets.base import read_image
+    """``image=PATH_OR_FOLDER``: detections.json (COCO results, image_id = file name) and a PNG per image
+    with the detections scoring above ``detect.draw_threshold`` drawn. Earlier runs' PNGs are removed;
+    an unreadable image is skipped with a warning naming it."""
+    from .datasets.base import DatasetError, read_image
     from .viz import draw_detections, write_png
 
     cfg, d = ctx.cfg, ctx.cfg.detect
-    files = image_files(cfg.image)
+    listed = image_files(cfg.image)
+    files = _readable(listed)
     members = load_members(ctx, detector_files(ctx))
     category_ids = list(members[0].parts["category_ids"])
     out_dir = ctx.run_dir / "detect" / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, seconds = [], []
+    for old in out_dir.glob("*.png"):  # detections.json below covers this run's images only
+        old.unlink()
+    results, seconds, drawn, skipped = [], [], {}, []
     for path in tqdm(files, desc="detect", unit="img", disable=not cfg.progress):
-        rgb = read_image(path)
+        try:
+            rgb = read_image(path)
+        except DatasetError as e:  # a header that read, pixels that did not (a truncated file)
+            log.warning("skipped: %s", e)
+            skipped.append(path.name)
+            continue
         t = time.perf_counter()
         det = detect_image(members, rgb, None, d.nms_iou, d.max_per_image, d.box_regression, d.score_threshold)
         seconds.append(time.perf_counter() - t)
         shown = det.scores > d.draw_threshold
         names = [n for n, keep in zip(det.names, shown) if keep]
         write_png(out_dir / f"{path.stem}.png", draw_detections(rgb, det.boxes[shown], names, det.scores[shown]))
+        drawn[path.name] = {"drawn": int(shown.sum()), "best_score": round(float(det.scores.max()), 4) if len(det.scores) else None}
         for b, s, lab, name in zip(det.boxes, det.scores, det.labels, det.names):
             x1, y1, x2, y2 = (float(v) for v in b)
             results.append({"image_id": path.name, "category_id": category_ids[lab], "category": name,
@@ -174,12 +201,20 @@ def detect_files(ctx) -> dict:
     write_json(out_dir / "detections.json", results)
     metrics = {
         "stage": "detect",
-        "images": len(files),
+        "images": len(drawn),
+        "skipped": [p.name for p in listed if p not in files] + skipped,
         "detections": len(results),
+        "drawn_per_image": drawn,
         "seconds_per_image": round(float(np.median(seconds)), 3) if seconds else None,
         "output": str(out_dir),
     }
     write_json(out_dir / "metrics.json", metrics)
-    print(f"detect: {len(files)} image(s), {len(results)} detections; boxes scoring above {d.draw_threshold} drawn in {out_dir}")
+    for name, r in list(drawn.items())[:20]:
+        best = "" if r["drawn"] else f" (best score {r['best_score']})" if r["best_score"] is not None else " (no detections)"
+        print(f"  {name}: {r['drawn']} box(es) drawn{best}")
+    if len(drawn) > 20:
+        print(f"  ... and {len(drawn) - 20} more (metrics.json: drawn_per_image)")
+    empty = sum(not r["drawn"] for r in drawn.values())
+    print(f"detect: {len(drawn)} image(s), {len(results)} detections; boxes scoring above {d.draw_threshold} drawn in "
+          f"{out_dir}" + (f"; {empty} image(s) with none drawn: lower detect.draw_threshold to see weaker ones" if empty else ""))  # fmt: skip
     return metrics
-

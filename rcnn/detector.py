@@ -112,8 +112,11 @@ class Detector:
             raise DetectorError(f"{path}: no such detector file (stage=svm writes <out>/svm/detector.pt)")
         try:
             parts = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DetectorError(f"{path}: not a readable detector file ({e})") from e
+        except Exception as e:  # torch's own message advises weights_only=False: not for a file of unknown origin
+            raise DetectorError(
+                f"{path}: not a detector file of this project (loading it as one failed: {type(e).__name__}). "
+                "Detector files are written by stage=svm as <out>/svm/detector.pt"
+            ) from None
         if not isinstance(parts, dict):
             raise DetectorError(f"{path}: not a detector file")
         try:

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from .store import StageStore
+from .store import StageStore, pid_alive
 
 __all__ = ["process_images", "process_pool"]
 
@@ -17,10 +18,25 @@ __all__ = ["process_images", "process_pool"]
 _FN = None  # the per-image function, set once in each worker (not pickled with every task)
 
 
-def _init_worker(fn) -> None:
+def _init_worker(fn, parent: int) -> None:
     global _FN
     _FN = fn
     _single_threaded()
+    _exit_with(parent)
+
+
+def _exit_with(parent: int) -> None:
+    """Exit quietly, at once, when the process that started this worker dies (a ``kill -9``): otherwise
+    the worker finishes its task, then prints a ``BrokenPipeError`` traceback sending the result."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while pid_alive(parent):
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _single_threaded() -> None:
@@ -76,7 +92,7 @@ def process_images(
                 store.put(image_id, fn(image_id))
                 bar.update()
         else:
-            pool = _context().Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(fn,))
+            pool = _context().Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(fn, os.getpid()))
             with pool:
                 for image_id, arrays in pool.imap_unordered(_call, todo, chunksize=1):
                     store.put(image_id, arrays)
@@ -91,4 +107,9 @@ def process_pool(workers: int):
     :func:`process_images`' are); jobs must be picklable."""
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(workers, mp_context=_context(), initializer=_single_threaded)
+    return ProcessPoolExecutor(workers, mp_context=_context(), initializer=_pool_worker, initargs=(os.getpid(),))
+
+
+def _pool_worker(parent: int) -> None:
+    _single_threaded()
+    _exit_with(parent)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(usage())
+        print(usage(argv))
         return 0
     try:
         cfg = load_config(argv)

@@ -26,6 +26,7 @@ class RunContext:
     cfg: DictConfig
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage run in this process
     results: dict[str, dict] = field(default_factory=dict)  # metrics per stage run in this process
+    stack: list[str] = field(default_factory=list)  # the stages running now, outermost first
 
     @property
     def run_dir(self) -> Path:
@@ -84,9 +85,17 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
     stage_dir = ctx.run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(ctx.cfg, resolve=True))
-    log.info("stage %s -> %s", stage, stage_dir)
+    if ctx.stack:  # a stage builds what it needs, as stage=all would have: say so
+        log.info("stage %s -> %s (needed by stage %s: read from the cache if this configuration built it, "
+                 "else built now)", stage, stage_dir, ctx.stack[-1])  # fmt: skip
+    else:
+        log.info("stage %s -> %s", stage, stage_dir)
     start, nested_before = time.perf_counter(), sum(ctx.timings.values())
-    metrics = fn(ctx)
+    ctx.stack.append(stage)
+    try:
+        metrics = fn(ctx)
+    finally:
+        ctx.stack.pop()
     nested = sum(ctx.timings.values()) - nested_before  # upstream stages this one ran first
     ctx.timings[stage] = time.perf_counter() - start - nested
     ctx.results[stage] = metrics

@@ -96,14 +96,21 @@ def entry_name(image_id) -> str:
     return "h-" + hashlib.sha1(text.encode()).hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped by its parent, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no /proc (not Linux): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
 
 
 class StageStore:
@@ -177,7 +184,7 @@ class StageStore:
         for folder in (self.dir, self.entries_dir):
             for p in folder.iterdir():
                 m = _TMP.match(p.name)
-                if m and not _pid_alive(int(m["pid"])):
+                if m and not pid_alive(int(m["pid"])):
                     p.unlink(missing_ok=True)
 
     # -- entries ------------------------------------------------------------------------------

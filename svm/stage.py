@@ -46,13 +46,18 @@ def _link(src, dst) -> None:
     """``dst`` becomes another name of ``src`` (atomically; a copy where links are not allowed)."""
     import shutil
 
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # already linked (os.replace of a link onto the same file would leave the link behind)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _proposal_parts(ctx) -> dict:

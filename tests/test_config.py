@@ -25,14 +25,33 @@ def test_dataset_preset_and_its_keys():
         ("progress=maybe", "bad value for 'progress'"),
         ("dataset.limit=0", "dataset.limit must be >= 1"),
         ("workers=-1", "workers must be >= 0"),
-        ("+extra=1", "adding or deleting keys is not supported"),
+        ("+extra=1", "keys can be set but not added or deleted"),
         ("stage", "is not a key=value override"),
+        ("--stage=data", "without dashes, and keys can be set but not added or deleted; did you mean stage=data?"),
+        ("dataset.classes=[cat,dog", "cannot parse 'dataset.classes=[cat,dog'"),
+        ("seed=1=2", "bad value for 'seed'"),
     ],
 )
 def test_bad_command_lines_list_what_is_valid(override, message):
     with pytest.raises(ConfigError) as e:
         load_config([override])
     assert message in str(e.value)
+
+
+def test_the_wrong_one_of_two_datasets_is_named():
+    with pytest.raises(ConfigError, match="unknown dataset 'vco'"):
+        load_config(["dataset=voc", "dataset=vco"])
+
+
+@pytest.mark.parametrize("path", ["/photos/my photos (2024)/", "/data/it's here", "a(b", "C:\\dir\\", "x=y", "[draft"])
+def test_paths_with_shell_characters_arrive_as_typed(path):
+    """The shell strips a user's quotes; whatever Hydra's grammar would reject is taken as the string it is
+    (except a leading bracket or quote: Hydra's own list and string syntax, reported when unclosed)."""
+    if path.startswith("["):
+        with pytest.raises(ConfigError, match="Close brackets and quotes"):
+            load_config([f"out={path}"])
+        return
+    assert load_config([f"out={path}"]).out == path
 
 
 def test_missing_required_keys_are_named():

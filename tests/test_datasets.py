@@ -189,6 +189,28 @@ def test_coco_maps_categories_to_contiguous_labels_and_back(tmp_path):
     assert ds.load_image(11).shape == (48, 64, 3)
 
 
+def test_coco_splits_numbering_their_images_independently(tmp_path):
+    """Issue #15: both JSON files start at id 1 (Roboflow's exports). The test split keeps its ids (what a
+    detections file names), the train split's become "train:<id>"; the data stage checks them all."""
+    paths = write_coco(tmp_path)
+    for name, first in (("train.json", 1), ("test.json", 1)):
+        data = json.loads((tmp_path / name).read_text())
+        renum = {im["id"]: first + k for k, im in enumerate(data["images"])}
+        for im in data["images"]:
+            im["id"] = renum[im["id"]]
+        for ann in data["annotations"]:
+            ann["image_id"] = renum[ann["image_id"]]
+        (tmp_path / name).write_text(json.dumps(data))
+    ds = coco(paths)
+    assert ds.splits == {"train": ["train:1", "train:2"], "test": [1]}
+    assert ds.annotation("train:1").labels.tolist() == [1, 2] and ds.annotation(1).labels.tolist() == [0]
+    assert ds.load_image("train:2").shape == (48, 64, 3)
+    from rcnn.run import main
+
+    keys = [f"dataset.{k}={v}" for k, v in paths.items()]
+    assert main(["stage=data", "dataset=coco", *keys, f"out={tmp_path / 'run'}", "progress=false"]) == 0
+
+
 def test_coco_split_names_and_limit(tmp_path):
     ds = coco(write_coco(tmp_path), "dataset.train_split=train2017", "dataset.limit=1")
     assert ds.splits == {"train2017": [7], "test": [11]}

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from rcnn import boxes as B
 from rcnn.detector import Detector, DetectorError, postprocess
@@ -80,6 +81,21 @@ def test_the_chain_writes_a_detector_detections_and_metrics(trained):
     assert {"total", "reg", "loss_pos", "loss_neg"} <= history[0].keys()
 
 
+def test_a_later_stage_builds_the_chain_stage_all_would_fine_tuning_included(tmp_path, caplog):
+    """Issue #15: stage=eval (or detect) on a fresh run folder builds what it needs, as stage=all does,
+    fine-tuning included when the configuration enables it, and says which stage needed which."""
+    args = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'run'}", "finetune.enabled=true",
+            "finetune.iterations=2", "finetune.batch_size=8", "finetune.fg_per_batch=2"]  # fmt: skip
+    caplog.set_level("INFO")
+    assert main([*args, "stage=eval"]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "finetune" / "metrics.json").read_text())["iterations"] == 2
+    features = json.loads((run / "features" / "metrics.json").read_text())
+    assert features["backbone_weights"] == "file"  # the fine-tuned network's, not the random start
+    assert "(needed by stage features" in caplog.text and "(needed by stage eval" in caplog.text
+    assert (run / "eval" / "metrics.json").exists()
+
+
 def test_the_api_reproduces_the_stage_and_survives_save_and_reload(trained, tmp_path):
     from rcnn.config import load_config
     from rcnn.stages import RunContext
@@ -134,6 +150,28 @@ def test_detect_on_an_image_folder_draws_pngs(trained, tmp_path):
     assert {d["image_id"] for d in dets} == {"a.jpg", "b.png"}
 
 
+def test_an_image_folder_run_skips_unreadable_files_says_what_it_drew_and_leaves_no_stale_pngs(trained, tmp_path, capsys, caplog):
+    from tests.fakes import write_image
+
+    args, run = trained
+    folder = tmp_path / "photos"
+    write_image(folder / "a.jpg", 120, 90, seed=1)
+    write_image(folder / "b.png", 100, 80, seed=2)
+    common = [*args, "stage=detect", f"out={tmp_path / 'out'}", f"detector={run / 'svm' / 'detector.pt'}"]
+    assert main([*common, f"image={folder}", "detect.draw_threshold=-100"]) == 0
+    (folder / "b.png").unlink()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    capsys.readouterr()
+    assert main([*common, f"image={folder}", "detect.draw_threshold=1000"]) == 0  # nothing scores that high
+    out = capsys.readouterr().out
+    assert "broken.jpg" in caplog.text and "a.jpg: 0 box(es) drawn (best score" in out
+    assert "1 image(s) with none drawn: lower detect.draw_threshold" in out
+    images = tmp_path / "out" / "detect" / "images"
+    assert sorted(p.name for p in images.glob("*.png")) == ["a.png"]  # b.png of the first run removed
+    m = json.loads((images / "metrics.json").read_text())
+    assert m["skipped"] == ["broken.jpg"] and m["drawn_per_image"]["a.jpg"]["drawn"] == 0
+
+
 def test_bad_detector_files_are_named(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -141,6 +179,11 @@ def test_bad_detector_files_are_named(tmp_path, capsys):
         Detector.load(bad)
     with pytest.raises(DetectorError, match="no such detector file"):
         Detector.load(tmp_path / "missing.pt")
+    model = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2), model)  # a whole pickled module: torch would advise weights_only=False
+    with pytest.raises(DetectorError, match="not a detector file of this project") as e:
+        Detector.load(model)
+    assert "weights_only" not in str(e.value)
     assert main([f"out={tmp_path}", "stage=detect", f"detector={bad}", f"image={bad}"]) == 1
     assert "bad.pt" in capsys.readouterr().err
 

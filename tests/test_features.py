@@ -129,7 +129,7 @@ def test_features_stage(tmp_path, mode):
         "progress=false", "stage=features", f"features.mode={mode}", "proposals.method=ss", "proposals.top_n=20",
         "dataset.train_images=2", "dataset.test_images=1", "dataset.width=128", "dataset.height=96",
         "dataset.min_size=24", "dataset.max_size=60", f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'run'}",
-        "backbone.weights=none", "workers=1",
+        "backbone.weights=none", "workers=1", "finetune.enabled=false",
     ]  # fmt: skip
     assert main(args) == 0
     m = json.loads((tmp_path / "run" / "features" / "metrics.json").read_text())
@@ -169,7 +169,7 @@ def test_images_decoded_by_worker_processes_give_the_same_features(tmp_path):
         "progress=false", "stage=features", "proposals.method=ss", "proposals.top_n=70", "dataset.train_images=2",
         "dataset.test_images=1", "dataset.width=128", "dataset.height=96", "dataset.min_size=24",
         "dataset.max_size=60", f"dataset.root={tmp_path / 'demo'}", "backbone.weights=none", "workers=1",
-        "features.batch_size=32",
+        "features.batch_size=32", "finetune.enabled=false",
     ]  # fmt: skip
     assert main([*common, f"out={tmp_path / 'a'}", "features.loader_workers=0"]) == 0
     assert main([*common, f"out={tmp_path / 'b'}", "features.loader_workers=2"]) == 0
@@ -189,3 +189,19 @@ def test_non_finite_features_are_refused_with_the_image_named(tmp_path):
     with pytest.raises(FloatingPointError, match="img_7"):
         put_features(store, "img_7", feats, 1, with_gt=True)
     assert not store.has("img_7") and not store.has(gt_entry("img_7"))
+
+
+def test_a_read_only_image_array_is_taken_without_torch_warning():
+    """np.asarray(PIL.Image) is read-only (issue #15): the API copies it rather than warn."""
+    import warnings
+
+    from PIL import Image
+
+    from features.warp import normalize_image
+
+    rgb = np.asarray(Image.fromarray(np.full((8, 6, 3), 200, np.uint8)))
+    assert not rgb.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = normalize_image(rgb)
+    assert x.shape == (3, 8, 6)

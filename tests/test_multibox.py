@@ -104,6 +104,8 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path):
         train_multibox(images, gts, priors, cfg(3), weights, tmp_path / "b.pt", progress=False, on_epoch=kill_after_first_epoch)
     resumed, r_state = train_multibox(images, gts, priors, cfg(3), weights, tmp_path / "b.pt", progress=False)
     assert [h["epoch"] for h in r_state.history] == [1, 2, 3]
+    assert r_state.epochs_before == 1 and r_state.seconds > 0  # the killed run's epoch counted in the time
+    assert s_state.epochs_before == 0
     np.testing.assert_allclose([h["loss"] for h in r_state.history], [h["loss"] for h in s_state.history], rtol=1e-5)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

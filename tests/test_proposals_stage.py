@@ -39,6 +39,8 @@ def test_proposals_stage_with_multibox(tiny):
     assert (out / "multibox" / "loss.png").exists()
     mb = json.loads((out / "multibox" / "metrics.json").read_text())
     assert mb["epochs"] == 2 and mb["num_priors"] == 6 and len(mb["history"]) == 2
+    assert mb["epochs_computed_now"] == 2 and mb["train_seconds"] > 0
+    assert m["images_computed_now"] == {"selective_search": 7, "multibox": 7} and m["compute_seconds"] > 0
 
     entries = sorted((out / "proposals" / m["key"] / "entries").glob("*.npz"))
     assert len(entries) == 7
@@ -52,6 +54,16 @@ def test_proposals_stage_with_multibox(tiny):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")} | {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
     assert main(["stage=proposals", *args]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    again = json.loads((out / "proposals" / "metrics.json").read_text())
+    assert again["images_computed_now"] == {"selective_search": 0, "multibox": 0}  # a rerun says it found them
+
+    # As after a kill: one image's selective search and combined entries missing -> computed, and said so.
+    ss_entry = sorted((out / "proposals" / "ss").glob("*/entries/*.npz"))[0]
+    ss_entry.unlink()
+    (out / "proposals" / m["key"] / "entries" / ss_entry.name).unlink()
+    assert main(["stage=proposals", *args]) == 0
+    resumed = json.loads((out / "proposals" / "metrics.json").read_text())
+    assert resumed["images_computed_now"] == {"selective_search": 1, "multibox": 0}
 
 
 def test_selective_search_alone_and_top_n(tiny):

@@ -64,12 +64,22 @@ def test_config_errors_fail_before_any_work(tmp_path, capsys):
     assert run("stage=detekt", f"out={out}") == 2
     assert "Valid stages: data, pretrain, proposals" in capsys.readouterr().err
     assert run("dataset.limit=many", f"out={out}") == 2
+    assert run("dataset.classes=[cat,dog", f"out={out}") == 2  # Hydra's parse error: one line, no traceback
+    err = capsys.readouterr().err
+    assert "cannot parse 'dataset.classes=[cat,dog'" in err and "Traceback" not in err and err.count("\n") == 2
     assert not out.exists()
 
 
 def test_help(capsys):
     assert main(["--help"]) == 0
-    assert "stage=<data|pretrain|proposals" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stage=<data|pretrain|proposals" in out
+    # Issue #15: the defaults, not the demo recipe's values, each with its comment; the recipe apart.
+    assert "  input_size: 224  # warped crop size (GoogLeNet's input)" in out
+    assert "  enabled: false  # stage=all fine-tunes first" in out
+    assert "recipe, applied before your overrides (dataset.recipe=[] drops it):\n  features.input_size=64" in out
+    assert main(["--help", "dataset=coco128"]) == 0
+    assert "root: ../shared/datasets/coco128" in capsys.readouterr().out
 
 
 def test_module_entry_point():

@@ -165,6 +165,24 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, workers):
     assert not list(key_dir.rglob("*.tmp"))
 
 
+def test_workers_of_a_killed_parent_exit_quietly(tmp_path):
+    """Issue #15: kill -9 of the main process alone (as an OOM killer does) must not leave workers that
+    finish their task and print BrokenPipeError tracebacks: they exit within a second, silently."""
+    script = tmp_path / "stage.py"
+    script.write_text(textwrap.dedent(SCRIPT.replace("time.sleep(0.05)", "time.sleep(2)")))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run"), str(tmp_path / "log"), "2"],
+                            env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline and len((tmp_path / "log").read_text().split() if (tmp_path / "log").exists() else []) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # the main process only: the workers see it go
+    start = time.time()
+    err = proc.stderr.read()  # EOF once every worker holding the pipe has exited
+    assert time.time() - start < 10, "workers outlived their parent"
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 CV_THEN_WORKERS = """
 import sys, tempfile
 import cv2, numpy as np

@@ -232,3 +232,19 @@ def test_max_negatives_unbounded_is_r_cnn_mining():
     b, _ = mine(pos, imgs, replace(P, max_negatives=10**9))
     for x, y in zip(a.model(), b.model()):
         np.testing.assert_array_equal(x, y)
+
+
+def test_linking_the_detector_again_leaves_no_temporary_file(tmp_path):
+    """Defect 4 of issue #15: os.replace of a hard link onto the same file is a no-op, leaving the link."""
+    from svm.stage import _link
+
+    src, dst = tmp_path / "key" / "detector.pt", tmp_path / "detector.pt"
+    src.parent.mkdir()
+    src.write_bytes(b"one")
+    for _ in range(3):
+        _link(src, dst)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.pt", "key"]
+    src.unlink()
+    src.write_bytes(b"two")  # a new detector under the same key: the link follows it
+    _link(src, dst)
+    assert dst.read_bytes() == b"two" and sorted(p.name for p in tmp_path.iterdir()) == ["detector.pt", "key"]

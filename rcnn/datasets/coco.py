@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -138,15 +139,18 @@ def load_coco(cfg, hint: str = "") -> DetectionDataset:
     label_of = {cat: k for k, cat in enumerate(by_id)}
 
     report = BoxReport()
+    parts = {split: _split(data, files[split][0], files[split][1], cats, label_of, report, cfg.limit)
+             for split, data in datas.items()}  # fmt: skip
+    if cfg.train_split != cfg.test_split and set(parts[cfg.train_split][1]) & set(parts[cfg.test_split][1]):
+        # Each JSON file numbers its own images (Roboflow's exports, most hand-made splits): the test split
+        # keeps its ids, which detections files use; the train split's become "<split>:<id>".
+        log.info("%s and %s number their images independently: train images are %s:<id> here",
+                 files[cfg.train_split][0], files[cfg.test_split][0], cfg.train_split)  # fmt: skip
+        recs, order = parts[cfg.train_split]
+        rename = {i: f"{cfg.train_split}:{i}" for i in order}
+        parts[cfg.train_split] = [replace(r, image_id=rename[r.image_id]) for r in recs], [rename[i] for i in order]
     records, splits = [], {}
-    seen: dict[int, Path] = {}
-    for split, data in datas.items():
-        json_path, images_dir = files[split]
-        recs, order = _split(data, json_path, images_dir, cats, label_of, report, cfg.limit)
-        for r in recs:
-            if r.image_id in seen and seen[r.image_id] != r.path:
-                raise DatasetError(f"{json_path}: image id {r.image_id} is also used by {seen[r.image_id]}")
-            seen[r.image_id] = r.path
+    for split, (recs, order) in parts.items():
         records += recs
         splits[split] = order
     log_box_report(report)
