@@ -117,13 +117,15 @@ def report_markdown(r: dict) -> str:
         + (f"; SVM C = {r['svm']['C']:g}" + (" (chosen on held-out train images)" if r["svm"].get("C_selection") else "")
            if r.get("svm", {}).get("C") is not None else "") + ".",
         "",
-        "| stage | seconds | images | seconds / image |",
-        "|---|---:|---:|---:|",
+        "| stage | seconds | images | seconds / image | peak memory (MiB) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for s in r["stages"]:
         per = f"{s['seconds_per_image']:.3f}" if s["seconds_per_image"] is not None else "-"
-        lines.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['images']} | {per} |")
-    lines += ["", f"Total: {r['seconds']:.1f} s. Times are this run's; a stage found in the cache takes ~0 s.", ""]
+        peak = f"{s['peak_rss_mb']:.0f}" if s.get("peak_rss_mb") else "-"
+        lines.append(f"| {s['stage']} | {s['seconds']:.1f} | {s['images']} | {per} | {peak} |")
+    lines += ["", f"Total: {r['seconds']:.1f} s. Times are this run's; a stage found in the cache takes ~0 s. "
+              "Peak memory: the main process's resident peak during the stage (worker processes not counted).", ""]
     return "\n".join(lines)
 
 
@@ -141,7 +143,8 @@ def run_benchmark(ctx) -> dict:
             continue
         n = images[_PER.get(name, "both")]
         stages.append({"stage": name, "seconds": round(seconds, 2), "images": n,
-                       "seconds_per_image": round(seconds / n, 4) if n else None})  # fmt: skip
+                       "seconds_per_image": round(seconds / n, 4) if n else None,
+                       "peak_rss_mb": res.get(name, {}).get("peak_rss_mb")})  # fmt: skip
     proposals = res.get("proposals", {})
     ev = res.get("eval", {})
     report = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage run in this process
     results: dict[str, dict] = field(default_factory=dict)  # metrics per stage run in this process
     stack: list[str] = field(default_factory=list)  # the stages running now, outermost first
+    peaks: list[float] = field(default_factory=list)  # their peak resident memory so far (MiB)
 
     @property
     def run_dir(self) -> Path:
@@ -91,12 +93,56 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
     else:
         log.info("stage %s -> %s", stage, stage_dir)
     start, nested_before = time.perf_counter(), sum(ctx.timings.values())
+    _carry_peak(ctx, peak_rss_mb())  # the outer stages' peak so far, before the counter restarts
+    reset_peak_rss()
     ctx.stack.append(stage)
+    ctx.peaks.append(0.0)
     try:
         metrics = fn(ctx)
     finally:
         ctx.stack.pop()
+        peak = max(ctx.peaks.pop(), peak_rss_mb() or 0.0)
+        _carry_peak(ctx, peak)
     nested = sum(ctx.timings.values()) - nested_before  # upstream stages this one ran first
     ctx.timings[stage] = time.perf_counter() - start - nested
+    if isinstance(metrics, dict) and peak:
+        metrics = {**metrics, "peak_rss_mb": round(peak, 1)}
+        path = stage_dir / "metrics.json"
+        if path.exists():
+            from .store import write_json
+
+            write_json(path, {**json.loads(path.read_text()), "peak_rss_mb": round(peak, 1)})
     ctx.results[stage] = metrics
     return metrics
+
+
+def _carry_peak(ctx: RunContext, mb: float | None) -> None:
+    """Every stage running now (the outer ones of a nested call) saw at least ``mb``."""
+    ctx.peaks[:] = [max(p, mb or 0.0) for p in ctx.peaks]
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's peak resident memory count (Linux; elsewhere the count is since start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (MiB) since the last :func:`reset_peak_rss` (worker processes
+    not included); None where the system does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, since start
+    except ImportError:  # pragma: no cover - Windows
+        return None

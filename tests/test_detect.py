@@ -199,6 +199,8 @@ def test_benchmark_reports_the_chain_and_appends_it(trained, tmp_path):
     evaluated = json.loads((run / "eval" / "metrics.json").read_text())
     assert report["eval"]["voc07_map"] == evaluated["voc07_map"]
     assert report["features"]["bytes_per_image"] > 0 and "test" in report["proposals"]
+    assert all(s["peak_rss_mb"] > 10 for s in report["stages"])  # every stage's peak memory, in the report
+    assert json.loads((run / "svm" / "metrics.json").read_text())["peak_rss_mb"] > 10  # and in its metrics.json
     text = bench.read_text()
     assert text.startswith("# Benchmarks\n") and "## Benchmark: demo" in text and "| svm |" in text
     assert (run / "benchmark" / "report.md").read_text() in text

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -102,3 +103,31 @@ def test_every_stage_has_an_importable_entry_point():
     from rcnn.stages import stage_function
 
     assert all(callable(stage_function(s.value)) for s in Stage if s is not Stage.all)
+
+
+def _allocating(mb):
+    def stage(ctx):
+        block = np.ones(mb * 2**20 // 8)  # held while the stage runs
+        if mb == 200:
+            from rcnn.stages import run_stage
+
+            run_stage(ctx, "data")  # a nested stage, smaller than this one
+        return {"sum": float(block[:1].sum())}
+
+    return stage
+
+
+def test_peak_memory_is_measured_per_stage_nested_stages_included(tmp_path, monkeypatch):
+    """Issue #12: each stage's peak resident memory; an outer stage's includes what its nested ones used."""
+    from rcnn import stages
+    from rcnn.config import load_config
+
+    if stages.peak_rss_mb() is None:
+        pytest.skip("this system does not report peak memory")
+    fns = {"eval": _allocating(0), "data": _allocating(50), "proposals": _allocating(200)}
+    monkeypatch.setattr(stages, "stage_function", lambda name: fns[name])
+    ctx = stages.RunContext(load_config([f"out={tmp_path}"]))
+    base = stages.run_stage(ctx, "eval")["peak_rss_mb"]
+    peak = stages.run_stage(ctx, "proposals")["peak_rss_mb"]  # 200 MiB held around a nested 50 MiB stage
+    nested = ctx.results["data"]["peak_rss_mb"]
+    assert base + 240 <= nested <= peak and peak < base + 400
