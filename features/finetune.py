@@ -11,6 +11,7 @@ windows of a batch come from ``roi_images_per_batch`` images, pooled from one pa
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,7 @@ class FineTuner:
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.iteration = 0
+        self.seconds = 0.0  # time in step(), across resumes
         self.history: list[dict] = []
         self.fg, self.bg = windows.foreground(), windows.background()
         if len(self.fg) == 0 or len(self.bg) == 0:
@@ -185,6 +187,7 @@ class FineTuner:
         self.model.eval()
 
     def step(self) -> dict:
+        start = time.perf_counter()
         self.model.train()
         if self.fcfg.mode.value == "roi":
             for m in self.model.modules():
@@ -207,6 +210,7 @@ class FineTuner:
         acc = (logits.argmax(1) == target).float().mean().item()
         record = {"iteration": self.iteration, "loss": loss.item(), "accuracy": acc, "lr": self.sched.get_last_lr()[0]}
         self.history.append(record)
+        self.seconds += time.perf_counter() - start
         return record
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -220,6 +224,7 @@ class FineTuner:
             "rng": self.rng.bit_generator.state,
             "iteration": self.iteration,
             "history": self.history,
+            "seconds": self.seconds,
         }
         torch_save(path, state)
 
@@ -230,3 +235,4 @@ class FineTuner:
         self.sched.load_state_dict(ck["scheduler"])
         self.rng.bit_generator.state = ck["rng"]
         self.iteration, self.history = ck["iteration"], ck["history"]
+        self.seconds = ck.get("seconds", 0.0)

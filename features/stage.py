@@ -277,6 +277,8 @@ def run_finetune(ctx) -> dict:
         "loss_last20": float(np.mean([h["loss"] for h in last])),
         "accuracy_last20": float(np.mean([h["accuracy"] for h in last])),
         "seconds_per_iteration": round(seconds / max(tuner.iteration - done_before, 1), 3),
+        "iterations_computed_now": tuner.iteration - done_before,
+        "train_seconds": round(tuner.seconds, 2),  # every step's, across resumes
         "model": str(model_path),
     }
     store.finish(metrics)

@@ -209,6 +209,7 @@ def run_svm(ctx) -> dict:
     params = replace(SvmParams.from_config(sc, cfg.seed), C=float(chosen))
     checkpoint = store.dir / "checkpoint.pt"
     state = _load_checkpoint(checkpoint, scale)
+    resumed_at = 0 if state is None else state["next"]
     if state is None:
         state = {"next": 0, "scale": scale, "miner": HardNegativeMiner(pos, params, ctx.workers),
                  "pairs_x": [[] for _ in range(C)], "pairs_t": [[] for _ in range(C)]}  # fmt: skip
@@ -283,7 +284,9 @@ def run_svm(ctx) -> dict:
         "positives": int(sum(len(p) for p in pos)),
         "regression_pairs": int(sum(reg_pairs)),
         "regressors_trained": int(sum(n >= MIN_REGRESSION_PAIRS for n in reg_pairs)) if sc.regression else 0,
-        "mining_seconds": round(mining_seconds, 2),
+        "mining_seconds": round(mining_seconds, 2),  # this process's (C selection included)
+        "images_mined_now": len(ids) - resumed_at,
+        "mining_seconds_all": round(state.get("seconds", 0.0), 2),  # the final SVMs' pass over the images, across resumes
         "regression_seconds": round(regression_seconds, 2),
         "seconds": round(time.perf_counter() - start, 2),
         "per_class": {
@@ -309,7 +312,7 @@ def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint, d
 
     cfg, ds, sc, C = ctx.cfg, ctx.dataset, ctx.cfg.svm, ctx.dataset.num_classes
     pairs_x, pairs_t, scale = state["pairs_x"], state["pairs_t"], state["scale"]
-    saved = time.perf_counter()
+    saved = last = time.perf_counter()
     bar = tqdm(total=len(ids), initial=state["next"], desc=desc, unit="img", disable=not cfg.progress)
     for k in range(state["next"], len(ids)):
         i = ids[k]
@@ -325,6 +328,8 @@ def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint, d
                 pairs_x[c].append(np.asarray(raw[rows], np.float16))
                 pairs_t[c].append(encode(props[rows], gt[best[rows]]).astype(np.float32))
         state["next"] = k + 1
+        now = time.perf_counter()
+        state["seconds"], last = state.get("seconds", 0.0) + now - last, now  # mining time, across resumes
         bar.update()
         if checkpoint is not None and time.perf_counter() - saved >= sc.checkpoint_seconds and k + 1 < len(ids):
             torch_save(checkpoint, state)  # a killed run resumes after this image

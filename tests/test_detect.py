@@ -240,6 +240,8 @@ def test_a_killed_svm_stage_resumes_to_the_same_detector(trained, tmp_path, monk
     calls["n"] = -100  # the rerun is not interrupted
     assert main(again) == 0
     assert calls["n"] == -100 + 2  # C was not chosen again, and mining went on from the third image of four
+    m = json.loads((copy / "svm" / "metrics.json").read_text())
+    assert m["images_mined_now"] == 2 and m["mining_seconds_all"] > 0  # the resume is visible
     a = torch.load(run / "svm" / "detector.pt", weights_only=True)
     b = torch.load(copy / "svm" / "detector.pt", weights_only=True)
     for key in ("svm_w", "svm_b", "reg_w", "reg_b"):

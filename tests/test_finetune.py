@@ -62,6 +62,7 @@ def test_resumed_fine_tuning_equals_an_uninterrupted_run(tmp_path, mode):
     for _ in range(2):
         resumed.step()
     assert [h["iteration"] for h in resumed.history] == [1, 2, 3, 4]
+    assert resumed.seconds > first.seconds > 0  # the killed run's steps counted in the time
     np.testing.assert_allclose([h["loss"] for h in resumed.history], [h["loss"] for h in straight.history], rtol=1e-4)
     assert resumed.history[-1]["lr"] == pytest.approx(straight.history[-1]["lr"]) == pytest.approx(0.001 * 0.01)
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
