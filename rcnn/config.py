@@ -390,8 +390,14 @@ class SvmConfig:
     checkpoint_seconds: float = 60.0  # save the mining state this often (a killed run resumes from it)
 
 
+class Scores(Enum):
+    svm = "svm"  # the per-class SVMs (R-CNN)
+    softmax = "softmax"  # the fine-tuned network's own (N+1)-way classifier, P(class) (R-CNN's appendix B)
+
+
 @dataclass
 class DetectConfig:
+    scores: Scores = Scores.svm  # what scores a region: svm | softmax (needs a detector trained after fine-tuning)
     box_regression: bool = True  # apply the detector's box regressors (when it has them)
     nms_iou: float = 0.3  # per-class greedy NMS
     max_per_image: int = 100  # detections kept per image, best scores first

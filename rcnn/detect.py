@@ -49,7 +49,7 @@ def detector_files(ctx) -> list[Path]:
 
 
 def load_members(ctx, files: list[Path]) -> list[Detector]:
-    members = [Detector.load(p, ctx.cfg.device.value) for p in files]
+    members = [Detector.load(p, ctx.cfg.device.value, ctx.cfg.detect.scores.value) for p in files]
     check_ensemble(members)  # before any work
     return members
 
@@ -57,7 +57,7 @@ def load_members(ctx, files: list[Path]) -> list[Detector]:
 def _settings(ctx) -> dict:
     d = ctx.cfg.detect
     return {"nms_iou": d.nms_iou, "max_per_image": d.max_per_image, "box_regression": d.box_regression,
-            "score_threshold": d.score_threshold}  # fmt: skip
+            "score_threshold": d.score_threshold, "scores": d.scores.value}  # fmt: skip
 
 
 def run_detect(ctx) -> dict:

@@ -85,7 +85,7 @@ def postprocess(
 class Detector:
     """A loaded detector file; call it on an image (path or RGB uint8 array)."""
 
-    def __init__(self, parts: dict, device: str = "auto"):
+    def __init__(self, parts: dict, device: str = "auto", scores: str = "svm"):
         if parts.get("format") != FORMAT:
             raise DetectorError(f"not a detector file (format {parts.get('format')!r}, expected {FORMAT!r})")
         if parts.get("version") != VERSION:
@@ -98,6 +98,15 @@ class Detector:
         self.reg_w = parts["reg_w"].numpy().astype(np.float32) if parts.get("reg_w") is not None else None
         self.reg_b = parts["reg_b"].numpy().astype(np.float32) if parts.get("reg_b") is not None else None
         self.features_cfg: dict = dict(parts["features"])
+        classifier = parts.get("classifier")  # the fine-tuned network's (N+1)-way softmax, when it had one
+        if scores == "softmax" and classifier is None:
+            raise DetectorError("detect.scores=softmax needs the fine-tuned network's classifier; this detector's "
+                                "features were not fine-tuned (finetune.enabled=true), so use detect.scores=svm")  # fmt: skip
+        if scores not in ("svm", "softmax"):
+            raise DetectorError(f"scores must be svm or softmax, got {scores!r}")
+        self.scores = scores
+        self.cls_w = classifier["weight"].numpy().astype(np.float32) if classifier is not None else None
+        self.cls_b = classifier["bias"].numpy().astype(np.float64) if classifier is not None else None
         self._device_name = device
         self._model = None
         self._multibox = None
@@ -106,7 +115,7 @@ class Detector:
     # -- file -----------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> "Detector":
+    def load(cls, path: str | Path, device: str = "auto", scores: str = "svm") -> "Detector":
         path = Path(path)
         if not path.is_file():
             raise DetectorError(f"{path}: no such detector file (stage=svm writes <out>/svm/detector.pt)")
@@ -120,7 +129,7 @@ class Detector:
         if not isinstance(parts, dict):
             raise DetectorError(f"{path}: not a detector file")
         try:
-            det = cls(parts, device)
+            det = cls(parts, device, scores)
         except DetectorError as e:
             raise DetectorError(f"{path}: {e}") from None
         det.path = path
@@ -205,8 +214,16 @@ class Detector:
         return combine(ss, mb_boxes, mb_scores, pc["merge_iou"])["boxes"]
 
     def score(self, feats: np.ndarray) -> np.ndarray:
-        """SVM scores ``[N, C]`` of raw (cached) features ``[N, D]``; ``-inf`` for untrained classes."""
-        return np.asarray(feats, np.float32) @ self.svm_w.T + self.svm_b
+        """Scores ``[N, C]`` of raw (cached) features ``[N, D]``: the SVMs' (``-inf`` for untrained classes)
+        or, with ``scores="softmax"``, the fine-tuned classifier's probability of each class (background,
+        its first output, left out)."""
+        x = np.asarray(feats, np.float32)
+        if self.scores == "softmax":
+            logits = x @ self.cls_w.T + self.cls_b
+            logits -= logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            return (p / p.sum(axis=1, keepdims=True))[:, 1:]
+        return x @ self.svm_w.T + self.svm_b
 
     def deltas(self, feats: np.ndarray) -> np.ndarray | None:
         """Box regression deltas ``[N, C, 4]``, or None without regressors."""

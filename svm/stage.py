@@ -28,7 +28,7 @@ from .train import HardNegativeMiner, SvmParams, mean_norm_scale
 
 log = logging.getLogger("svm")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax)
 MIN_REGRESSION_PAIRS = 8  # a class with fewer training pairs keeps its boxes as proposed
 
 
@@ -58,6 +58,23 @@ def _link(src, dst) -> None:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _classifier(weights, num_classes: int) -> dict | None:
+    """The fine-tuned network's (N+1)-way classifier (``detect.scores=softmax``), when the features came
+    from stage=finetune's model.pt; None otherwise."""
+    if weights.kind != "file" or not weights.path:
+        return None
+    try:
+        ck = torch.load(weights.path, map_location="cpu", weights_only=True)
+    except Exception:  # not a file stage=finetune wrote
+        return None
+    if not isinstance(ck, dict) or ck.get("source") != "stage=finetune" or "classifier" not in ck:
+        return None  # e.g. a pretrained backbone: its classifier is for its own classes
+    head = ck["classifier"]
+    if head["weight"].shape[0] != num_classes + 1:
+        return None
+    return {"weight": head["weight"].float(), "bias": head["bias"].float()}
 
 
 def _proposal_parts(ctx) -> dict:
@@ -256,6 +273,7 @@ def run_svm(ctx) -> dict:
         "svm_w": torch.from_numpy(W * scale), "svm_b": torch.from_numpy(b),
         "reg_w": torch.from_numpy(reg_w) if sc.regression else None,
         "reg_b": torch.from_numpy(reg_b) if sc.regression else None,
+        "classifier": _classifier(weights, C),
         "proposals": _proposal_parts(ctx), "features_key": features.key,
         "config": OmegaConf.to_yaml(cfg),
     }  # fmt: skip

@@ -95,6 +95,22 @@ def test_a_later_stage_builds_the_chain_stage_all_would_fine_tuning_included(tmp
     assert "(needed by stage features" in caplog.text and "(needed by stage eval" in caplog.text
     assert (run / "eval" / "metrics.json").exists()
 
+    # The fine-tuned network's own classifier as the scorer (R-CNN's softmax against SVM ablation).
+    assert main([*args, "stage=eval", "detect.scores=softmax"]) == 0
+    dets = json.loads((run / "detect" / "detections.json").read_text())
+    assert dets and all(0 <= d["score"] <= 1 for d in dets)
+    det = Detector.load(run / "svm" / "detector.pt", scores="softmax")
+    feats = np.random.default_rng(0).normal(0, 1, (7, 1024)).astype(np.float32)
+    ref = torch.softmax(torch.from_numpy(feats) @ torch.from_numpy(det.cls_w).T + torch.from_numpy(det.cls_b).float(), 1)
+    np.testing.assert_allclose(det.score(feats), ref[:, 1:].numpy(), rtol=1e-4, atol=1e-6)
+    assert det.score(feats).shape == (7, det.num_classes)
+
+
+def test_softmax_scores_need_a_fine_tuned_detector(trained, capsys):
+    args, run = trained  # trained without fine-tuning: its detector file carries no classifier
+    assert main([*args, "stage=detect", "detect.scores=softmax"]) == 1
+    assert "detect.scores=softmax needs the fine-tuned network's classifier" in capsys.readouterr().err
+
 
 def test_the_api_reproduces_the_stage_and_survives_save_and_reload(trained, tmp_path):
     from rcnn.config import load_config
