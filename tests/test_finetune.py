@@ -76,7 +76,7 @@ def test_finetune_stage_then_features_use_the_tuned_weights(tmp_path):
         f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'run'}", "backbone.weights=none", "workers=1",
         "features.input_size=64", "finetune.iterations=2", "finetune.batch_size=8", "finetune.fg_per_batch=2",
     ]  # fmt: skip
-    assert main(["stage=features", *args]) == 0
+    assert main(["stage=features", "finetune.enabled=false", *args]) == 0  # the demo recipe would fine-tune first
     before = json.loads((tmp_path / "run" / "features" / "metrics.json").read_text())
     assert before["backbone_weights"] == "none"
     assert main(["stage=finetune", *args]) == 0
