@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -52,11 +53,19 @@ def _single_threaded() -> None:
     torch.set_num_threads(1)
 
 
+# After a kill -9 of this process, multiprocessing's resource tracker (a process of its own, started with
+# this interpreter's -W options) removes the semaphores the pool left and warns about each "leak": the
+# cleanup is its job, the warning only noise on the terminal of a user who stopped a run.
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
 def _context():
     """Workers start from a clean server process, never by forking this one: a forked child of a
     process that has already run OpenCV's (or OpenMP's) thread pool deadlocks in ``cv2.setNumThreads``
     (seen: MultiBox's image resizing, then selective search workers). ``fn`` and its arguments are
     therefore pickled, once per worker."""
+    if _QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(_QUIET_TRACKER)  # read when the tracker starts, at the first pool
     methods = mp.get_all_start_methods()
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
