@@ -28,14 +28,13 @@ from torch import nn
 from tqdm import tqdm
 
 from features.backbone import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     BackboneError,
     LoadedWeights,
     build_googlenet,
     googlenet_from_state,
     trunk,
 )
+from features.pretrain_data import to_input
 from rcnn.store import torch_save
 from rcnn.viz import plot_history
 
@@ -137,11 +136,8 @@ def warp_image(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def _to_input(batch_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> normalised float [B, 3, S, S] (channels_last)."""
-    x = batch_u8.permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    """uint8 [B, S, S, 3] -> normalised float [B, 3, S, S] (channels_last), as every network input here."""
+    return to_input(batch_u8.permute(0, 3, 1, 2))
 
 
 @dataclass

@@ -526,9 +526,8 @@ def _help_lines(node: DictConfig, indent: str = "") -> list[str]:
         if key == "defaults":
             continue
         note = f"  # {comments[key]}" if comments.get(key) else ""
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            lines += [f"{indent}{key}:{note}", *_help_lines(child, indent + "  ")]
+        if isinstance(values[key], dict):  # a section
+            lines += [f"{indent}{key}:{note}", *_help_lines(node[key], indent + "  ")]
         else:
             text = OmegaConf.to_yaml({key: values[key]}).strip().replace("\n", " ")
             lines.append(f"{indent}{text}{note}")

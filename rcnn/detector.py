@@ -99,11 +99,11 @@ class Detector:
         self.reg_b = parts["reg_b"].numpy().astype(np.float32) if parts.get("reg_b") is not None else None
         self.features_cfg: dict = dict(parts["features"])
         classifier = parts.get("classifier")  # the fine-tuned network's (N+1)-way softmax, when it had one
+        if scores not in ("svm", "softmax"):
+            raise DetectorError(f"scores must be svm or softmax, got {scores!r}")
         if scores == "softmax" and classifier is None:
             raise DetectorError("detect.scores=softmax needs the fine-tuned network's classifier; this detector's "
                                 "features were not fine-tuned (finetune.enabled=true), so use detect.scores=svm")  # fmt: skip
-        if scores not in ("svm", "softmax"):
-            raise DetectorError(f"scores must be svm or softmax, got {scores!r}")
         self.scores = scores
         self.cls_w = classifier["weight"].numpy().astype(np.float32) if classifier is not None else None
         self.cls_b = classifier["bias"].numpy().astype(np.float64) if classifier is not None else None
@@ -219,10 +219,9 @@ class Detector:
         its first output, left out)."""
         x = np.asarray(feats, np.float32)
         if self.scores == "softmax":
-            logits = x @ self.cls_w.T + self.cls_b
-            logits -= logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            return (p / p.sum(axis=1, keepdims=True))[:, 1:]
+            from scipy.special import softmax
+
+            return softmax(x @ self.cls_w.T + self.cls_b, axis=1)[:, 1:]
         return x @ self.svm_w.T + self.svm_b
 
     def deltas(self, feats: np.ndarray) -> np.ndarray | None:
