@@ -46,12 +46,19 @@ def _memory_gib() -> float | None:
     return None
 
 
-def gemm_rates() -> dict:
-    """This machine's matrix-multiply rate (GFLOP/s) in fp32 and bf16, measured now (median of 5)."""
+def gemm_rates(bf16: bool | None = None) -> dict:
+    """This machine's matrix-multiply rate (GFLOP/s) in fp32 and bf16, measured now (median of 5).
+    bf16 only where the CPU computes it natively unless ``bf16=True`` (elsewhere it is emulated, about
+    100x slower, and 2048^3 multiplies take minutes): None in its place."""
     import torch
 
+    if bf16 is None:
+        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if dtype is torch.bfloat16 and not bf16:
+            out[name] = None
+            continue
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
         a @ b
         times = []
@@ -92,7 +99,7 @@ def report_markdown(r: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {gpu}; torch {m['torch']}, "
         f"torchvision {m['torchvision']}, Python {m['python']}. CPU matrix multiply measured in this run: "
-        f"{m['gemm_gflops']['fp32']} GFLOP/s fp32, {m['gemm_gflops']['bf16']} GFLOP/s bf16.",
+        f"{m['gemm_gflops']['fp32']} GFLOP/s fp32, {m['gemm_gflops']['bf16'] or 'no native'} GFLOP/s bf16.",
         "",
         "```bash",
         r["command"],

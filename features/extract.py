@@ -97,14 +97,22 @@ def features_warp(
     return _to_numpy16(out)
 
 
+def roi_scale(h: int, w: int, image_size: int = 600, max_size: int | None = 1000) -> float:
+    """The roi mode's image scale: the shorter side to ``image_size``, unless the longer side would then
+    pass ``max_size`` (Fast R-CNN's rule, so that a panorama cannot exhaust memory)."""
+    scale = image_size / min(h, w)
+    return min(scale, max_size / max(h, w)) if max_size else scale
+
+
 @torch.inference_mode()
 def features_roi(
     model: RegionFeatures, rgb: np.ndarray, boxes: np.ndarray, size: int = 224, padding: int = 16,
     image_size: int = 600, batch_size: int = 256, channels_last: bool = True, device: torch.device | str = "cpu",
+    max_size: int | None = 1000,
 ) -> np.ndarray:  # fmt: skip
-    """Like :func:`features_warp` from one pass over the image (shorter side resized to ``image_size``)."""
+    """Like :func:`features_warp` from one pass over the image, scaled by :func:`roi_scale`."""
     h, w = rgb.shape[:2]
-    scale = image_size / min(h, w)
+    scale = roi_scale(h, w, image_size, max_size)
     image = normalize_image(rgb, device)[None]
     if scale != 1:
         image = nn.functional.interpolate(image, scale_factor=scale, mode="bilinear", align_corners=False)

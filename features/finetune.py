@@ -27,7 +27,7 @@ from rcnn import boxes as B
 from rcnn.store import torch_save
 
 from .backbone import amp_dtype, autocast
-from .extract import RegionFeatures
+from .extract import RegionFeatures, roi_scale
 from .warp import context_boxes, normalize_image, warp_crops
 
 __all__ = ["Windows", "label_windows", "FineTuner"]
@@ -89,6 +89,33 @@ class _ImageCache:
         return t
 
 
+def flip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """Continuous xyxy boxes of an image of ``width`` mirrored left-right."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+
+
+def param_groups(net: nn.Module, cfg) -> list[dict]:
+    """SGD groups as R-CNN's fine-tuning prototxt: the new classifier (``net.fc``) at
+    ``classifier_lr_mult`` x the base rate, every bias at ``bias_lr_mult`` x its layer's rate without
+    weight decay, BatchNorm's scale and shift (which Caffe's GoogLeNet did not have) without weight
+    decay, every other weight at the base rate with ``weight_decay``."""
+    bn = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    head = {id(p) for p in net.fc.parameters()}
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = cfg.classifier_lr_mult if id(p) in head else 1.0
+        if id(p) in bn:
+            decay = 0.0
+        elif name.endswith("bias"):
+            mult, decay = mult * cfg.bias_lr_mult, 0.0
+        else:
+            decay = cfg.weight_decay
+        groups.setdefault((mult, decay), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * mult, "lr_mult": mult, "weight_decay": decay} for (mult, decay), ps in groups.items()]
+
+
 class FineTuner:
     """One fine-tuning run: the network, its classifier, the optimiser and the sampler's state."""
 
@@ -99,11 +126,11 @@ class FineTuner:
         self.amp = amp_dtype(fcfg.precision, self.device)  # bf16 where the CPU or GPU computes it natively
         self.model = RegionFeatures(net, fcfg.roi_layer.value if fcfg.mode.value == "roi" else "inception4e")
         self.model.net.fc = nn.Linear(1024, num_classes + 1)
+        self.model.net.dropout = nn.Dropout(cfg.dropout)
         self.model.to(self.device)
         self.windows = windows
         self.images = _ImageCache(load_image, cfg.image_cache, self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.SGD(param_groups(self.model.net, cfg), lr=cfg.lr, momentum=cfg.momentum)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.step_size, gamma=0.1)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
@@ -148,22 +175,28 @@ class FineTuner:
             for sel, c in crops:
                 batch[torch.from_numpy(sel).to(dev)] = c
             batch = torch.where(flip, batch.flip(3), batch)
-            return net.fc(self.model(batch.contiguous(memory_format=torch.channels_last)))
+            return net.fc(net.dropout(self.model(batch.contiguous(memory_format=torch.channels_last))))
         feats = torch.empty((len(idx), 1024), device=dev)
         cells = f.input_size // self.model.stride
         for i in np.unique(w.image[idx]):
             sel = np.flatnonzero(w.image[idx] == i)
             img = self.images(int(i))
-            scale = f.roi_image_size / min(img.shape[1:])
+            boxes = torch.from_numpy(w.boxes[idx[sel]])
+            if flips[sel[0]]:  # the whole image and its boxes (a step draws one flip per image in roi mode)
+                img, boxes = img.flip(-1), flip_boxes(boxes, img.shape[-1])
+            scale = roi_scale(*img.shape[1:], f.roi_image_size, f.roi_max_size)
             x = F.interpolate(img[None], scale_factor=scale, mode="bilinear", align_corners=False)
             fmap = self.model.stem(x)
-            boxes = context_boxes(torch.from_numpy(w.boxes[idx[sel]]), f.input_size, f.padding).to(dev) * scale
+            boxes = context_boxes(boxes, f.input_size, f.padding).to(dev) * scale
             rois = torch.cat([boxes.new_zeros(len(sel), 1), boxes], 1)
             pooled = roi_align(fmap, rois, (cells, cells), spatial_scale=fmap.shape[-1] / x.shape[-1], sampling_ratio=2, aligned=True)
-            sel_t = torch.from_numpy(sel).to(dev)
-            pooled = torch.where(flip[sel_t], pooled.flip(3), pooled)
-            feats[sel_t] = self.model.head(pooled).float()
-        return net.fc(feats)
+            feats[torch.from_numpy(sel).to(dev)] = self.model.head(pooled).float()
+        return net.fc(net.dropout(feats))
+
+    def base_lr(self) -> float:
+        """The base learning rate now (each group's is a multiple of it)."""
+        group = self.opt.param_groups[0]
+        return group["lr"] / group["lr_mult"]
 
     @torch.no_grad()
     def calibrate(self, batches: int = 8) -> None:
@@ -197,7 +230,13 @@ class FineTuner:
                     # (Warp mode's batches are crops of many images: BatchNorm trains as on ImageNet.)
                     m.eval()
         idx = self.sample()
-        flips = self.rng.random(len(idx)) < 0.5 if self.cfg.flip else np.zeros(len(idx), bool)
+        flips = np.zeros(len(idx), bool)
+        if self.cfg.flip and self.fcfg.mode.value == "roi":  # one flip per image: the image is flipped
+            images, inverse = np.unique(self.windows.image[idx], return_inverse=True)
+            flips = (self.rng.random(len(images)) < 0.5)[inverse]
+        elif self.cfg.flip:
+            flips = self.rng.random(len(idx)) < 0.5
+        torch.manual_seed(self.seed * 1_000_003 + self.iteration)  # dropout: a function of the step (resumes alike)
         with autocast(self.amp, self.device):
             logits = self._logits(idx, flips).float()
         target = torch.from_numpy(self.windows.labels[idx]).to(self.device)
@@ -208,7 +247,7 @@ class FineTuner:
         self.sched.step()
         self.iteration += 1
         acc = (logits.argmax(1) == target).float().mean().item()
-        record = {"iteration": self.iteration, "loss": loss.item(), "accuracy": acc, "lr": self.sched.get_last_lr()[0]}
+        record = {"iteration": self.iteration, "loss": loss.item(), "accuracy": acc, "lr": self.base_lr()}
         self.history.append(record)
         self.seconds += time.perf_counter() - start
         return record

@@ -346,6 +346,7 @@ def run_pretrain(ctx) -> dict:
         store.finish(metrics)
         print(f"pretrained model cached: {store.stage_dir / 'model.pt'} (top-1 {metrics['top1_center']:.3f}, centre crop)")
         return metrics
+    ctx.building(store, "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else "")
     root = pretrain_root(pc)
     train = ClassificationTree(root, "train")
     val = ClassificationTree(root, "val", classes=train.classes)
@@ -432,7 +433,7 @@ def run_pretrain(ctx) -> dict:
     ips = trainer.images_seen / trainer.seconds if trainer.seconds else None
     eval_seconds = sum(h.get("eval_seconds", 0.0) for h in trainer.history)  # the per-epoch val tests
     precision = precision_name(trainer.amp)
-    limit_ips = gemm.get(precision, gemm["fp32"]) * 1e9 / (3 * flops)  # training ~ 3x the forward pass
+    limit_ips = (gemm.get(precision) or gemm["fp32"]) * 1e9 / (3 * flops)  # training ~ 3x the forward pass
     metrics = {
         "stage": "pretrain",
         "key": store.key,

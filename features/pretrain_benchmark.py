@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device("cpu")
     tree = ClassificationTree(args.data, "train")
-    gemm = gemm_rates()
+    gemm = gemm_rates(bf16=True)  # the comparison below runs bf16 whether or not the CPU has it natively
     flops = _forward_flops(len(tree.classes), args.size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; matrix multiply {gemm['fp32']} GFLOP/s fp32, "
           f"{gemm['bf16']} GFLOP/s bf16; GoogLeNet at {args.size} px: {flops / 1e9:.3f} GFLOP per forward pass")  # fmt: skip

@@ -2,9 +2,9 @@
 
 Store ``features/<key>``: one ``<image id>.npy`` per image, float16 ``[N, 1024]``, row ``i`` the feature
 of proposal ``i`` of that image's ``proposals`` entry; read it memory-mapped with
-``StageStore.get_array``. Images of the train split also get the features of their (non-difficult)
-ground-truth boxes, the SVMs' positives, under the entry id :func:`gt_entry` ``(image id)``, rows in
-the order of :func:`proposals.stage.gt_for_recall`. The key covers the feature settings, the backbone weights actually loaded
+``StageStore.get_array``. Images of the train split also get the features of their
+ground-truth boxes (difficult ones included, as R-CNN), the SVMs' positives, under the entry id :func:`gt_entry` ``(image id)``, rows in
+the order of :func:`proposals.stage.gt_for_training`. The key covers the feature settings, the backbone weights actually loaded
 and the proposals' key, so a new proposal setting or other weights never reuse these features.
 """
 
@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from rcnn.config import to_dict
+from rcnn.stages import found
 from rcnn.store import StageStore, torch_save
 from rcnn.viz import plot_history
 
@@ -29,8 +30,9 @@ from .extract import RegionFeatures, features_roi, features_warp
 
 log = logging.getLogger("features")
 
-FORMAT_VERSION = 2  # 2: ground-truth features of the train split
-FINETUNE_VERSION = 2  # 2: BatchNorm statistics frozen (calibrated on the data first when random)
+FORMAT_VERSION = 3  # 2: ground-truth features of the train split; 3: difficult ground truth included
+FINETUNE_VERSION = 3  # 2: BatchNorm statistics frozen (calibrated on the data first when random); 3: R-CNN's
+# learning rates (classifier 10x, biases 2x without decay), dropout, whole-image flips in roi mode, difficult boxes
 
 
 def gt_entry(image_id) -> tuple:
@@ -97,12 +99,12 @@ def resolved_feature_settings(fc, device: torch.device) -> dict:
 
 def image_boxes(ds, proposals: StageStore, image_id, with_gt: bool) -> tuple[np.ndarray, int]:
     """The boxes to compute features for: ``(ground truth + proposals [G + N, 4], G)``, G = 0 without."""
-    from proposals.stage import gt_for_recall
+    from proposals.stage import gt_for_training
 
     boxes = proposals.get(image_id)["boxes"]
     if not with_gt:
         return boxes, 0
-    gt = gt_for_recall(ds, image_id)[0].astype(np.float32)
+    gt = gt_for_training(ds, image_id)[0].astype(np.float32)
     return np.concatenate([gt, boxes]), len(gt)
 
 
@@ -162,7 +164,7 @@ def run_features(ctx) -> dict:
     model, weights, device = build_model(cfg, backbone_weights(ctx, proposals))
     settings = resolved_feature_settings(fc, device)
     if fc.mode.value == "warp":
-        settings.pop("roi_layer"), settings.pop("roi_image_size")
+        settings.pop("roi_layer"), settings.pop("roi_image_size"), settings.pop("roi_max_size")
     store = StageStore(
         ctx.run_dir, "features", {"features": settings, "backbone": weights},
         inputs={"proposals": proposals.key}, version=FORMAT_VERSION,
@@ -176,6 +178,7 @@ def run_features(ctx) -> dict:
         store.finish(metrics)
         print(f"features ({fc.mode.value}): {len(ids)} images, all cached ({metrics['crops_per_second']} crops/s when computed)")
         return metrics
+    ctx.building(store, found(store, ids))
     crops_total = sum(len(image_boxes(ds, proposals, i, i in train)[0]) for i in todo)
     start = time.perf_counter()
     net_seconds = 0.0
@@ -189,7 +192,7 @@ def run_features(ctx) -> dict:
                 feats = features_warp(model, rgb, boxes, fc.input_size, fc.padding, fc.batch_size, fc.channels_last, device)
             else:
                 feats = features_roi(model, rgb, boxes, fc.input_size, fc.padding, fc.roi_image_size,
-                                     channels_last=fc.channels_last, device=device)  # fmt: skip
+                                     channels_last=fc.channels_last, device=device, max_size=fc.roi_max_size)  # fmt: skip
         net_seconds += time.perf_counter() - t
         put_features(store, image_id, feats, n_gt, image_id in train)
         bar.update(len(boxes))
@@ -220,7 +223,7 @@ def run_finetune(ctx) -> dict:
     """Fine-tune on the train split's proposals (resuming from the last checkpoint), save model.pt."""
     import shutil
 
-    from proposals.stage import gt_for_recall
+    from proposals.stage import gt_for_training
 
     from .finetune import FineTuner, label_windows
 
@@ -233,8 +236,9 @@ def run_finetune(ctx) -> dict:
         metrics = json.loads((store.dir / "metrics.json").read_text())
         store.finish(metrics)
         return metrics
+    ctx.building(store, "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else "")
     ids = finetune_images(cfg, ds)
-    windows = label_windows([proposals.get(i)["boxes"] for i in ids], [gt_for_recall(ds, i) for i in ids], cfg.finetune.fg_iou)
+    windows = label_windows([proposals.get(i)["boxes"] for i in ids], [gt_for_training(ds, i) for i in ids], cfg.finetune.fg_iou)
     net, start_weights = build_googlenet(resolve_weights(cfg.backbone.weights))
     tuner = FineTuner(net, ds.num_classes, windows, lambda k: ds.load_image(ids[k]), cfg.finetune, cfg.features, cfg.seed,
                       resolve_device(cfg.device.value))  # fmt: skip

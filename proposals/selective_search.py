@@ -220,7 +220,8 @@ def selective_search(rgb: np.ndarray, p: SSParams, seed: int = 0) -> tuple[np.nd
     """Boxes of one RGB uint8 image, in ``p.order``.
 
     Returns ``(boxes float32 [N, 4] xyxy in the image's pixels, seconds)``: resized first when
-    ``p.resize_width`` is set (boxes mapped back), boxes with a side < ``p.min_box_side`` dropped,
+    ``p.resize_width`` is set, boxes with a side < ``p.min_box_side`` at that scale dropped (as R-CNN),
+    the rest mapped back,
     duplicates removed, put in ``p.order`` (seeded by ``seed``), then near-duplicates dropped in that
     order when ``p.merge_iou`` is set.
     """
@@ -236,10 +237,10 @@ def selective_search(rgb: np.ndarray, p: SSParams, seed: int = 0) -> tuple[np.nd
         boxes = _opencv(np.ascontiguousarray(rgb[:, :, ::-1]), p)
     else:
         boxes = _package(rgb, p)
+    side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    boxes = boxes[side >= max(p.min_box_side, 1e-6)]  # at the scale the search ran (selective_search_boxes.m)
     if scale != 1.0:
         boxes = B.clip(boxes / scale, w, h)
-    side = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    boxes = boxes[side >= max(p.min_box_side, 1e-6)]
     boxes = boxes[unique_boxes(boxes)]
     if p.order == "shuffle":
         boxes = boxes[np.random.default_rng(seed).permutation(len(boxes))]

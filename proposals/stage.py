@@ -23,6 +23,7 @@ from rcnn import boxes as B
 from rcnn.config import ProposalMethod, to_dict
 from rcnn.datasets.stage import data_store
 from rcnn.parallel import process_images
+from rcnn.stages import found, run_stage
 from rcnn.store import StageStore
 
 from . import recall as R
@@ -31,6 +32,7 @@ from .selective_search import image_seed, merge_near_duplicates, resolve_params,
 log = logging.getLogger("proposals")
 
 FORMAT_VERSION = 1
+MULTIBOX_VERSION = 2  # 2: trained on every ground-truth box, difficult ones included (issue #13)
 SOURCE_SS, SOURCE_MULTIBOX = 0, 1
 
 
@@ -50,9 +52,18 @@ def split_names(ctx) -> list[str]:
 
 
 def gt_for_recall(ds, image_id) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes proposals are scored against (and detections evaluated on): difficult ones left out."""
     a = ds.annotation(image_id)
     keep = ~a.difficult
     return a.boxes[keep], a.labels[keep]
+
+
+def gt_for_training(ds, image_id) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes every training use reads (SVM positives and negatives, regression pairs, fine-tuning
+    labels, MultiBox targets): all of them, difficult ones included, as R-CNN's ``roidb_from_voc.m``
+    kept them, so that a proposal on a difficult bottle is never mined as a bottle negative."""
+    a = ds.annotation(image_id)
+    return a.boxes, a.labels
 
 
 # -- MultiBox training -----------------------------------------------------------------------------
@@ -67,7 +78,7 @@ def multibox_store(ctx) -> StageStore:
         "multibox",
         {"multibox": to_dict(ctx.cfg.multibox), "backbone": weights.describe(), "seed": ctx.cfg.seed},
         inputs={"data": data_store(ctx).key},
-        version=FORMAT_VERSION,
+        version=MULTIBOX_VERSION,
     )
 
 
@@ -95,12 +106,13 @@ def run_multibox(ctx) -> dict:
         metrics = json.loads((store.dir / "metrics.json").read_text())
         store.finish(metrics)  # the stage's latest metrics are this model's
         return metrics
+    ctx.building(store, "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else "")
     mc = cfg.multibox
     start = time.perf_counter()
     ids = ds.image_ids(ds.train_split)
     gts = []
     for image_id in ids:
-        boxes, _ = gt_for_recall(ds, image_id)
+        boxes, _ = gt_for_training(ds, image_id)
         a = ds.annotation(image_id)
         gts.append(B.normalize(boxes, a.width, a.height))
     images = _warped(ds, ids, mc.input_size, cfg.progress, "multibox inputs")
@@ -226,35 +238,38 @@ def run_proposals(ctx) -> dict:
     data_key = data_store(ctx).key
     ss_store = mb_store = None
     computed_now = {}  # images whose boxes this process computed (the rest were found in the store)
+    ids = [i for s in splits for i in ds.image_ids(s)]
     if uses_ss(cfg):
         params = resolve_params(pc.ss)
         ss_store = StageStore(
             ctx.run_dir, "proposals/ss", {"ss": params.as_dict(), "seed": cfg.seed}, {"data": data_key}, FORMAT_VERSION
         )
-        computed_now["selective_search"] = sum(len(ss_store.missing(ds.image_ids(s))) for s in splits)
-        for split in splits:
-            process_images(
-                ss_store, ds.image_ids(split), partial(_ss_one, ds, params, cfg.seed),
-                workers=ctx.workers, progress=cfg.progress, desc=f"selective search {split}",
-            )  # fmt: skip
+        computed_now["selective_search"] = len(ss_store.missing(ids))
     if uses_multibox(cfg):
-        run_multibox(ctx)  # cached after its first run
+        run_stage(ctx, "multibox")  # cached after its first run
         model_store = multibox_store(ctx)
         mb_store = StageStore(
             ctx.run_dir, "proposals/multibox", {"top_k": cfg.multibox.top_k},
             {"multibox": model_store.key, "data": data_key}, FORMAT_VERSION,
         )  # fmt: skip
-        computed_now["multibox"] = sum(len(mb_store.missing(ds.image_ids(s))) for s in splits)
-        for split in splits:
-            _multibox_boxes(ctx, mb_store, model_store.dir / "model.pt", ds.image_ids(split), f"multibox {split}")
-    store = proposals_store(ctx, ss_store and ss_store.key, mb_store and mb_store.key)
+        computed_now["multibox"] = len(mb_store.missing(ids))
+    # (a store with no entries yet is falsy: compare with None)
+    store = proposals_store(ctx, None if ss_store is None else ss_store.key, None if mb_store is None else mb_store.key)
     if store.complete and (store.dir / "metrics.json").exists():
         cached = json.loads((store.dir / "metrics.json").read_text())
-        if all(split in cached for split in splits) and not store.missing([i for s in splits for i in ds.image_ids(s)]):
+        if all(split in cached for split in splits) and not store.missing(ids):
             cached = {**cached, "images_computed_now": computed_now}
             store.finish(cached)  # the stage's latest metrics are these
             print(format_summary(cached, splits) + "\n(cached)")
             return cached
+    ctx.building(store, found(ss_store if ss_store is not None else mb_store, ids))
+    for split in splits if ss_store is not None else []:
+        process_images(
+            ss_store, ds.image_ids(split), partial(_ss_one, ds, params, cfg.seed),
+            workers=ctx.workers, progress=cfg.progress, desc=f"selective search {split}",
+        )  # fmt: skip
+    for split in splits if mb_store is not None else []:
+        _multibox_boxes(ctx, mb_store, model_store.dir / "model.pt", ds.image_ids(split), f"multibox {split}")
 
     metrics = {"stage": "proposals", "key": store.key, "method": pc.method.value, "images_computed_now": computed_now}
     if ss_store is not None:

@@ -29,6 +29,7 @@ __all__ = [
     "iou",
     "nms",
     "batched_nms",
+    "top_per_label",
 ]
 
 
@@ -134,3 +135,12 @@ def batched_nms(boxes, scores, labels, iou_threshold: float) -> np.ndarray:
     b, s = as_boxes(boxes), np.asarray(scores, dtype=np.float32).reshape(-1)
     lab = np.asarray(labels, dtype=np.int64).reshape(-1)
     return ops.batched_nms(_tensor(b), _tensor(s), _tensor(lab), float(iou_threshold)).numpy()
+
+
+def top_per_label(scores, labels, k: int) -> np.ndarray:
+    """Indices of each label's ``k`` highest scores (ties kept in index order), in index order ``[K]``."""
+    s, lab = np.asarray(scores).reshape(-1), np.asarray(labels).reshape(-1)
+    order = np.lexsort((-s, lab))  # by label, best first, stable
+    sorted_labels = lab[order]
+    rank = np.arange(len(order)) - np.searchsorted(sorted_labels, sorted_labels)  # rank within its label
+    return np.sort(order[rank < k])

@@ -337,6 +337,7 @@ class FeaturesConfig:
     batch_size: Optional[int] = None  # crops per forward pass (warp mode); null = 256 on a GPU, 64 on a CPU
     roi_layer: RoiLayer = RoiLayer.inception5b  # roi mode: where regions are pooled
     roi_image_size: int = 600  # roi mode: the image's shorter side is resized to this
+    roi_max_size: int = 1000  # roi mode: ... unless its longer side would pass this (Fast R-CNN's cap)
     channels_last: bool = True  # NHWC memory layout (faster for convolutions on CPU)
     # Arithmetic of feature extraction and fine-tuning: auto = bf16 where the CPU or GPU computes it
     # natively (about 2-3x faster than fp32 on this project's AVX512-BF16 CPU), fp32 elsewhere on CPU
@@ -352,12 +353,15 @@ class FinetuneConfig:
     iterations: int = 40000  # SGD steps (R-CNN: mAP saturates around 40k)
     step_size: int = 20000  # lr x 0.1 every this many steps
     lr: float = 0.001  # base learning rate
+    classifier_lr_mult: float = 10.0  # the new classifier learns at this x lr (R-CNN's fine-tuning prototxt)
+    bias_lr_mult: float = 2.0  # biases learn at this x their layer's rate, without weight decay (Caffe's habit)
     momentum: float = 0.9
-    weight_decay: float = 0.0005
+    weight_decay: float = 0.0005  # on weights only: not on biases nor BatchNorm parameters
+    dropout: float = 0.4  # before the classifier, as GoogLeNet's head (paper section 5)
     batch_size: int = 128  # windows per step
     fg_per_batch: int = 32  # foreground windows per step; the rest are background
     fg_iou: float = 0.5  # a window overlapping a ground-truth box this much takes its class
-    flip: bool = True  # random horizontal flips
+    flip: bool = True  # random horizontal flips (roi mode: of the whole image and its boxes)
     checkpoint_every: int = 200  # steps between checkpoints (and a last one at the end)
     image_cache: int = 256  # decoded training images kept in memory
     roi_images_per_batch: int = 2  # roi mode: images whose windows make one batch
@@ -400,7 +404,11 @@ class DetectConfig:
     scores: Scores = Scores.svm  # what scores a region: svm | softmax (needs a detector trained after fine-tuning)
     box_regression: bool = True  # apply the detector's box regressors (when it has them)
     nms_iou: float = 0.3  # per-class greedy NMS
-    max_per_image: int = 100  # detections kept per image, best scores first
+    max_per_class: Optional[int] = 100  # per image and class, its best boxes before NMS (rcnn_test.m); null = all
+    max_per_image: Optional[int] = None  # per image, the best over all classes after NMS; null = no such cut
+    # (R-CNN never ranks classes against each other by their uncalibrated margins; 100 was this toolkit's old rule)
+    max_per_class_split: Optional[float] = 40  # per class over the test split, in detections per test image:
+    # the best kept (rcnn_test.m: 100,000 per 2,500 images = 40; its ILSVRC runs 30,000 over 20k = 1.5); null = all
     score_threshold: Optional[float] = None  # drop detections scoring below this; null = keep all (for mAP)
     draw_threshold: float = 0.0  # image=PATH: boxes drawn in the PNGs score above this (SVM margin)
 
@@ -665,7 +673,10 @@ def _validate(cfg: DictConfig) -> DictConfig:
         ("svm.retrain_limit", cfg.svm.retrain_limit >= 0, ">= 0"),
         ("svm.max_negatives", cfg.svm.max_negatives is None or cfg.svm.max_negatives >= 1, ">= 1 or null"),
         ("detect.nms_iou", 0 < cfg.detect.nms_iou <= 1, "in (0, 1]"),
-        ("detect.max_per_image", cfg.detect.max_per_image >= 1, ">= 1"),
+        ("detect.max_per_class", cfg.detect.max_per_class is None or cfg.detect.max_per_class >= 1, ">= 1 or null"),
+        ("detect.max_per_image", cfg.detect.max_per_image is None or cfg.detect.max_per_image >= 1, ">= 1 or null"),
+        ("detect.max_per_class_split", cfg.detect.max_per_class_split is None or cfg.detect.max_per_class_split > 0,
+         "> 0 or null"),
     ]
     from features.pretrain_data import INTERPOLATIONS, TEST_SCHEMES
 

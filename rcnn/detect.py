@@ -2,7 +2,8 @@
 ``image=PATH_OR_FOLDER`` (boxes drawn into PNGs).
 
 Test split: every proposal scored by every SVM (several detectors' scores averaged with
-``ensemble=[...]``), box regression, clipping, per-class NMS, the best ``detect.max_per_image`` kept.
+``ensemble=[...]``), box regression, clipping, per class its ``detect.max_per_class`` best boxes then NMS, and over the split each class's best
+``detect.max_per_class_split`` per image (``rcnn_test.m``'s rules: classes are not ranked against each other).
 Per-image results are cached under ``<out>/detect/<key>/`` (a killed run resumes), then written as
 ``<out>/detect/detections.json`` with the dataset's image and category ids.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import boxes as B
 from .detector import Detector, DetectorError, check_ensemble, detect_image, ensemble_outputs, postprocess
 from .store import StageStore, atomic_write, write_json
 
@@ -56,7 +58,8 @@ def load_members(ctx, files: list[Path]) -> list[Detector]:
 
 def _settings(ctx) -> dict:
     d = ctx.cfg.detect
-    return {"nms_iou": d.nms_iou, "max_per_image": d.max_per_image, "box_regression": d.box_regression,
+    return {"nms_iou": d.nms_iou, "max_per_image": d.max_per_image, "max_per_class": d.max_per_class,
+            "max_per_class_split": d.max_per_class_split, "box_regression": d.box_regression,
             "score_threshold": d.score_threshold, "scores": d.scores.value}  # fmt: skip
 
 
@@ -79,7 +82,7 @@ def _cached_features(ctx, member: Detector, proposals_key: str) -> StageStore | 
 def detect_split(ctx) -> dict:
     from eval.detections import Detections, save_detections
 
-    from .stages import run_stage
+    from .stages import found, run_stage
 
     cfg, ds = ctx.cfg, ctx.dataset
     files = detector_files(ctx)
@@ -95,6 +98,8 @@ def detect_split(ctx) -> dict:
     split = ds.test_split
     ids = ds.image_ids(split)
     todo = store.missing(ids)
+    if todo or not store.complete:
+        ctx.building(store, found(store, ids))
     d = cfg.detect
     start = time.perf_counter()
     for image_id in tqdm(todo, desc="detect", unit="img", disable=not cfg.progress):
@@ -103,7 +108,8 @@ def detect_split(ctx) -> dict:
         a = ds.annotation(image_id)
         rgb = ds.load_image(image_id) if any(f is None for f in feats) else None
         scores, deltas = ensemble_outputs(members, rgb, boxes, feats, d.box_regression)
-        b, s, lab = postprocess(boxes, scores, deltas, a.width, a.height, d.nms_iou, d.max_per_image, d.score_threshold)
+        b, s, lab = postprocess(boxes, scores, deltas, a.width, a.height, d.nms_iou, d.max_per_image, d.score_threshold,
+                                d.max_per_class)  # fmt: skip
         store.put(image_id, {"boxes": b, "scores": s, "labels": lab})
     seconds = time.perf_counter() - start
     parts = [store.get(i) for i in ids]
@@ -113,6 +119,8 @@ def detect_split(ctx) -> dict:
         scores=np.concatenate([p["scores"] for p in parts] or [np.zeros(0)]).astype(np.float64),
         boxes=np.concatenate([p["boxes"] for p in parts] or [np.zeros((0, 4), np.float32)]).astype(np.float32),
     )  # fmt: skip
+    if d.max_per_class_split is not None:
+        dets = best_per_class(dets, round(d.max_per_class_split * len(ids)))
     out = save_detections(store.dir / "detections.json", dets, ds, split)
     data = out.read_bytes()
     atomic_write(store.stage_dir / "detections.json", lambda f: f.write(data))
@@ -132,6 +140,14 @@ def detect_split(ctx) -> dict:
     store.finish(metrics)
     print(f"detect: {len(ids)} images of {split}, {len(dets)} detections -> {metrics['detections_file']}")
     return metrics
+
+
+def best_per_class(dets, limit: int):
+    """Each class's ``limit`` best detections over the whole split (ties at the cut kept in file order)."""
+    from eval.detections import Detections
+
+    keep = B.top_per_label(dets.scores, dets.labels, limit)
+    return Detections(image=dets.image[keep], labels=dets.labels[keep], scores=dets.scores[keep], boxes=dets.boxes[keep])
 
 
 def image_files(path: str | Path) -> list[Path]:
@@ -187,7 +203,8 @@ def detect_files(ctx) -> dict:
             skipped.append(path.name)
             continue
         t = time.perf_counter()
-        det = detect_image(members, rgb, None, d.nms_iou, d.max_per_image, d.box_regression, d.score_threshold)
+        det = detect_image(members, rgb, None, d.nms_iou, d.max_per_image, d.box_regression, d.score_threshold,
+                           d.max_per_class)  # fmt: skip
         seconds.append(time.perf_counter() - t)
         shown = det.scores > d.draw_threshold
         names = [n for n, keep in zip(det.names, shown) if keep]

@@ -59,10 +59,13 @@ class ImageDetections:
 
 def postprocess(
     boxes: np.ndarray, scores: np.ndarray, deltas: np.ndarray | None, width: int, height: int,
-    nms_iou: float = 0.3, max_per_image: int = 100, score_threshold: float | None = None,
+    nms_iou: float = 0.3, max_per_image: int | None = None, score_threshold: float | None = None,
+    max_per_class: int | None = 100,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Proposals ``[N, 4]`` with class scores ``[N, C]`` (and regression deltas ``[N, C, 4]``) ->
-    ``(boxes, scores, labels)``: regressed, clipped, per-class NMS, the best ``max_per_image``."""
+    ``(boxes, scores, labels)``, best first: regressed, clipped; per class its ``max_per_class`` best
+    boxes, then NMS (as ``rcnn_test.m``: classes are never ranked against each other by their
+    uncalibrated margins); then, only when ``max_per_image`` is set, the image's best over all classes."""
     from svm.box_regression import decode
 
     n, c = scores.shape
@@ -77,6 +80,8 @@ def postprocess(
     if score_threshold is not None:
         keep &= flat >= score_threshold
     idx = np.flatnonzero(keep)
+    if max_per_class is not None:
+        idx = idx[B.top_per_label(flat[idx], labels[idx], max_per_class)]
     order = B.batched_nms(cand[idx], flat[idx], labels[idx], nms_iou)[:max_per_image]
     idx = idx[order]
     return cand[idx].astype(np.float32), flat[idx].astype(np.float64), labels[idx].astype(np.int64)
@@ -184,7 +189,8 @@ class Detector:
                 return features_warp(model, rgb, boxes, fc["input_size"], fc["padding"], fc.get("batch_size"),
                                      fc.get("channels_last", True), device)  # fmt: skip
             return features_roi(model, rgb, boxes, fc["input_size"], fc["padding"], fc["roi_image_size"],
-                                channels_last=fc.get("channels_last", True), device=device)  # fmt: skip
+                                channels_last=fc.get("channels_last", True), device=device,
+                                max_size=fc.get("roi_max_size"))  # fmt: skip  (files from before the cap: none)
 
     def proposals(self, rgb: np.ndarray, seed: int = 0) -> np.ndarray:
         """Boxes proposed in ``rgb`` the way the training proposals were made."""
@@ -232,12 +238,12 @@ class Detector:
         return np.einsum("nd,cdk->nck", x, self.reg_w) + self.reg_b
 
     def __call__(
-        self, image, boxes: np.ndarray | None = None, nms_iou: float = 0.3, max_per_image: int = 100,
-        box_regression: bool = True, score_threshold: float | None = None,
+        self, image, boxes: np.ndarray | None = None, nms_iou: float = 0.3, max_per_image: int | None = None,
+        box_regression: bool = True, score_threshold: float | None = None, max_per_class: int | None = 100,
     ) -> ImageDetections:  # fmt: skip
         """Detect objects in ``image`` (a path or an RGB uint8 ``[H, W, 3]`` array), on ``boxes`` when
-        given, else on proposals made as in training."""
-        return detect_image([self], image, boxes, nms_iou, max_per_image, box_regression, score_threshold)
+        given, else on proposals made as in training. The limits are :func:`postprocess`'s."""
+        return detect_image([self], image, boxes, nms_iou, max_per_image, box_regression, score_threshold, max_per_class)
 
 
 def _as_rgb(image) -> np.ndarray:
@@ -277,12 +283,13 @@ def ensemble_outputs(
 
 def detect_image(
     members: Sequence[Detector], image, boxes: np.ndarray | None = None, nms_iou: float = 0.3,
-    max_per_image: int = 100, box_regression: bool = True, score_threshold: float | None = None,
+    max_per_image: int | None = None, box_regression: bool = True, score_threshold: float | None = None,
+    max_per_class: int | None = 100,
 ) -> ImageDetections:  # fmt: skip
     """One image through one detector or an ensemble (proposals from the first member)."""
     rgb = _as_rgb(image)
     h, w = rgb.shape[:2]
     boxes = members[0].proposals(rgb) if boxes is None else B.as_boxes(boxes)
     scores, deltas = ensemble_outputs(members, rgb, boxes, box_regression=box_regression)
-    out_boxes, out_scores, labels = postprocess(boxes, scores, deltas, w, h, nms_iou, max_per_image, score_threshold)
+    out_boxes, out_scores, labels = postprocess(boxes, scores, deltas, w, h, nms_iou, max_per_image, score_threshold, max_per_class)
     return ImageDetections(out_boxes, out_scores, labels, [members[0].classes[i] for i in labels])

@@ -29,6 +29,7 @@ class RunContext:
     results: dict[str, dict] = field(default_factory=dict)  # metrics per stage run in this process
     stack: list[str] = field(default_factory=list)  # the stages running now, outermost first
     peaks: list[float] = field(default_factory=list)  # their peak resident memory so far (MiB)
+    built: dict[str, bool] = field(default_factory=dict)  # stages that computed here (not only read): resumed?
 
     @property
     def run_dir(self) -> Path:
@@ -37,6 +38,17 @@ class RunContext:
     @property
     def workers(self) -> int:
         return num_workers(self.cfg)
+
+    def building(self, store, resume: str = "") -> None:
+        """Called by a stage that found no complete cache for this configuration, before it computes: says
+        what is built now, for which stage, from where it resumes (``resume``, e.g. "40 of 128 images
+        found"), and how long its last build in this run folder took (``<out>/<stage>/last_build.json``)."""
+        stage = store.stage
+        self.built[stage] = bool(resume)
+        callers = [s for s in self.stack if s != stage]
+        why = f" (needed by stage {callers[-1]})" if callers else ""
+        log.info("stage %s is not built for this configuration%s: building it now%s (key %s). %s",
+                 stage, why, f", resuming ({resume})" if resume else "", store.key, last_build(store.stage_dir))  # fmt: skip
 
     @cached_property
     def dataset(self):
@@ -70,17 +82,30 @@ def stage_function(stage: str) -> Callable[[RunContext], dict]:
 PIPELINE = ["data", "multibox", "proposals", "finetune", "features", "svm", "detect", "eval"]
 
 
+def pipeline(cfg: DictConfig) -> list[str]:
+    """The stages ``stage=all`` runs under ``cfg``, in order (the first, ``data``, checks every image; the
+    other stages read the dataset without it)."""
+    skip = set()
+    if cfg.proposals.method == ProposalMethod.ss:
+        skip.add(Stage.multibox.value)  # selective search alone needs no MultiBox model
+    if not cfg.finetune.enabled:
+        skip.add(Stage.finetune.value)  # features from the backbone's own weights (finetune.enabled=true to fine-tune)
+    return [name for name in PIPELINE if name not in skip]
+
+
 def run_stage(ctx: RunContext, stage: str) -> dict:
     """Run one stage (or the pipeline for ``all``); returns the last stage's metrics."""
     if stage == Stage.all.value:
         metrics = {}
-        for name in PIPELINE:
-            if name == Stage.multibox.value and ctx.cfg.proposals.method == ProposalMethod.ss:
-                continue  # selective search alone needs no MultiBox model
-            if name == Stage.finetune.value and not ctx.cfg.finetune.enabled:
-                continue  # features from the backbone's own weights (finetune.enabled=true to fine-tune)
+        for name in pipeline(ctx.cfg):
             metrics = run_stage(ctx, name)
         return metrics
+    if not ctx.stack and stage in pipeline(ctx.cfg) and not (stage == Stage.eval.value and ctx.cfg.detections):
+        chain = pipeline(ctx.cfg)
+        never = [s for s in chain[1 : chain.index(stage)] if not (ctx.run_dir / s / "metrics.json").exists()]
+        if never:
+            log.info("%s holds no finished build of stage%s %s: stage %s builds %s first, as stage=all would",
+                     ctx.run_dir, "s" * (len(never) > 1), ", ".join(never), stage, "them" if len(never) > 1 else "it")  # fmt: skip
     if stage in ctx.results:  # already run in this process (a later stage asked for its key)
         return ctx.results[stage]
     fn = stage_function(stage)
@@ -88,8 +113,7 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(ctx.cfg, resolve=True))
     if ctx.stack:  # a stage builds what it needs, as stage=all would have: say so
-        log.info("stage %s -> %s (needed by stage %s: read from the cache if this configuration built it, "
-                 "else built now)", stage, stage_dir, ctx.stack[-1])  # fmt: skip
+        log.info("stage %s -> %s (needed by stage %s)", stage, stage_dir, ctx.stack[-1])
     else:
         log.info("stage %s -> %s", stage, stage_dir)
     start, nested_before = time.perf_counter(), sum(ctx.timings.values())
@@ -105,6 +129,13 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
         _carry_peak(ctx, peak)
     nested = sum(ctx.timings.values()) - nested_before  # upstream stages this one ran first
     ctx.timings[stage] = time.perf_counter() - start - nested
+    if stage in ctx.built and isinstance(metrics, dict):
+        from .store import write_json
+
+        write_json(stage_dir / "last_build.json", {
+            "key": metrics.get("key"), "seconds": round(ctx.timings[stage], 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M"), "resumed": ctx.built[stage],
+        })  # fmt: skip
     if isinstance(metrics, dict) and peak:
         metrics = {**metrics, "peak_rss_mb": round(peak, 1)}
         path = stage_dir / "metrics.json"
@@ -114,6 +145,23 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
             write_json(path, {**json.loads(path.read_text()), "peak_rss_mb": round(peak, 1)})
     ctx.results[stage] = metrics
     return metrics
+
+
+def found(store, ids: list) -> str:
+    """``"40 of 128 images found"`` when some of ``ids`` have entries in ``store``, else ``""``."""
+    n = len(ids) - len(store.missing(ids))
+    return f"{n} of {len(ids)} images found" if n else ""
+
+
+def last_build(stage_dir: Path) -> str:
+    """How long the stage's last build in this run folder took, in words."""
+    try:
+        b = json.loads((stage_dir / "last_build.json").read_text())
+        took = f"{b['seconds']:.0f} s" if b["seconds"] < 120 else f"{b['seconds'] / 60:.1f} min"
+        part = " (this process's part of a resumed build)" if b.get("resumed") else ""
+        return f"Its last build in {stage_dir.parent} took {took}{part}, finished {b['finished']} (key {b['key']})."
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"No build of it finished in {stage_dir.parent} before."
 
 
 def _carry_peak(ctx: RunContext, mb: float | None) -> None:

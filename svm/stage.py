@@ -28,7 +28,8 @@ from .train import HardNegativeMiner, SvmParams, mean_norm_scale
 
 log = logging.getLogger("svm")
 
-FORMAT_VERSION = 2  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax)
+FORMAT_VERSION = 3  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax);
+# 3: ground-truth rows mined as negatives of other classes and used as regression examples, difficult boxes kept
 MIN_REGRESSION_PAIRS = 8  # a class with fewer training pairs keeps its boxes as proposed
 
 
@@ -40,6 +41,21 @@ def class_max_iou(proposals: np.ndarray, gt: np.ndarray, gt_labels: np.ndarray, 
         for c in np.unique(gt_labels):
             out[:, c] = ov[:, gt_labels == c].max(axis=1)
     return out
+
+
+def training_rows(ds, features, proposals, image_id):
+    """One train image as R-CNN's feature cache holds it: ``(features [G + N, D], boxes [G + N, 4],
+    max_iou [G + N, C], gt [G, 4], gt labels [G])``, its G ground-truth boxes (difficult ones included,
+    as ``roidb_from_voc.m``) then its N proposals. So another class's ground-truth box is a candidate
+    negative, a proposal on a difficult object is never its class's negative, and a ground-truth box is
+    a regression example (zero targets)."""
+    from features.stage import gt_entry
+    from proposals.stage import gt_for_training
+
+    gt, labels = gt_for_training(ds, image_id)
+    raw = np.concatenate([features.get_array(gt_entry(image_id)), features.get_array(image_id)])
+    boxes = np.concatenate([B.as_boxes(gt), B.as_boxes(proposals.get(image_id)["boxes"])])
+    return raw, boxes, class_max_iou(boxes, gt, labels, ds.num_classes), gt, labels
 
 
 def _link(src, dst) -> None:
@@ -109,11 +125,11 @@ def _load_checkpoint(path, scale: float) -> dict | None:
 def _positives(ds, features, ids: list, scale: float) -> list[np.ndarray]:
     """Per class, the scaled features of its ground-truth boxes in ``ids`` ``[P_c, D]``."""
     from features.stage import gt_entry
-    from proposals.stage import gt_for_recall
+    from proposals.stage import gt_for_training
 
     positives: list[list[np.ndarray]] = [[] for _ in range(ds.num_classes)]
     for i in ids:
-        _, labels = gt_for_recall(ds, i)
+        _, labels = gt_for_training(ds, i)
         gt_feats = np.asarray(features.get_array(gt_entry(i)), np.float32) * scale
         for c in np.unique(labels):
             positives[c].append(gt_feats[labels == c])
@@ -158,7 +174,8 @@ def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStor
             a = ds.annotation(i)
             raw = np.asarray(features.get_array(i), np.float32)
             boxes, scores, labels = postprocess(proposals.get(i)["boxes"], raw @ (W * scale).T + b, None, a.width, a.height,
-                                                cfg.detect.nms_iou, cfg.detect.max_per_image)  # fmt: skip
+                                                cfg.detect.nms_iou, cfg.detect.max_per_image,
+                                                max_per_class=cfg.detect.max_per_class)  # fmt: skip
             parts.append((np.full(len(scores), k), labels, scores, boxes))
         dets = Detections(*(np.concatenate([p[j] for p in parts]) for j in range(4)))
         m = voc_eval(dets, gts, ds.num_classes, use_07_metric=True)["map"]
@@ -213,6 +230,7 @@ def run_svm(ctx) -> dict:
         print(f"SVMs cached: {path}")
         return metrics
 
+    ctx.building(store, "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else "")
     start = time.perf_counter()
     sc, C = cfg.svm, ds.num_classes
     ids = ds.image_ids(ds.train_split)
@@ -326,18 +344,15 @@ def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint, d
     """Stream the train images from ``state["next"]`` through the miner (collecting the regressors'
     pairs when ``state`` has room for them), checkpointing every ``svm.checkpoint_seconds`` (unless
     ``checkpoint`` is None); then the miner's last fits."""
-    from proposals.stage import gt_for_recall
 
-    cfg, ds, sc, C = ctx.cfg, ctx.dataset, ctx.cfg.svm, ctx.dataset.num_classes
+    cfg, ds, sc = ctx.cfg, ctx.dataset, ctx.cfg.svm
     pairs_x, pairs_t, scale = state["pairs_x"], state["pairs_t"], state["scale"]
     saved = last = time.perf_counter()
     bar = tqdm(total=len(ids), initial=state["next"], desc=desc, unit="img", disable=not cfg.progress)
     for k in range(state["next"], len(ids)):
         i = ids[k]
-        raw = features.get_array(i)
-        props = proposals.get(i)["boxes"]
-        gt, labels = gt_for_recall(ds, i)
-        miner.add_image(np.asarray(raw, np.float32) * scale, class_max_iou(props, gt, labels, C), last=k == len(ids) - 1)
+        raw, props, max_iou, gt, labels = training_rows(ds, features, proposals, i)
+        miner.add_image(np.asarray(raw, np.float32) * scale, max_iou, last=k == len(ids) - 1)
         if sc.regression and pairs_x is not None and len(gt) and len(props):
             ov = B.iou(props, gt)
             best, sel = ov.argmax(axis=1), ov.max(axis=1) > sc.regression_iou

@@ -19,12 +19,13 @@ TINY = [
 ]  # fmt: skip
 
 
-def brute_postprocess(boxes, scores, deltas, w, h, iou, top):
-    """A plain loop: per class regress, clip, drop empty boxes, greedy NMS; then the best ``top`` overall."""
+def brute_postprocess(boxes, scores, deltas, w, h, iou, top, per_class=None):
+    """A plain loop: per class regress, clip, drop empty boxes, its ``per_class`` best, greedy NMS; then
+    the best ``top`` overall."""
     out = []
     for c in range(scores.shape[1]):
         cand = B.clip(decode(boxes, deltas[:, c]) if deltas is not None else boxes, w, h)
-        idx = [i for i in np.argsort(-scores[:, c], kind="stable") if B.is_valid(cand[i : i + 1])[0]]
+        idx = [i for i in np.argsort(-scores[:, c], kind="stable") if B.is_valid(cand[i : i + 1])[0]][:per_class]
         kept = []
         for i in idx:
             if all(B.iou(cand[i : i + 1], cand[j : j + 1])[0, 0] <= iou for j in kept):
@@ -48,6 +49,37 @@ def test_postprocess_matches_a_plain_loop(seed):
     assert lab.tolist() == [r[1] for r in ref]
     np.testing.assert_allclose(b, np.array([r[2] for r in ref]), atol=1e-4)
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= 80).all() and (b[:, 3] <= 60).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_postprocess_keeps_the_best_boxes_of_each_class_before_nms_as_rcnn_test(seed):
+    """Issue #13: per class its ``max_per_class`` best boxes, then NMS; no cut across classes by default."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(-10, 90, (80, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 40, (80, 2))], axis=1).astype(np.float32)
+    scores = rng.normal(0, 1, (80, 4)) + np.array([3.0, 0.0, -2.0, -5.0])  # classes on different margin scales
+    b, s, lab = postprocess(boxes, scores, None, 80, 60, nms_iou=0.3, max_per_class=9)
+    ref = brute_postprocess(boxes, scores, None, 80, 60, 0.3, None, per_class=9)
+    assert sorted(zip(lab.tolist(), s.round(6).tolist())) == sorted((r[1], round(r[0], 6)) for r in ref)
+    assert set(lab.tolist()) == {0, 1, 2, 3} and np.all(np.diff(s) <= 0)
+
+
+def test_a_low_margin_class_keeps_its_detections_unless_the_old_cut_across_classes_is_asked_for():
+    boxes = np.array([[x, 0, x + 10, 10] for x in range(0, 2400, 12)], np.float32)  # 200 disjoint boxes
+    scores = np.stack([np.linspace(5, 4, 200), np.linspace(-1, -2, 200)], axis=1)
+    _, _, lab = postprocess(boxes, scores, None, 2400, 10)
+    assert (lab == 0).sum() == 100 and (lab == 1).sum() == 100
+    _, _, lab = postprocess(boxes, scores, None, 2400, 10, max_per_image=100, max_per_class=None)  # the old rule
+    assert (lab == 0).sum() == 100 and (lab == 1).sum() == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_top_per_label_matches_a_plain_loop(seed):
+    rng = np.random.default_rng(seed)
+    scores, labels = rng.integers(0, 5, 300).astype(float), rng.integers(0, 6, 300)  # many ties
+    got = B.top_per_label(scores, labels, 7)
+    ref = sorted(i for c in range(6) for i in sorted(np.flatnonzero(labels == c), key=lambda i: (-scores[i], i))[:7])
+    assert got.tolist() == ref
 
 
 def test_postprocess_skips_untrained_classes_and_thresholds():
@@ -263,3 +295,13 @@ def test_a_killed_svm_stage_resumes_to_the_same_detector(trained, tmp_path, monk
     for key in ("svm_w", "svm_b", "reg_w", "reg_b"):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     assert not list((copy / "svm").glob("*/checkpoint.pt"))
+
+
+def test_each_class_keeps_its_best_detections_over_the_split():
+    from eval.detections import Detections
+    from rcnn.detect import best_per_class
+
+    dets = Detections(image=np.array([0, 0, 1, 1, 2]), labels=np.array([0, 1, 0, 0, 1]),
+                      scores=np.array([0.1, 0.5, 0.9, 0.4, 0.2]), boxes=np.zeros((5, 4), np.float32))  # fmt: skip
+    kept = best_per_class(dets, 2)
+    assert kept.scores.tolist() == [0.5, 0.9, 0.4, 0.2] and kept.image.tolist() == [0, 1, 1, 2]

@@ -205,3 +205,16 @@ def test_a_read_only_image_array_is_taken_without_torch_warning():
         warnings.simplefilter("error")
         x = normalize_image(rgb)
     assert x.shape == (3, 8, 6)
+
+
+def test_roi_mode_caps_the_longer_side_so_a_panorama_fits():
+    """Issue #13: shorter side to 600 unless the longer side would pass 1000 (Fast R-CNN's cap)."""
+    from features.extract import roi_scale
+
+    assert roi_scale(600, 6000, 600, 1000) == pytest.approx(1000 / 6000) and roi_scale(300, 400, 600, 1000) == 2.0
+    model = RegionFeatures(build_googlenet("none")[0], "inception5b")
+    seen, stem = [], model.stem
+    model.stem = lambda x: (seen.append(tuple(x.shape[-2:])), stem(x))[1]
+    rgb = np.random.default_rng(0).integers(0, 256, (600, 6000, 3), dtype=np.uint8)
+    feats = features_roi(model, rgb, np.array([[0, 0, 300, 300], [5000, 100, 6000, 600]], np.float32), 64, 4)
+    assert seen == [(100, 1000)] and feats.shape == (2, 1024)

@@ -90,3 +90,49 @@ def test_finetune_stage_then_features_use_the_tuned_weights(tmp_path):
     after = json.loads((tmp_path / "run" / "features" / "metrics.json").read_text())
     assert after["backbone_weights"] == "file" and after["key"] != before["key"]  # new weights, new cache
     assert after["images_computed_now"] == 4
+
+
+def test_learning_rates_and_decay_follow_rcnns_fine_tuning_prototxt(tmp_path):
+    """Issue #13: the new classifier at 10x, biases at 2x without decay, BatchNorm without decay."""
+    make, cfg = tiny(tmp_path)
+    t = make()
+    lr, wd = cfg.finetune.lr, cfg.finetune.weight_decay
+    group = {id(p): g for g in t.opt.param_groups for p in g["params"]}
+    net = t.model.net
+    assert (group[id(net.fc.weight)]["lr"], group[id(net.fc.weight)]["weight_decay"]) == (pytest.approx(10 * lr), wd)
+    assert (group[id(net.fc.bias)]["lr"], group[id(net.fc.bias)]["weight_decay"]) == (pytest.approx(20 * lr), 0.0)
+    assert (group[id(net.conv1.conv.weight)]["lr"], group[id(net.conv1.conv.weight)]["weight_decay"]) == (lr, wd)
+    assert (group[id(net.conv1.bn.weight)]["lr"], group[id(net.conv1.bn.weight)]["weight_decay"]) == (lr, 0.0)
+    assert group[id(net.conv1.bn.bias)]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in t.opt.param_groups) == len(list(net.parameters()))
+    t.step()
+    assert t.history[-1]["lr"] == pytest.approx(lr)
+
+
+def test_dropout_comes_before_the_classifier(tmp_path):
+    make, cfg = tiny(tmp_path)
+    cfg.finetune.dropout = 1.0  # every feature dropped: the classifier sees zeros and gives its bias
+    t = make()
+    t.model.train()
+    idx = t.sample()
+    logits = t._logits(idx, np.zeros(len(idx), bool))
+    torch.testing.assert_close(logits, t.model.net.fc.bias.expand_as(logits))
+
+
+def test_roi_mode_flips_the_image_and_its_boxes(tmp_path):
+    """Issue #13: a flipped window is the window of the mirrored image (not a mirrored pooled map)."""
+    from features.finetune import Windows
+
+    make, cfg = tiny(tmp_path, "roi")
+    t = make()
+    t.model.eval()
+    idx = np.flatnonzero(t.windows.image == 0)
+    flipped = t._logits(idx, np.ones(len(idx), bool))
+    w = t.windows
+    mirrored = Windows(w.image, np.stack([64 - w.boxes[:, 2], w.boxes[:, 1], 64 - w.boxes[:, 0], w.boxes[:, 3]], 1), w.labels)
+    u = make()
+    u.model.load_state_dict(t.model.state_dict())
+    u.model.eval()
+    u.windows = mirrored
+    u.images = lambda k: t.images(k).flip(-1)
+    torch.testing.assert_close(flipped, u._logits(idx, np.zeros(len(idx), bool)), rtol=1e-4, atol=1e-4)

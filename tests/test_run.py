@@ -134,3 +134,63 @@ def test_peak_memory_is_measured_per_stage_nested_stages_included(tmp_path, monk
     after = stages.run_stage(stages.RunContext(cfg), "eval")["peak_rss_mb"]  # the count restarts per stage
     # (a long test session's freed heap can absorb the small allocation: only the 200 MiB block is certain)
     assert nested <= peak and peak >= base + 150 and after <= peak - 150
+
+
+def _stage_with_store(name, needs=None, crash_after_one=False):
+    def stage(ctx):
+        from rcnn import stages
+        from rcnn.store import StageStore
+
+        if needs:
+            stages.run_stage(ctx, needs)
+        store = StageStore(ctx.run_dir, name, {"seed": ctx.cfg.seed})
+        if not store.complete:
+            ctx.building(store, stages.found(store, ["a", "b"]))
+            for image_id in store.missing(["a", "b"]):
+                store.put(image_id, {"x": np.zeros(1)})
+                if crash_after_one:
+                    raise KeyboardInterrupt
+            store.finish({"key": store.key})
+        return {"key": store.key}
+
+    return stage
+
+
+def test_a_stage_says_which_upstream_stages_it_builds_and_how_long_they_took_last_time(tmp_path, monkeypatch, caplog):
+    """Issue #15 (3): missing upstream stages are announced at the start, each build says why it runs,
+    whether it resumes, and how long the last build in the run folder took."""
+    import logging
+
+    from rcnn import stages
+    from rcnn.config import load_config
+
+    fns = {"proposals": _stage_with_store("proposals"), "features": _stage_with_store("features", needs="proposals")}
+    monkeypatch.setattr(stages, "stage_function", lambda name: fns[name])
+    caplog.set_level(logging.INFO, logger="rcnn")
+
+    def run_features(*overrides):
+        caplog.clear()
+        cfg = load_config([f"out={tmp_path}", "proposals.method=ss", "finetune.enabled=false", *overrides])
+        stages.run_stage(stages.RunContext(cfg), "features")
+        return " ".join(caplog.messages)
+
+    said = run_features()
+    assert f"{tmp_path} holds no finished build of stage proposals: stage features builds it first, as stage=all would" in said
+    assert "stage proposals is not built for this configuration (needed by stage features): building it now" in said
+    assert "stage features is not built for this configuration: building it now" in said
+    assert "No build of it finished in" in said
+    first = json.loads((tmp_path / "proposals" / "last_build.json").read_text())
+    assert first["seconds"] >= 0 and not first["resumed"]
+
+    said = run_features()  # everything cached: nothing is built, nothing said about builds
+    assert "not built" not in said and "holds no finished build" not in said
+
+    fns["proposals"] = _stage_with_store("proposals", crash_after_one=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_features("seed=1")
+    fns["proposals"] = _stage_with_store("proposals")
+    said = run_features("seed=1")  # a new configuration, resumed after the interruption
+    assert "stage proposals is not built for this configuration (needed by stage features): building it now, " \
+           "resuming (1 of 2 images found)" in said  # fmt: skip
+    assert f"Its last build in {tmp_path} took 0 s, finished" in said and f"(key {first['key']})" in said
+    assert json.loads((tmp_path / "proposals" / "last_build.json").read_text())["resumed"]

@@ -110,6 +110,17 @@ def test_boxes_are_mapped_back_after_resize():
     assert mapped[:, 2].max() <= 200 and mapped[:, 3].max() <= 150 and mapped.min() >= 0
 
 
+def test_small_boxes_are_dropped_at_the_resized_scale_as_rcnn():
+    """Issue #13: selective_search_boxes.m drops boxes under 20 px where the search ran (resized)."""
+    img = blobs(200, 150)
+    mapped, _ = selective_search(img, params("mode=rcnn_fast", "resize_width=100"), seed=4)
+    small = cv2.resize(img, (100, 75), interpolation=cv2.INTER_AREA)
+    direct, _ = selective_search(small, params("mode=rcnn_fast"), seed=4)  # min_box_side 20 at 100 px
+    np.testing.assert_allclose(mapped, np.minimum(direct * 2, [200, 150, 200, 150]), atol=1e-4)
+    side = np.minimum(direct[:, 2] - direct[:, 0], direct[:, 3] - direct[:, 1])
+    assert side.min() >= 20 and len(mapped)
+
+
 def test_opencv_fast_mode_is_opencvs_own():
     img = blobs(seed=5)
     ours, _ = selective_search(img, params("mode=opencv_fast", "order=opencv"), seed=7)

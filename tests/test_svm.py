@@ -248,3 +248,25 @@ def test_linking_the_detector_again_leaves_no_temporary_file(tmp_path):
     src.write_bytes(b"two")  # a new detector under the same key: the link follows it
     _link(src, dst)
     assert dst.read_bytes() == b"two" and sorted(p.name for p in tmp_path.iterdir()) == ["detector.pt", "key"]
+
+
+def test_training_rows_are_the_ground_truth_then_the_proposals_difficult_boxes_included():
+    """Issue #13: as R-CNN's feature cache (roidb_from_voc.m): a proposal on a difficult dog is not a dog
+    negative, a cat's ground-truth box is a candidate dog negative, ground-truth boxes come first."""
+    from types import SimpleNamespace
+
+    from features.stage import gt_entry
+    from rcnn.datasets.base import Annotation
+    from svm.stage import training_rows
+
+    gt = np.array([[0, 0, 10, 10], [50, 50, 70, 70]], np.float32)  # a cat, a difficult dog
+    props = np.array([[50, 50, 70, 70], [0, 0, 10, 10], [100, 0, 110, 10]], np.float32)
+    ann = Annotation(boxes=gt, labels=np.array([0, 1]), difficult=np.array([False, True]), width=120, height=80)
+    ds = SimpleNamespace(annotation=lambda i: ann, num_classes=2)
+    rows = {gt_entry("a"): np.full((2, 4), 1.0), "a": np.full((3, 4), 2.0)}
+    features = SimpleNamespace(get_array=lambda i: rows[i])
+    proposals = SimpleNamespace(get=lambda i: {"boxes": props})
+    raw, boxes, max_iou, g, labels = training_rows(ds, features, proposals, "a")
+    assert raw[:, 0].tolist() == [1, 1, 2, 2, 2] and boxes.tolist() == [*gt.tolist(), *props.tolist()]
+    assert max_iou.tolist() == [[1, 0], [0, 1], [0, 1], [1, 0], [0, 0]]  # the difficult dog counts as a dog
+    assert labels.tolist() == [0, 1] and len(g) == 2

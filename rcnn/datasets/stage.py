@@ -9,6 +9,7 @@ import numpy as np
 
 from ..config import to_dict
 from ..parallel import process_images
+from ..stages import found
 from ..store import StageStore
 from .base import DetectionDataset
 
@@ -52,6 +53,9 @@ def run(ctx) -> dict:
     ds = ctx.dataset
     store = data_store(ctx)
     splits = list(dict.fromkeys([ds.train_split, ds.test_split]))
+    ids = [i for split in splits for i in ds.image_ids(split)]
+    if not store.complete or store.missing(ids):
+        ctx.building(store, found(store, ids))
     computed = 0
     for split in splits:
         computed += process_images(
