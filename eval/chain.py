@@ -52,8 +52,10 @@ def gemm_rates(bf16: bool | None = None) -> dict:
     100x slower, and 2048^3 multiplies take minutes): None in its place."""
     import torch
 
+    from features.backbone import amp_dtype
+
     if bf16 is None:
-        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        bf16 = amp_dtype("auto", torch.device("cpu")) is torch.bfloat16  # the CPU computes it natively
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         if dtype is torch.bfloat16 and not bf16:

@@ -346,7 +346,7 @@ def run_pretrain(ctx) -> dict:
         store.finish(metrics)
         print(f"pretrained model cached: {store.stage_dir / 'model.pt'} (top-1 {metrics['top1_center']:.3f}, centre crop)")
         return metrics
-    ctx.building(store, "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else "")
+    ctx.building(store)
     root = pretrain_root(pc)
     train = ClassificationTree(root, "train")
     val = ClassificationTree(root, "val", classes=train.classes)

@@ -236,7 +236,7 @@ def run_finetune(ctx) -> dict:
         metrics = json.loads((store.dir / "metrics.json").read_text())
         store.finish(metrics)
         return metrics
-    ctx.building(store, "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else "")
+    ctx.building(store)
     ids = finetune_images(cfg, ds)
     windows = label_windows([proposals.get(i)["boxes"] for i in ids], [gt_for_training(ds, i) for i in ids], cfg.finetune.fg_iou)
     net, start_weights = build_googlenet(resolve_weights(cfg.backbone.weights))

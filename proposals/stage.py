@@ -106,7 +106,7 @@ def run_multibox(ctx) -> dict:
         metrics = json.loads((store.dir / "metrics.json").read_text())
         store.finish(metrics)  # the stage's latest metrics are this model's
         return metrics
-    ctx.building(store, "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else "")
+    ctx.building(store)
     mc = cfg.multibox
     start = time.perf_counter()
     ids = ds.image_ids(ds.train_split)
@@ -263,13 +263,15 @@ def run_proposals(ctx) -> dict:
             print(format_summary(cached, splits) + "\n(cached)")
             return cached
     ctx.building(store, found(ss_store if ss_store is not None else mb_store, ids))
-    for split in splits if ss_store is not None else []:
-        process_images(
-            ss_store, ds.image_ids(split), partial(_ss_one, ds, params, cfg.seed),
-            workers=ctx.workers, progress=cfg.progress, desc=f"selective search {split}",
-        )  # fmt: skip
-    for split in splits if mb_store is not None else []:
-        _multibox_boxes(ctx, mb_store, model_store.dir / "model.pt", ds.image_ids(split), f"multibox {split}")
+    if ss_store is not None:
+        for split in splits:
+            process_images(
+                ss_store, ds.image_ids(split), partial(_ss_one, ds, params, cfg.seed),
+                workers=ctx.workers, progress=cfg.progress, desc=f"selective search {split}",
+            )  # fmt: skip
+    if mb_store is not None:
+        for split in splits:
+            _multibox_boxes(ctx, mb_store, model_store.dir / "model.pt", ds.image_ids(split), f"multibox {split}")
 
     metrics = {"stage": "proposals", "key": store.key, "method": pc.method.value, "images_computed_now": computed_now}
     if ss_store is not None:

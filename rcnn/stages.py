@@ -39,11 +39,14 @@ class RunContext:
     def workers(self) -> int:
         return num_workers(self.cfg)
 
-    def building(self, store, resume: str = "") -> None:
+    def building(self, store, resume: str | None = None) -> None:
         """Called by a stage that found no complete cache for this configuration, before it computes: says
         what is built now, for which stage, from where it resumes (``resume``, e.g. "40 of 128 images
-        found"), and how long its last build in this run folder took (``<out>/<stage>/last_build.json``)."""
+        found"; by default, a training stage's ``checkpoint.pt`` in its key's folder), and how long its
+        last build in this run folder took (``<out>/<stage>/last_build.json``)."""
         stage = store.stage
+        if resume is None:
+            resume = "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else ""
         self.built[stage] = bool(resume)
         callers = [s for s in self.stack if s != stage]
         why = f" (needed by stage {callers[-1]})" if callers else ""
@@ -100,8 +103,8 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
         for name in pipeline(ctx.cfg):
             metrics = run_stage(ctx, name)
         return metrics
-    if not ctx.stack and stage in pipeline(ctx.cfg) and not (stage == Stage.eval.value and ctx.cfg.detections):
-        chain = pipeline(ctx.cfg)
+    chain = pipeline(ctx.cfg)
+    if not ctx.stack and stage in chain and not (stage == Stage.eval.value and ctx.cfg.detections):
         never = [s for s in chain[1 : chain.index(stage)] if not (ctx.run_dir / s / "metrics.json").exists()]
         if never:
             log.info("%s holds no finished build of stage%s %s: stage %s builds %s first, as stage=all would",

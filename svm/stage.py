@@ -230,7 +230,7 @@ def run_svm(ctx) -> dict:
         print(f"SVMs cached: {path}")
         return metrics
 
-    ctx.building(store, "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else "")
+    ctx.building(store)
     start = time.perf_counter()
     sc, C = cfg.svm, ds.num_classes
     ids = ds.image_ids(ds.train_split)
