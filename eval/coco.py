@@ -18,7 +18,7 @@ from rcnn.datasets import DetectionDataset
 
 from .detections import Detections
 
-__all__ = ["coco_eval", "coco_gt"]
+__all__ = ["coco_eval", "coco_gt", "coco_api", "coco_results"]
 
 STAT_NAMES = [
     "ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
@@ -50,21 +50,33 @@ def coco_gt(ds: DetectionDataset, split: str) -> dict:
     return {"info": {}, "licenses": [], "images": images, "annotations": anns, "categories": cats}
 
 
-def coco_eval(dets: Detections, ds: DetectionDataset, split: str) -> dict:
-    """``{"stats": {ap, ap50, ...}, "per_class_ap": [C] (NaN without ground truth), "summary": text}``."""
+def coco_api(dataset: dict):
+    """A pycocotools COCO object over an instances dict (its index built quietly)."""
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
-    coco_ids = _image_ids(ds.image_ids(split))
-    gt = COCO()
-    gt.dataset = coco_gt(ds, split)
+    api = COCO()
+    api.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
-    results = [
+        api.createIndex()
+    return api
+
+
+def coco_results(dets: Detections, ds: DetectionDataset, split: str) -> list[dict]:
+    """Detections as a COCO results list with the ids :func:`coco_gt` gives the split's images."""
+    coco_ids = _image_ids(ds.image_ids(split))
+    return [
         {"image_id": coco_ids[int(i)], "category_id": int(ds.category_ids[int(c)]),
          "bbox": [float(v) for v in b], "score": float(s)}
         for i, c, b, s in zip(dets.image, dets.labels, B.xyxy_to_xywh(dets.boxes), dets.scores)
     ]  # fmt: skip
+
+
+def coco_eval(dets: Detections, ds: DetectionDataset, split: str) -> dict:
+    """``{"stats": {ap, ap50, ...}, "per_class_ap": [C] (NaN without ground truth), "summary": text}``."""
+    from pycocotools.cocoeval import COCOeval
+
+    gt = coco_api(coco_gt(ds, split))
+    results = coco_results(dets, ds, split)
     nan_stats = {name: float("nan") for name in STAT_NAMES}
     if not results or not gt.dataset["annotations"]:
         # COCOeval cannot load an empty result list; with nothing detected every AP is 0.

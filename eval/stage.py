@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 import time
@@ -13,7 +14,8 @@ from rcnn.store import StageStore, atomic_write
 
 from .coco import coco_eval
 from .detections import ground_truth, load_detections
-from .report import markdown, plot_pr
+from .analyze import ANALYSIS_VERSION, MULTIPLES, findings
+from .report import markdown, plot_errors, plot_pr, plot_pr_breakdown, plot_sensitivity
 from .voc import ilsvrc_eval, voc_eval
 
 FORMAT_VERSION = 1
@@ -61,10 +63,11 @@ def run_eval(ctx) -> dict:
     path = detections_path(ctx)
     dets = load_detections(path, ds, split)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    store = StageStore(
-        ctx.run_dir, "eval", {"detections_sha256": digest, "iou_threshold": cfg.eval.iou_threshold},
-        inputs={"data": data_store(ctx).key}, version=FORMAT_VERSION,
-    )  # fmt: skip
+    params = {"detections_sha256": digest, "iou_threshold": cfg.eval.iou_threshold}
+    if cfg.eval.analyze:  # (a key without these when it is off: the caches of plain evaluations stay valid)
+        params["analysis"] = {"version": ANALYSIS_VERSION, "groups": [list(g) for g in cfg.eval.groups],
+                              "top_multiple": cfg.eval.top_multiple, "gallery_size": cfg.eval.gallery_size}  # fmt: skip
+    store = StageStore(ctx.run_dir, "eval", params, inputs={"data": data_store(ctx).key}, version=FORMAT_VERSION)
     r = evaluate(dets, ds, split, cfg.eval.iou_threshold)
     coco = r["coco"]["stats"]
     metrics = {
@@ -92,12 +95,76 @@ def run_eval(ctx) -> dict:
         },
         "seconds": {k: round(v, 3) for k, v in r["seconds"].items()},
     }
-    report = markdown(metrics, list(ds.classes))
-    atomic_write(store.dir / "report.md", lambda f: f.write(report.encode()))
     plot_pr(r["voc"]["curves"], r["voc"]["ap"], list(ds.classes), store.dir / "pr_curves.png",
             f"{ds.name} {split}: VOC precision/recall")  # fmt: skip
-    for name in ("report.md", "pr_curves.png"):
+    outputs = ["report.md", "pr_curves.png"]
+    if cfg.eval.analyze:
+        t = time.perf_counter()
+        metrics["analysis"] = analyze_and_report(ctx, dets, metrics, store.dir)
+        metrics["seconds"]["analysis"] = round(time.perf_counter() - t, 3)
+        outputs.append("report.html")
+    report = markdown(metrics, list(ds.classes))
+    atomic_write(store.dir / "report.md", lambda f: f.write(report.encode()))
+    for name in outputs:
         shutil.copyfile(store.dir / name, store.stage_dir / name)
     store.finish(metrics)
     print(report.split("\n\n| class")[0])
+    if cfg.eval.analyze:
+        print("\n".join(findings(metrics["analysis"])))
+        print(f"report: {store.stage_dir / 'report.html'} (open it in a browser), {store.stage_dir / 'report.md'}")
     return metrics
+
+
+def _strict(x):
+    """NaN -> None in nested dicts, so metrics.json stays strict JSON."""
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def _backbone_notes(ctx) -> list[str]:
+    """A warning for the report when this run's detector was trained on a randomly initialised backbone."""
+    if ctx.cfg.detections:
+        return []
+    svm = ctx.results.get("svm")
+    if svm is None:
+        try:
+            svm = json.loads((ctx.run_dir / "svm" / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return []
+    if svm.get("backbone_weights") == "none":
+        return ["The detector's features come from a randomly initialised GoogLeNet (backbone_weights: none): "
+                "no ImageNet or pretrained weights. Expect far lower figures than R-CNN's."]  # fmt: skip
+    return []
+
+
+def analyze_and_report(ctx, dets, metrics: dict, out_dir: Path) -> dict:
+    """The error analysis of ``dets`` (:mod:`eval.analyze`), its plots in ``out_dir/analysis/`` and
+    ``out_dir/report.html``; returns the ``analysis`` section of metrics.json."""
+    from .analyze import analyze
+    from .html import galleries, write_html
+
+    cfg, ds = ctx.cfg, ctx.dataset
+    split = ds.test_split
+    a = analyze(dets, ds, split, [list(g) for g in cfg.eval.groups], cfg.eval.top_multiple, cfg.eval.iou_threshold)
+    section = _strict(a.metrics())
+    plots_dir = out_dir / "analysis"
+    plots_dir.mkdir(exist_ok=True)
+    valid = a.pr["classes_with_objects"]
+    prec, rec = a.pr["precision"], a.pr["recall"]
+    plots = {
+        "pr_curves": out_dir / "pr_curves.png",
+        "overall_errors": plot_errors(a.curve(valid), MULTIPLES, plots_dir / "errors.png", "all classes: error types"),
+        "overall_pr": plot_pr_breakdown(prec[:, :, valid].mean(axis=2) if valid else prec[:, :, :0].sum(axis=2),
+                                        rec, plots_dir / "pr_breakdown.png", "all classes: PR breakdown"),
+        "sensitivity": plot_sensitivity(a.sensitivity, plots_dir / "sensitivity.png", "all classes: sensitivity"),
+    }  # fmt: skip
+    for k in valid:
+        name = ds.classes[k]
+        plots[f"errors_{k}"] = plot_errors(a.curve([k]), MULTIPLES, plots_dir / f"errors_{k}.png", f"{name}: error types")
+        plots[f"pr_{k}"] = plot_pr_breakdown(prec[:, :, k], rec, plots_dir / f"pr_{k}.png", f"{name}: PR breakdown")
+    thumbs = galleries(a, dets, ds, split, cfg.eval.gallery_size)
+    write_html(out_dir / "report.html", {**metrics, "analysis": section}, a, plots, thumbs, _backbone_notes(ctx))
+    return section

@@ -22,7 +22,7 @@ import numpy as np
 
 from .detections import Detections, by_class
 
-__all__ = ["voc_ap", "voc_eval", "ilsvrc_eval", "ilsvrc_thresholds", "iou_one"]
+__all__ = ["voc_ap", "voc_eval", "voc_rule", "class_matches", "ilsvrc_eval", "ilsvrc_thresholds", "iou_one"]
 
 
 def iou_one(box: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -58,7 +58,7 @@ def _curve(tp: np.ndarray, fp: np.ndarray, npos: int) -> tuple[np.ndarray, np.nd
 Rule = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[int, int]]
 
 
-def _voc_rule(iou_threshold: float) -> Rule:
+def voc_rule(iou_threshold: float) -> Rule:
     def match(box, gt, difficult, _thr, taken):
         if len(gt) == 0:
             return 0, 1
@@ -87,6 +87,39 @@ def _ilsvrc_rule(box, gt, _difficult, thr, taken):
     return 1, 0
 
 
+def class_matches(
+    dets: Detections,
+    gts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    c: int,
+    rule: Rule,
+    thresholds: Callable[[np.ndarray], np.ndarray] | None = None,
+    skip: frozenset | set = frozenset(),
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Class ``c``'s detections, best first: true- and false-positive flags ``[d]`` (both 0 for a
+    detection the rule ignores) and the number of positives (boxes not flagged difficult)."""
+    gt_c = {}
+    npos = 0
+    for i, (boxes, labels, difficult) in enumerate(gts):
+        if (i, c) in skip:
+            continue
+        sel = labels == c
+        if sel.any():
+            b = np.asarray(boxes, np.float64)[sel]
+            d = np.asarray(difficult, bool)[sel]
+            t = thresholds(b) if thresholds else np.zeros(len(b))
+            gt_c[i] = (b, d, t, np.zeros(len(b), bool))
+            npos += int((~d).sum())
+    img, _scores, boxes = by_class(dets, c)
+    tp, fp = np.zeros(len(img)), np.zeros(len(img))
+    empty = (np.zeros((0, 4)), np.zeros(0, bool), np.zeros(0), np.zeros(0, bool))
+    for k in range(len(img)):
+        i = int(img[k])
+        if (i, c) in skip:
+            continue
+        tp[k], fp[k] = rule(boxes[k].astype(np.float64), *gt_c.get(i, empty))
+    return tp, fp, npos
+
+
 def _evaluate(
     dets: Detections,
     gts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -99,26 +132,7 @@ def _evaluate(
     skip = set(skip)
     aps, curves = [], []
     for c in range(num_classes):
-        gt_c = {}
-        npos = 0
-        for i, (boxes, labels, difficult) in enumerate(gts):
-            if (i, c) in skip:
-                continue
-            sel = labels == c
-            if sel.any():
-                b = np.asarray(boxes, np.float64)[sel]
-                d = np.asarray(difficult, bool)[sel]
-                t = thresholds(b) if thresholds else np.zeros(len(b))
-                gt_c[i] = (b, d, t, np.zeros(len(b), bool))
-                npos += int((~d).sum())
-        img, _scores, boxes = by_class(dets, c)
-        tp, fp = np.zeros(len(img)), np.zeros(len(img))
-        empty = (np.zeros((0, 4)), np.zeros(0, bool), np.zeros(0), np.zeros(0, bool))
-        for k in range(len(img)):
-            i = int(img[k])
-            if (i, c) in skip:
-                continue
-            tp[k], fp[k] = rule(boxes[k].astype(np.float64), *gt_c.get(i, empty))
+        tp, fp, npos = class_matches(dets, gts, c, rule, thresholds, skip)
         rec, prec = _curve(tp, fp, npos)
         aps.append(voc_ap(rec, prec, use_07_metric) if npos else float("nan"))
         curves.append((rec, prec))
@@ -132,7 +146,7 @@ def voc_eval(dets: Detections, gts, num_classes: int, iou_threshold: float = 0.5
     Args:
         dets: detections on the split. gts: per image ``(boxes [G, 4], labels [G], difficult [G])``.
     """
-    return _evaluate(dets, gts, num_classes, _voc_rule(iou_threshold), use_07_metric)
+    return _evaluate(dets, gts, num_classes, voc_rule(iou_threshold), use_07_metric)
 
 
 def ilsvrc_thresholds(boxes: np.ndarray, pixel_tolerance: float = 10.0) -> np.ndarray:

@@ -30,6 +30,7 @@ class Stage(Enum):
     svm = "svm"  # per-class linear SVMs + box regressors -> detector file
     detect = "detect"  # run the detector on the test split (or on image=PATH)
     eval = "eval"  # VOC / ILSVRC / COCO mAP of the detections
+    analyze = "analyze"  # stage eval with eval.analyze=true: the error analysis and report.html
     benchmark = "benchmark"  # the whole chain, one report
     all = "all"  # data -> proposals -> ... -> eval
 
@@ -418,6 +419,12 @@ class DetectConfig:
 @dataclass
 class EvalConfig:
     iou_threshold: float = 0.5  # VOC's overlap for a match (the devkit's >=); COCO and ILSVRC use their own
+    analyze: bool = False  # also the error analysis (Hoiem's false positives, COCO's PR breakdown, size and
+    # aspect sensitivity) and <out>/eval/report.html; stage=analyze is stage=eval with this on
+    groups: List[List[str]] = field(default_factory=list)  # similar classes, [[class, ...], ...]; [] = COCO's
+    # supercategories, VOC's animals / vehicles / furniture for VOC's class names, else none
+    top_multiple: float = 1.0  # the "top-ranked" detections of a class: its best (this x its objects)
+    gallery_size: int = 6  # report.html: per class, its highest-scoring false positives and its missed objects shown
 
 
 @dataclass
@@ -675,6 +682,8 @@ def _validate(cfg: DictConfig) -> DictConfig:
         ("svm.retrain_limit", cfg.svm.retrain_limit >= 0, ">= 0"),
         ("svm.max_negatives", cfg.svm.max_negatives is None or cfg.svm.max_negatives >= 1, ">= 1 or null"),
         ("detect.nms_iou", 0 < cfg.detect.nms_iou <= 1, "in (0, 1]"),
+        ("eval.top_multiple", cfg.eval.top_multiple > 0, "> 0"),
+        ("eval.gallery_size", cfg.eval.gallery_size >= 0, ">= 0"),
         ("detect.max_per_class", cfg.detect.max_per_class is None or cfg.detect.max_per_class >= 1, ">= 1 or null"),
         ("detect.max_per_image", cfg.detect.max_per_image is None or cfg.detect.max_per_image >= 1, ">= 1 or null"),
         ("detect.max_per_class_split", cfg.detect.max_per_class_split is None or cfg.detect.max_per_class_split > 0,
@@ -698,6 +707,8 @@ def _validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"{key} must be {rule}, got {OmegaConf.select(cfg, key)}")
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit must be >= 1 or null, got {cfg.dataset.limit}")
+    if cfg.stage == Stage.analyze:  # an alias: the evaluation with its error analysis, in <out>/eval/
+        cfg.stage, cfg.eval.analyze = Stage.eval, True
     return cfg
 
 

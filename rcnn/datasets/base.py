@@ -168,6 +168,7 @@ class DetectionDataset:
         category_ids: Sequence[int] | None = None,
         display_names: Sequence[str] | None = None,
         blacklist: Iterable[tuple[ImageId, int]] = (),
+        supercategories: Sequence[str | None] | None = None,
     ):
         self.name = name
         self.classes = tuple(classes)
@@ -179,6 +180,8 @@ class DetectionDataset:
         self.category_ids = tuple(category_ids) if category_ids else tuple(range(1, len(self.classes) + 1))
         self.display_names = tuple(display_names) if display_names else self.classes
         self.blacklist = frozenset(blacklist)  # (image id, label) pairs the ILSVRC evaluator ignores
+        # Each class's group of similar classes where the dataset names one (COCO's supercategory), else None.
+        self.supercategories = tuple(supercategories) if supercategories else (None,) * len(self.classes)
         for split in (train_split, test_split):
             if split not in self.splits:
                 raise DatasetError(f"{name}: no split named '{split}' (splits: {', '.join(self.splits)})")

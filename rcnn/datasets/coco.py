@@ -122,6 +122,7 @@ def load_coco(cfg, hint: str = "") -> DetectionDataset:
     datas = {split: read_coco_json(js, hint) for split, (js, _) in files.items()}
     first_split = next(iter(files))
     cats = _categories(datas[first_split], files[first_split][0])
+    supers = {int(c["id"]): c.get("supercategory") or None for c in datas[first_split]["categories"]}
     for split, data in datas.items():
         if _categories(data, files[split][0]) != cats:
             raise DatasetError(
@@ -163,4 +164,5 @@ def load_coco(cfg, hint: str = "") -> DetectionDataset:
         cfg.test_split,
         report,
         category_ids=by_id,
+        supercategories=[supers.get(c) for c in by_id],
     )
