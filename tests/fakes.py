@@ -60,7 +60,8 @@ def write_voc(root: Path, images=None, splits=None, width: int = 64, height: int
     return root
 
 
-COCO_CATEGORIES = [{"id": 3, "name": "car"}, {"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]
+COCO_CATEGORIES = [{"id": 3, "name": "car", "supercategory": "vehicle"}, {"id": 1, "name": "person"},
+                   {"id": 18, "name": "dog", "supercategory": "animal"}]
 
 
 def coco_json(images: list[dict], annotations: list[dict], categories=None) -> dict:

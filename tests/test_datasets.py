@@ -180,6 +180,7 @@ def test_coco_maps_categories_to_contiguous_labels_and_back(tmp_path):
     ds = coco(write_coco(tmp_path))
     assert ds.classes == ("person", "car", "dog")  # sorted by category id 1, 3, 18
     assert ds.category_ids == (1, 3, 18)
+    assert ds.supercategories == (None, "vehicle", "animal")  # the error analysis's similar classes
     assert ds.splits == {"train": [7, 9], "test": [11]}
     a = ds.annotation(7)
     np.testing.assert_allclose(a.boxes, [[1.5, 2, 11.5, 22], [0, 0, 64, 48]])

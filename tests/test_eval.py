@@ -16,7 +16,7 @@ from rcnn.config import load_config
 from rcnn.datasets import Annotation, DetectionDataset, ImageRecord, build_dataset
 from rcnn.run import main
 
-from .fakes import write_voc
+from .fakes import voc_xml, write_image, write_voc
 
 
 def dataset(gt: list[list[tuple]], classes=("a", "b"), ids=None, blacklist=()) -> DetectionDataset:
@@ -145,6 +145,89 @@ def loop_voc_ap(gt, det_rows, cls, use_07, thr=0.5):
     rec = tp / npos
     prec = tp / np.maximum(tp + fp, np.finfo(float).eps)
     return voc_ap(rec, prec, use_07)
+
+
+def devkit_ilsvrc_ap(gt_xml, det_lines, blacklist, num_classes):
+    """ILSVRC's eval_detection.m (2014 devkit) in Python, on the raw numbers of its files: ground truth
+    as written in the XML (``xmin ymin xmax ymax`` with ``+1`` widths), predictions as its lines
+    ``<image> <label> <confidence> <xmin> <ymin> <xmax> <ymax>``; per image, detections best first over
+    all classes; each takes the not-yet-detected object of its class with the highest IoU passing the
+    object's own threshold; blacklisted (image, label) pairs leave out their detections and objects."""
+    tp_all, fp_all, labels_all, conf_all = [], [], [], []
+    npos = [0] * num_classes
+    for i, objs in enumerate(gt_xml):
+        for label, *_ in objs:
+            if (i, label) not in blacklist:
+                npos[label] += 1
+        detected = [False] * len(objs)
+        mine = sorted([d for d in det_lines if d[0] == i], key=lambda d: -d[2])
+        for _, label, conf, *bb in mine:
+            if (i, label) in blacklist:
+                continue
+            ovmax, kmax = -np.inf, -1
+            for k, (glabel, *g) in enumerate(objs):
+                if glabel != label or detected[k]:
+                    continue
+                gw, gh = g[2] - g[0] + 1, g[3] - g[1] + 1
+                thr = min(0.5, gw * gh / ((gw + 10) * (gh + 10)))
+                iw = min(bb[2], g[2]) - max(bb[0], g[0]) + 1
+                ih = min(bb[3], g[3]) - max(bb[1], g[1]) + 1
+                if iw > 0 and ih > 0:
+                    ua = (bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1) + gw * gh - iw * ih
+                    ov = iw * ih / ua
+                    if ov >= thr and ov > ovmax:
+                        ovmax, kmax = ov, k
+            if kmax >= 0:
+                detected[kmax] = True
+            tp_all.append(int(kmax >= 0)), fp_all.append(int(kmax < 0)), labels_all.append(label), conf_all.append(conf)
+    order = np.argsort(-np.array(conf_all), kind="stable")
+    tp_all, fp_all, labels_all = (np.array(x)[order] for x in (tp_all, fp_all, labels_all))
+    aps = []
+    for c in range(num_classes):
+        tp, fp = np.cumsum(tp_all[labels_all == c]), np.cumsum(fp_all[labels_all == c])
+        if npos[c]:
+            aps.append(voc_ap(tp / npos[c], tp / np.maximum(tp + fp, np.finfo(float).eps), False))
+    return float(np.mean(aps))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ilsvrc_on_devkit_coordinates_matches_eval_detection_m(tmp_path, seed):
+    """Issue #13: ILSVRC DET's coordinates. The devkit's eval_detection.m measures widths as
+    ``xmax - xmin + 1`` (pixel-inclusive corners, as PASCAL VOC, whose format its readme names), for the
+    overlaps and for each object's threshold. Loading its XML as VOC (1-based inclusive -> continuous) and
+    writing predictions the same way gives the devkit's AP exactly, on hand-made annotation files."""
+    rng = np.random.default_rng(seed)
+    root = tmp_path / "ilsvrc"
+    gt_xml, det_lines, ids = [], [], []
+    synsets = ["n02084071", "n01443537"]
+    for i in range(8):
+        objs = []
+        for _ in range(rng.integers(0, 4)):
+            x1, y1 = (int(v) for v in rng.integers(1, 40, 2))
+            objs.append((int(rng.integers(2)), x1, y1, x1 + int(rng.integers(3, 25)), y1 + int(rng.integers(3, 25))))
+        gt_xml.append(objs)
+        image_id = f"ILSVRC2013_val_{i + 1:08d}"
+        ids.append(image_id)
+        (root / "Annotations" / "DET" / "val").mkdir(parents=True, exist_ok=True)
+        xml = voc_xml(image_id, 64, 64, [(synsets[o[0]], *o[1:]) for o in objs])
+        (root / "Annotations" / "DET" / "val" / f"{image_id}.xml").write_text(xml)
+        write_image(root / "Data" / "DET" / "val" / f"{image_id}.JPEG", 64, 64, seed=i)
+        for o in objs:
+            for _ in range(rng.integers(0, 3)):
+                j = np.round(rng.normal(0, 2, 4))
+                b = np.array(o[1:], float) + j
+                b[2:] = np.maximum(b[2:], b[:2])
+                det_lines.append((i, o[0], float(rng.random()), *b))
+        det_lines.append((i, int(rng.integers(2)), float(rng.random()), 3.0, 3.0, 12.0, 12.0))
+    (root / "ImageSets" / "DET").mkdir(parents=True)
+    (root / "ImageSets" / "DET" / "val.txt").write_text("".join(f"{d} {k + 1}\n" for k, d in enumerate(ids)))
+    (root / "devkit" / "data").mkdir(parents=True)
+    (root / "devkit" / "data" / "map_det.txt").write_text("n02084071 1 dog\nn01443537 2 goldfish\n")
+    (root / "devkit" / "data" / "ILSVRC2015_det_validation_blacklist.txt").write_text("3 n01443537\n")
+    ds = build_dataset(load_config(["dataset=ilsvrc", f"dataset.root={root}", "dataset.train_split=val"]).dataset)
+    rows = [(i, label, conf, *B.voc_to_xyxy([bb])[0]) for i, label, conf, *bb in det_lines]
+    ours = evaluate(dets(rows), ds, "val")["ilsvrc"]["map"]
+    assert ours == pytest.approx(devkit_ilsvrc_ap(gt_xml, det_lines, {(2, 1)}, 2), abs=1e-12)
 
 
 def random_problem(seed, n_images=12, n_classes=3):

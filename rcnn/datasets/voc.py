@@ -175,7 +175,13 @@ def _optional_file(root: Path, value: str | None) -> Path | None:
 
 def load_ilsvrc(cfg, hint: str = "") -> DetectionDataset:
     """ILSVRC DET: ``<annotations>/<split>/<id>.xml``, ``<images>/<split>/<id>.JPEG``, split lists
-    ``<image_sets>/<split>.txt`` with lines ``<id> <index>``; optional synset map and blacklist."""
+    ``<image_sets>/<split>.txt`` with lines ``<id> <index>``; optional synset map and blacklist.
+
+    Boxes are read as VOC's: pixel-inclusive corners, 1-based. The devkit's readme calls its format PASCAL
+    VOC's and its eval_detection.m measures every width as ``xmax - xmin + 1``, for overlaps and for each
+    object's threshold, which is the continuous width of the corners loaded this way; a test checks this
+    toolkit's ILSVRC AP against that file's arithmetic on hand-made XML. (0- or 1-based only shifts a box
+    by one pixel in both the ground truth and the detections, which changes no overlap.)"""
     root = Path(cfg.root)
     if not (root / cfg.annotations).is_dir():
         where = f"; {hint}" if hint else ""
