@@ -1,4 +1,5 @@
-"""COCO AP through pycocotools' COCOeval (AP over IoU 0.50:0.95, AP50, AP75, by size, AR).
+"""COCO AP through COCOeval (AP over IoU 0.50:0.95, AP50, AP75, by size, AR): faster-coco-eval's C++
+port where it is installed, else pycocotools' (the reference; ``eval.coco_backend`` chooses).
 
 Ground truth comes from the dataset's split: category ids are the dataset's (COCO's own for COCO),
 ``difficult``/crowd boxes become ``iscrowd=1`` (ignored by COCOeval), areas are box areas, annotation
@@ -14,11 +15,11 @@ import io
 import numpy as np
 
 from rcnn import boxes as B
-from rcnn.datasets import DetectionDataset
+from rcnn.datasets import DatasetError, DetectionDataset
 
 from .detections import Detections
 
-__all__ = ["coco_eval", "coco_gt", "coco_api", "coco_results"]
+__all__ = ["coco_eval", "coco_backend", "coco_gt", "coco_api", "coco_results"]
 
 STAT_NAMES = [
     "ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large",
@@ -71,27 +72,51 @@ def coco_results(dets: Detections, ds: DetectionDataset, split: str) -> list[dic
     ]  # fmt: skip
 
 
-def coco_eval(dets: Detections, ds: DetectionDataset, split: str) -> dict:
-    """``{"stats": {ap, ap50, ...}, "per_class_ap": [C] (NaN without ground truth), "summary": text}``."""
-    from pycocotools.cocoeval import COCOeval
+def coco_backend(name: str = "auto") -> str:
+    """The COCOeval implementation to run: ``faster`` (faster-coco-eval, C++; the default when it is
+    installed: the same twelve figures, checked by the tests) or ``pycocotools`` (the reference)."""
+    if name == "pycocotools":
+        return name
+    try:
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        if name == "faster":
+            raise DatasetError("eval.coco_backend=faster needs faster-coco-eval: pip install -e \".[fast]\" "
+                               "(or eval.coco_backend=pycocotools)") from None  # fmt: skip
+        return "pycocotools"
+    return "faster"
 
-    gt = coco_api(coco_gt(ds, split))
+
+def coco_eval(dets: Detections, ds: DetectionDataset, split: str, backend: str = "auto") -> dict:
+    """``{"stats": {ap, ap50, ...}, "per_class_ap": [C] (NaN without ground truth), "summary": text,
+    "backend": which ran}`` (``backend``: see :func:`coco_backend`)."""
+    backend = coco_backend(backend)
+    gt_dict = coco_gt(ds, split)
     results = coco_results(dets, ds, split)
     nan_stats = {name: float("nan") for name in STAT_NAMES}
-    if not results or not gt.dataset["annotations"]:
+    if not results or not gt_dict["annotations"]:
         # COCOeval cannot load an empty result list; with nothing detected every AP is 0.
-        zero = 0.0 if gt.dataset["annotations"] else float("nan")
-        per_class = [zero if any(a["category_id"] == c for a in gt.dataset["annotations"]) else float("nan")
+        zero = 0.0 if gt_dict["annotations"] else float("nan")
+        per_class = [zero if any(a["category_id"] == c for a in gt_dict["annotations"]) else float("nan")
                      for c in ds.category_ids]  # fmt: skip
-        return {"stats": {k: zero for k in nan_stats}, "per_class_ap": per_class, "summary": ""}
+        return {"stats": {k: zero for k in nan_stats}, "per_class_ap": per_class, "summary": "", "backend": backend}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, iouType="bbox")
+        if backend == "faster":
+            from faster_coco_eval import COCO as FasterCOCO
+            from faster_coco_eval import COCOeval_faster
+
+            gt = FasterCOCO(gt_dict)
+            ev = COCOeval_faster(gt, gt.loadRes(results), iouType="bbox", print_function=print)
+        else:
+            from pycocotools.cocoeval import COCOeval
+
+            gt = coco_api(gt_dict)
+            ev = COCOeval(gt, gt.loadRes(results), iouType="bbox")
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = {name: (float(v) if v >= 0 else float("nan")) for name, v in zip(STAT_NAMES, ev.stats)}  # -1: undefined
+    stats = {name: (float(v) if v >= 0 else float("nan")) for name, v in zip(STAT_NAMES, ev.stats[:12])}  # -1: undefined
     precision = ev.eval["precision"]  # [T, R, K, A, M]: area "all" is 0, maxDets 100 is the last
     per_class = []
     for k in range(precision.shape[2]):
@@ -99,4 +124,4 @@ def coco_eval(dets: Detections, ds: DetectionDataset, split: str) -> dict:
         per_class.append(float(p[p > -1].mean()) if (p > -1).any() else float("nan"))
     order = {c: k for k, c in enumerate(ev.params.catIds)}
     per_class = [per_class[order[int(c)]] for c in ds.category_ids]
-    return {"stats": stats, "per_class_ap": per_class, "summary": out.getvalue()}
+    return {"stats": stats, "per_class_ap": per_class, "summary": out.getvalue(), "backend": backend}

@@ -36,8 +36,9 @@ def detections_path(ctx) -> Path:
     return Path(run_stage(ctx, "detect")["detections_file"])
 
 
-def evaluate(dets, ds, split: str, iou_threshold: float = 0.5) -> dict:
-    """Every metric of one detections set on ``ds``'s ``split``; APs as fractions, NaN where undefined."""
+def evaluate(dets, ds, split: str, iou_threshold: float = 0.5, coco_backend: str = "auto") -> dict:
+    """Every metric of one detections set on ``ds``'s ``split``; APs as fractions, NaN where undefined
+    (``coco_backend``: ``eval.coco_backend``)."""
     gts = ground_truth(ds, split)
     index = {image_id: k for k, image_id in enumerate(ds.image_ids(split))}
     blacklist = [(index[i], c) for i, c in ds.blacklist if i in index]
@@ -52,7 +53,7 @@ def evaluate(dets, ds, split: str, iou_threshold: float = 0.5) -> dict:
     ilsvrc = ilsvrc_eval(dets, gts, ds.num_classes, blacklist)
     times["ilsvrc"] = time.perf_counter() - t
     t = time.perf_counter()
-    coco = coco_eval(dets, ds, split)
+    coco = coco_eval(dets, ds, split, coco_backend)
     times["coco"] = time.perf_counter() - t
     return {"voc07": voc07, "voc": voc, "ilsvrc": ilsvrc, "coco": coco, "seconds": times}
 
@@ -68,7 +69,7 @@ def run_eval(ctx) -> dict:
         params["analysis"] = {"version": ANALYSIS_VERSION, "groups": [list(g) for g in cfg.eval.groups],
                               "top_multiple": cfg.eval.top_multiple, "gallery_size": cfg.eval.gallery_size}  # fmt: skip
     store = StageStore(ctx.run_dir, "eval", params, inputs={"data": data_store(ctx).key}, version=FORMAT_VERSION)
-    r = evaluate(dets, ds, split, cfg.eval.iou_threshold)
+    r = evaluate(dets, ds, split, cfg.eval.iou_threshold, cfg.eval.coco_backend.value)
     coco = r["coco"]["stats"]
     metrics = {
         "stage": "eval",
@@ -84,6 +85,7 @@ def run_eval(ctx) -> dict:
         "coco_map50": _num(coco["ap50"]),
         "coco_map75": _num(coco["ap75"]),
         "coco": {k: _num(v) for k, v in coco.items()},
+        "coco_backend": r["coco"]["backend"],
         "per_class": {
             name: {
                 "voc07": _num(r["voc07"]["ap"][k]),
@@ -113,6 +115,12 @@ def run_eval(ctx) -> dict:
         print("\n".join(findings(metrics["analysis"])))
         print(f"report: {store.stage_dir / 'report.html'} (open it in a browser), {store.stage_dir / 'report.md'}")
     return metrics
+
+
+def run_analyze(ctx) -> dict:
+    """``stage=analyze``: the evaluation with its error analysis."""
+    ctx.cfg.eval.analyze = True
+    return run_eval(ctx)
 
 
 def _strict(x):

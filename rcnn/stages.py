@@ -72,6 +72,7 @@ STAGES: dict[str, str] = {
     Stage.svm.value: "svm.stage:run_svm",
     Stage.detect.value: "rcnn.detect:run_detect",
     Stage.eval.value: "eval.stage:run_eval",
+    Stage.analyze.value: "eval.stage:run_analyze",  # (the command line turns it into eval with eval.analyze=true)
     Stage.benchmark.value: "eval.chain:run_benchmark",
 }
 

@@ -13,10 +13,11 @@ from eval.stage import evaluate
 from eval.voc import ilsvrc_thresholds, voc_ap, voc_eval
 from rcnn import boxes as B
 from rcnn.config import load_config
-from rcnn.datasets import Annotation, DetectionDataset, ImageRecord, build_dataset
+from rcnn.datasets import Annotation, DatasetError, DetectionDataset, ImageRecord, build_dataset
 from rcnn.run import main
 
 from .fakes import voc_xml, write_image, write_voc
+from .test_run import COCO128
 
 
 def dataset(gt: list[list[tuple]], classes=("a", "b"), ids=None, blacklist=()) -> DetectionDataset:
@@ -359,3 +360,59 @@ def test_eval_stage_on_a_detections_file(tmp_path, capsys):
     assert set(m["per_class"]) == {"cat", "dog"} and m["per_class"]["cat"]["voc"] == 1.0
     assert (out / "eval" / "report.md").read_text().startswith("# Evaluation: voc / test")
     assert (out / "eval" / "pr_curves.png").stat().st_size > 1000
+
+
+# -- COCOeval backends -------------------------------------------------------------------------------
+
+
+def same_figures(a: dict, b: dict) -> None:
+    for k, v in a["stats"].items():
+        assert (math.isnan(v) and math.isnan(b["stats"][k])) or b["stats"][k] == pytest.approx(v, abs=1e-12), k
+    np.testing.assert_allclose(a["per_class_ap"], b["per_class_ap"], atol=1e-12)  # NaN where NaN
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_faster_coco_eval_gives_pycocotools_twelve_figures(seed):
+    pytest.importorskip("faster_coco_eval")
+    from eval.benchmark import synthetic
+
+    ds, d = synthetic(80, 2000, n_classes=6, seed=seed)
+    ref, fast = coco_eval(d, ds, "test", "pycocotools"), coco_eval(d, ds, "test", "faster")
+    assert (ref["backend"], fast["backend"]) == ("pycocotools", "faster")
+    same_figures(ref, fast)
+    assert coco_eval(d, ds, "test")["backend"] == "faster"  # auto: faster where installed
+
+
+def test_missing_faster_coco_eval_is_named(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("faster_coco_eval") else real(name, *a, **k))  # fmt: skip
+    from eval.coco import coco_backend
+
+    assert coco_backend("auto") == "pycocotools"
+    with pytest.raises(DatasetError, match=r'pip install -e "\.\[fast\]"'):
+        coco_backend("faster")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not COCO128.exists(), reason="needs ../shared/datasets/coco128")
+@pytest.mark.parametrize("seed", range(2))
+def test_faster_coco_eval_on_coco128(seed):
+    """coco128's val ground truth (crowd boxes included), detections jittered from it and random ones."""
+    pytest.importorskip("faster_coco_eval")
+    ds = build_dataset(load_config(["dataset=coco128", f"dataset.root={COCO128}"]).dataset)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, image_id in enumerate(ds.image_ids("val2017")):
+        a = ds.annotation(image_id)
+        for b, l in zip(a.boxes, a.labels):
+            for _ in range(int(rng.integers(0, 3))):
+                j = np.asarray(b, float) + rng.normal(0, 0.1, 4) * (b[2:] - b[:2]).repeat(2)
+                rows.append((k, int(l) if rng.random() < 0.8 else int(rng.integers(80)), rng.random(), *j))
+        for _ in range(5):
+            x, y = rng.uniform(0, 400, 2)
+            rows.append((k, int(rng.integers(80)), rng.random(), x, y, x + rng.uniform(5, 200), y + rng.uniform(5, 200)))
+    d = dets(rows)
+    same_figures(coco_eval(d, ds, "val2017", "pycocotools"), coco_eval(d, ds, "val2017", "faster"))
