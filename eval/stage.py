@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import math
 import shutil
@@ -20,20 +21,24 @@ from .voc import ilsvrc_eval, voc_eval
 
 FORMAT_VERSION = 1
 
+log = logging.getLogger("rcnn")
+
 
 def _num(v):
     """NaN (a class without ground truth) -> None, so metrics.json stays strict JSON."""
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
 
 
-def detections_path(ctx) -> Path:
+def detections_path(ctx) -> Path | None:
     """``detections=PATH``, else this configuration's detections on the test split (stage=detect, run
-    now unless cached, as every stage builds what it needs)."""
+    now unless cached, as every stage builds what it needs); None while a sharded detect waits for
+    other shards."""
     if ctx.cfg.detections:
         return Path(ctx.cfg.detections)
     from rcnn.stages import run_stage
 
-    return Path(run_stage(ctx, "detect")["detections_file"])
+    m = run_stage(ctx, "detect")
+    return None if m.get("complete") is False else Path(m["detections_file"])
 
 
 def evaluate(dets, ds, split: str, iou_threshold: float = 0.5, coco_backend: str = "auto") -> dict:
@@ -62,6 +67,9 @@ def run_eval(ctx) -> dict:
     cfg, ds = ctx.cfg, ctx.dataset
     split = ds.test_split
     path = detections_path(ctx)
+    if path is None:
+        log.info("stage eval: stage detect waits for other shards' images; the last shard to finish evaluates")
+        return {"stage": "eval", "complete": False}
     dets = load_detections(path, ds, split)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     params = {"detections_sha256": digest, "iou_threshold": cfg.eval.iou_threshold}

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from rcnn.config import to_dict
+from rcnn.shard import mine, pending
 from rcnn.stages import found
 from rcnn.store import StageStore, torch_save
 from rcnn.viz import plot_history
@@ -171,7 +172,7 @@ def run_features(ctx) -> dict:
     )  # fmt: skip
     ids = [i for split in split_names(ctx) for i in ds.image_ids(split)]
     train = set(ds.image_ids(ds.train_split)) if ds.train_split in split_names(ctx) else set()
-    todo = store.missing(ids)
+    todo = store.missing(mine(cfg, ids))  # (a shard's images: rcnn/shard.py)
     if not todo and store.complete and (store.dir / "metrics.json").exists():
         computed = json.loads((store.dir / "metrics.json").read_text())  # the figures of the run that computed them
         metrics = {**computed, "images_computed_now": 0, "crops_computed_now": 0}
@@ -198,6 +199,8 @@ def run_features(ctx) -> dict:
         bar.update(len(boxes))
     bar.close()
     seconds = time.perf_counter() - start
+    if waiting := pending(cfg, store, ids, "features"):
+        return {**waiting, "images_computed_now": len(todo), "crops_computed_now": crops_total}
     sizes = [store.array_path(i).stat().st_size for i in ids]
     metrics = {
         "stage": "features",

@@ -23,6 +23,7 @@ from rcnn import boxes as B
 from rcnn.config import ProposalMethod, to_dict
 from rcnn.datasets.stage import data_store
 from rcnn.parallel import process_images
+from rcnn.shard import mine, pending
 from rcnn.stages import found, run_stage
 from rcnn.store import StageStore
 
@@ -176,6 +177,10 @@ def _multibox_boxes(ctx, mb_store: StageStore, model_path, ids: list, desc: str)
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         warped = np.stack([warp_image(ctx.dataset.load_image(i), size) for i in chunk])
+        # Always a full batch (zeros after the last image): an image's boxes then do not depend on which
+        # images share its batch (convolutions may sum in another order at another batch size), so that
+        # shards (rcnn/shard.py) and resumed runs give the boxes of a single uninterrupted run.
+        warped = np.concatenate([warped, np.zeros((batch - len(chunk), *warped.shape[1:]), warped.dtype)])
         t1 = time.perf_counter()  # decoding is left out of the timing, as for selective search
         with torch.inference_mode():
             boxes, scores = predict(model, warped)
@@ -266,19 +271,26 @@ def run_proposals(ctx) -> dict:
     if ss_store is not None:
         for split in splits:
             process_images(
-                ss_store, ds.image_ids(split), partial(_ss_one, ds, params, cfg.seed),
+                ss_store, mine(cfg, ds.image_ids(split)), partial(_ss_one, ds, params, cfg.seed),
                 workers=ctx.workers, progress=cfg.progress, desc=f"selective search {split}",
             )  # fmt: skip
     if mb_store is not None:
         for split in splits:
-            _multibox_boxes(ctx, mb_store, model_store.dir / "model.pt", ds.image_ids(split), f"multibox {split}")
+            _multibox_boxes(ctx, mb_store, model_store.dir / "model.pt", mine(cfg, ds.image_ids(split)), f"multibox {split}")
+    no_boxes = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0), "seconds": np.float64(0)}
+    for image_id in store.missing(mine(cfg, ids)):
+        ss = ss_store.get(image_id) if ss_store else no_boxes
+        mb = mb_store.get(image_id) if mb_store else no_boxes
+        ss_boxes = ss["boxes"][: pc.top_n] if pc.top_n else ss["boxes"]
+        store.put(image_id, combine(ss_boxes, mb["boxes"], mb["scores"], pc.merge_iou))
+    if waiting := pending(cfg, store, ids, "proposals"):
+        return waiting
 
     metrics = {"stage": "proposals", "key": store.key, "method": pc.method.value, "images_computed_now": computed_now}
     if ss_store is not None:
         metrics["selective_search"] = params.as_dict()
     metrics["curves"] = {}
     compute = 0.0
-    no_boxes = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0), "seconds": np.float64(0)}
     for split in splits:
         ids = ds.image_ids(split)
         seconds, props = [], {}
@@ -286,9 +298,6 @@ def run_proposals(ctx) -> dict:
             ss = ss_store.get(image_id) if ss_store else no_boxes
             mb = mb_store.get(image_id) if mb_store else no_boxes
             seconds.append(float(ss["seconds"]) + float(mb["seconds"]))
-            if not store.has(image_id):
-                ss_boxes = ss["boxes"][: pc.top_n] if pc.top_n else ss["boxes"]
-                store.put(image_id, combine(ss_boxes, mb["boxes"], mb["scores"], pc.merge_iou))
             props[image_id] = store.get(image_id)["boxes"]
         items = [(*gt_for_recall(ds, i), props[i]) for i in ids]
         summary = R.recall_summary(items, ds.num_classes)

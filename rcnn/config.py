@@ -451,6 +451,8 @@ class Config:
     out: str = "data/runs/${dataset.name}"  # the run folder; each stage writes <out>/<stage>/
     seed: int = 0  # seeds Python's, numpy's and torch's generators
     workers: int = 0  # worker processes for per-image work; 0 = one per CPU core
+    shard: Optional[str] = None  # "I/N": the per-image stages do every N-th image from the I-th (0-based); see
+    # README "Running at scale". Under torchrun, null takes the rank and world size.
     progress: bool = True  # show progress bars
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # GoogLeNet weights
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # stage=pretrain
@@ -668,6 +670,12 @@ def _validate(cfg: DictConfig) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"could not resolve the configuration: {e}") from e
+    from .shard import parse_shard
+
+    try:
+        parse_shard(cfg.shard)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.workers < 0:
         raise ConfigError(f"workers must be >= 0 (0 = one per core), got {cfg.workers}")
     bad_roles = [r for r in cfg.proposals.splits if r not in ("train", "test")]

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import boxes as B
+from .shard import mine, pending
 from .detector import Detector, DetectorError, check_ensemble, detect_image, ensemble_outputs, postprocess
 from .store import StageStore, atomic_write, write_json
 
@@ -97,7 +98,7 @@ def detect_split(ctx) -> dict:
     )  # fmt: skip
     split = ds.test_split
     ids = ds.image_ids(split)
-    todo = store.missing(ids)
+    todo = store.missing(mine(cfg, ids))  # (a shard's images: rcnn/shard.py)
     if todo or not store.complete:
         ctx.building(store, found(store, ids))
     d = cfg.detect
@@ -112,6 +113,8 @@ def detect_split(ctx) -> dict:
                                 d.max_per_class)  # fmt: skip
         store.put(image_id, {"boxes": b, "scores": s, "labels": lab})
     seconds = time.perf_counter() - start
+    if waiting := pending(cfg, store, ids, "detect"):
+        return {**waiting, "images_computed_now": len(todo)}
     parts = [store.get(i) for i in ids]
     dets = Detections(
         image=np.concatenate([np.full(len(p["scores"]), k, np.int64) for k, p in enumerate(parts)] or [np.zeros(0, np.int64)]),

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .datasets import DatasetError
     from .detector import DetectorError
+    from .shard import ShardError
     from .stages import RunContext, run_stage
     from .store import StoreError
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_stage(ctx, cfg.stage.value)
     except (DatasetError, StoreError, DetectorError, BackboneError, PretrainDataError, FileNotFoundError, FileExistsError,
-            FloatingPointError) as e:  # fmt: skip
+            FloatingPointError, ShardError) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

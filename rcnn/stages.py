@@ -14,6 +14,8 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ProposalMethod, Stage, num_workers
+from .shard import check_training_stage
+from .store import atomic_write
 
 __all__ = ["RunContext", "run_stage", "STAGES", "PIPELINE"]
 
@@ -45,6 +47,7 @@ class RunContext:
         found"; by default, a training stage's ``checkpoint.pt`` in its key's folder), and how long its
         last build in this run folder took (``<out>/<stage>/last_build.json``)."""
         stage = store.stage
+        check_training_stage(self.cfg, stage)  # a sharded run cannot build a model from every image
         if resume is None:
             resume = "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else ""
         self.built[stage] = bool(resume)
@@ -115,7 +118,8 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
     fn = stage_function(stage)
     stage_dir = ctx.run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / "config.yaml").write_text(OmegaConf.to_yaml(ctx.cfg, resolve=True))
+    text = OmegaConf.to_yaml(ctx.cfg, resolve=True).encode()
+    atomic_write(stage_dir / "config.yaml", lambda f: f.write(text))  # shards may write it at once
     if ctx.stack:  # a stage builds what it needs, as stage=all would have: say so
         log.info("stage %s -> %s (needed by stage %s)", stage, stage_dir, ctx.stack[-1])
     else:

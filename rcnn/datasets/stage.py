@@ -9,6 +9,7 @@ import numpy as np
 
 from ..config import to_dict
 from ..parallel import process_images
+from ..shard import mine, pending
 from ..stages import found
 from ..store import StageStore
 from .base import DetectionDataset
@@ -60,12 +61,14 @@ def run(ctx) -> dict:
     for split in splits:
         computed += process_images(
             store,
-            ds.image_ids(split),
+            mine(ctx.cfg, ds.image_ids(split)),
             partial(check_image, ds),
             workers=ctx.workers,
             progress=ctx.cfg.progress,
             desc=f"data {split}",
         )
+    if waiting := pending(ctx.cfg, store, ids, "data"):
+        return waiting
     seconds = time.perf_counter() - start
     metrics = {
         "stage": "data",

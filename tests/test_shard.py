@@ -1,0 +1,112 @@
+"""shard=I/N: the per-image stages split over processes give the single-process run's entries."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rcnn.config import ConfigError, load_config
+from rcnn.run import main
+from rcnn.shard import current_shard, mine, parse_shard
+from rcnn.store import StageStore
+
+from .test_detect import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parse_and_pick():
+    assert parse_shard("1/3") == (1, 3) and parse_shard(None) is None
+    for bad in ("3/3", "1", "-1/2", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="0 <= I < N"):
+            parse_shard(bad)
+    with pytest.raises(ConfigError, match="shard must be I/N"):
+        load_config(["shard=2/2"])
+    ids = list(range(7))
+    cfg = load_config(["shard=1/3"])
+    assert mine(cfg, ids) == [1, 4]
+    assert sorted(sum((mine(load_config([f"shard={i}/3"]), ids) for i in range(3)), [])) == ids
+    assert mine(load_config([]), ids) == ids
+
+
+def test_torchrun_rank_is_the_shard(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    assert current_shard(load_config([])) == (2, 4)
+    assert current_shard(load_config(["shard=0/2"])) == (0, 2)  # the command line wins
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert current_shard(load_config([])) is None
+
+
+def entries(run: Path, stage: str) -> dict:
+    """Every entry of the stage's latest key: {image id: {name: array}}."""
+    key = json.loads((run / stage / "metrics.json").read_text())["key"]
+    store = StageStore.open(run, stage, key)
+    return {f.name: dict(np.load(f)) if f.suffix == ".npz" else np.load(f) for f in sorted(store.entries_dir.iterdir())}
+
+
+def same_entries(a: dict, b: dict) -> None:
+    """Equal arrays, entry for entry (the files' bytes differ only by the zip archives' timestamps)."""
+    assert a.keys() == b.keys() and a
+    for name in a:
+        x, y = a[name], b[name]
+        if isinstance(x, dict):
+            assert x.keys() == y.keys(), name
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=f"{name}: {k}")
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_sharded_stages_give_the_single_process_entries(tmp_path, caplog, capsys):
+    caplog.set_level(logging.INFO, logger="rcnn")
+    one = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'one'}"]
+    assert main(["stage=detect", *one]) == 0
+    two = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'two'}"]
+    # A training stage is built once, without shard=; a sharded run that needs one says so.
+    capsys.readouterr()
+    assert main(["stage=features", "shard=0/2", *two]) == 1
+    assert "stage multibox trains one model from every image" in capsys.readouterr().err
+    assert main(["stage=multibox", *two]) == 0
+    caplog.clear()
+    assert main(["stage=features", "shard=0/2", *two]) == 0
+    assert "shard 0/2: its images are done" in caplog.text
+    assert not (tmp_path / "two" / "features" / "metrics.json").exists()  # waits for shard 1
+    assert main(["stage=features", "shard=1/2", *two]) == 0  # the last shard writes the metrics
+    m = json.loads((tmp_path / "two" / "features" / "metrics.json").read_text())
+    assert m["images"] == 6 and m["images_computed_now"] == 3
+    assert main(["stage=svm", *two]) == 0
+    assert main(["stage=detect", "shard=1/2", *two]) == 0
+    assert main(["stage=eval", "shard=0/2", *two]) == 0  # detects shard 0's image, evaluates all
+    for stage in ("proposals", "features", "detect"):
+        a, b = entries(tmp_path / "one", stage), entries(tmp_path / "two", stage)
+        assert len(a) == {"proposals": 6, "features": len(b), "detect": 2}[stage]
+        same_entries(a, b)
+    assert (tmp_path / "one" / "detect" / "detections.json").read_bytes() == (
+        tmp_path / "two" / "detect" / "detections.json").read_bytes()  # fmt: skip
+    ev = json.loads((tmp_path / "two" / "eval" / "metrics.json").read_text())
+    assert ev["detections_count"] == len(json.loads((tmp_path / "one" / "detect" / "detections.json").read_text()))
+
+
+def test_two_shards_at_once_on_one_run_folder(tmp_path):
+    """Two processes write the same stores at the same time (selective search only: no model)."""
+    args = [*TINY, f"dataset.root={tmp_path / 'demo'}", "proposals.method=ss", "stage=proposals"]
+    assert main([*args, f"out={tmp_path / 'one'}"]) == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "rcnn.run", *args, f"out={tmp_path / 'two'}", f"shard={i}/2"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    if not (tmp_path / "two" / "proposals" / "metrics.json").exists():  # both finished before seeing the other's
+        assert main([*args, f"out={tmp_path / 'two'}"]) == 0  # a later run finds every entry
+    same_entries(entries(tmp_path / "one", "proposals"), entries(tmp_path / "two", "proposals"))
+    one = json.loads((tmp_path / "one" / "proposals" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "proposals" / "metrics.json").read_text())
+    assert one["key"] == two["key"] and one["test"]["recall_50"] == two["test"]["recall_50"]
+    assert np.isclose(one["train"]["mabo"], two["train"]["mabo"])
