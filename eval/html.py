@@ -41,13 +41,15 @@ class Thumb:
     score: float | None = None
 
 
-def _thumb(rgb: np.ndarray, focus, boxes: list[tuple]) -> bytes:
-    """The region around ``focus`` (the box with half its size as margin on each side), scaled so its
-    longer side is THUMB px, with ``boxes`` ``(xyxy, rgb colour, label)`` drawn; JPEG bytes."""
+def _thumb(rgb: np.ndarray, boxes: list[tuple]) -> bytes:
+    """The region around ``boxes`` ``(xyxy, rgb colour, label)`` (their union with half its size as
+    margin on each side), scaled so its longer side is THUMB px, with the boxes drawn; JPEG bytes."""
     import cv2
 
     h, w = rgb.shape[:2]
-    x1, y1, x2, y2 = focus
+    corners = np.array([b for b, _, _ in boxes], float).reshape(-1, 4)
+    x1, y1 = corners[:, :2].min(axis=0)
+    x2, y2 = corners[:, 2:].max(axis=0)
     mw, mh = max(x2 - x1, 16) / 2, max(y2 - y1, 16) / 2
     cx1, cy1 = int(max(0, math.floor(x1 - mw))), int(max(0, math.floor(y1 - mh)))
     cx2, cy2 = int(min(w, math.ceil(x2 + mw))), int(min(h, math.ceil(y2 + mh)))
@@ -101,7 +103,7 @@ def galleries(analysis: Analysis, dets: Detections, ds, split: str, size: int) -
             drawn.append((box, ERROR_COLOURS[kind], f"{kind[:3]} {score:.2f} IoU {e.iou[row]:.2f}"))
             with_what = f" with a {names[ann.labels[j]]}" if j >= 0 else ""
             caption = f"{kind}: score {score:.3f}, IoU {e.iou[row]:.2f}{with_what} (image {ids[i]})"
-            fps.append(Thumb(_thumb(image(i), box, drawn), caption, ids[i], tuple(box), kind, score))
+            fps.append(Thumb(_thumb(image(i), drawn), caption, ids[i], tuple(box), kind, score))
         missed = []
         ann_of = {i: ds.annotation(ids[i]) for i, _j in e.missed}
         by_area = sorted(e.missed, key=lambda ij: -float(np.prod(np.diff(ann_of[ij[0]].boxes[ij[1]].reshape(2, 2), axis=0))))
@@ -117,7 +119,7 @@ def galleries(analysis: Analysis, dets: Detections, ds, split: str, size: int) -
                 note = f"best detection of the class: IoU {ov.max():.2f}, score {s:.3f}"
             w, h = gt[2] - gt[0], gt[3] - gt[1]
             caption = f"missed {w:.0f} x {h:.0f} px; {note} (image {ids[i]})"
-            missed.append(Thumb(_thumb(image(i), gt, drawn), caption, ids[i], tuple(gt), "missed"))
+            missed.append(Thumb(_thumb(image(i), drawn), caption, ids[i], tuple(gt), "missed"))
         out[c] = {"false_positives": fps, "missed": missed}
     return out
 
@@ -218,7 +220,8 @@ def write_html(
             ("AP50", metrics.get("coco_map50")), ("AP75", metrics.get("coco_map75")),
             ("AP small", coco.get("ap_small")), ("AP medium", coco.get("ap_medium")), ("AP large", coco.get("ap_large"))]  # fmt: skip
     parts.append(_table([k for k, _ in keys], [[_pct(v) for _, v in keys]]))
-    parts.append("<p class='note'>Percent. VOC: the devkit's rules at IoU 0.5; COCO: pycocotools, IoU 0.50:0.95.</p>")
+    parts.append(f"<p class='note'>Percent. VOC: the devkit's rules at IoU 0.5; COCO: COCOeval "
+                 f"({html.escape(str(metrics.get('coco_backend', 'pycocotools')))}), IoU 0.50:0.95.</p>")
 
     parts.append("<h2 id='errors'>Where the AP goes</h2>")
     parts += [f"<p class='finding'>{html.escape(f)}</p>" for f in findings(a)]

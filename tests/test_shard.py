@@ -110,3 +110,22 @@ def test_two_shards_at_once_on_one_run_folder(tmp_path):
     two = json.loads((tmp_path / "two" / "proposals" / "metrics.json").read_text())
     assert one["key"] == two["key"] and one["test"]["recall_50"] == two["test"]["recall_50"]
     assert np.isclose(one["train"]["mabo"], two["train"]["mabo"])
+
+
+def test_torchrun_ranks_shard_the_per_image_stages(tmp_path):
+    """torchrun --standalone --nproc_per_node=2: each rank takes its shard from RANK / WORLD_SIZE."""
+    args = [*TINY, f"dataset.root={tmp_path / 'demo'}", "proposals.method=ss"]
+    # One thread in every process, as torchrun gives each rank: with another thread count the network
+    # sums in another order and features differ in their last fp16 bit.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "rcnn.run", "stage=features", *args, f"out={tmp_path / 'one'}"]
+    assert subprocess.run(one, cwd=REPO, env=env, capture_output=True, timeout=600).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "rcnn.run", "stage=features", *args, f"out={tmp_path / 'two'}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "shard 0/2" in r.stderr or "shard 1/2" in r.stderr  # at least one rank finished before the other
+    if not (tmp_path / "two" / "features" / "metrics.json").exists():
+        assert main(["stage=features", *args, f"out={tmp_path / 'two'}"]) == 0
+    for stage in ("proposals", "features"):
+        same_entries(entries(tmp_path / "one", stage), entries(tmp_path / "two", stage))
