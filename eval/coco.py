@@ -74,7 +74,7 @@ def coco_results(dets: Detections, ds: DetectionDataset, split: str) -> list[dic
 
 def coco_backend(name: str = "auto") -> str:
     """The COCOeval implementation to run: ``faster`` (faster-coco-eval, C++; the default when it is
-    installed: the same twelve figures, checked by the tests) or ``pycocotools`` (the reference)."""
+    installed: the same twelve figures to 1e-12, checked by the tests) or ``pycocotools`` (the reference)."""
     if name == "pycocotools":
         return name
     try:

@@ -117,6 +117,8 @@ def run_eval(ctx) -> dict:
     atomic_write(store.dir / "report.md", lambda f: f.write(report.encode()))
     for name in outputs:
         shutil.copyfile(store.dir / name, store.stage_dir / name)
+    if not cfg.eval.analyze:  # the stage folder's files are the latest evaluation's: no older analysis beside them
+        (store.stage_dir / "report.html").unlink(missing_ok=True)
     store.finish(metrics)
     print(report.split("\n\n| class")[0])
     if cfg.eval.analyze:

@@ -214,7 +214,7 @@ def test_stage_analyze_writes_metrics_markdown_and_a_page(tmp_path, capsys):
     assert "Of the 3 top-ranked detections" in printed and "report.html" in printed
     # eval.analyze off: the plain evaluation, its own cache key, no analysis.
     assert main(["stage=eval", *args, f"detections={tmp_path / 'dets.json'}"]) == 0
-    assert "analysis" not in json.loads((out / "metrics.json").read_text())
+    assert "analysis" not in json.loads((out / "metrics.json").read_text()) and not (out / "report.html").exists()
 
 
 def chromium() -> str | None:

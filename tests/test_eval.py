@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.coco import coco_eval
+from eval.coco import coco_backend, coco_eval
 from eval.detections import Detections, DetectionsError, load_detections, save_detections
 from eval.stage import evaluate
 from eval.voc import ilsvrc_thresholds, voc_ap, voc_eval
@@ -300,9 +300,11 @@ def test_coco_identical_to_pycocotools(tmp_path, seed):
     paths = [f"dataset.train_json={gt_path}", f"dataset.test_json={gt_path}",
              f"dataset.train_images={tmp_path / 'img'}", f"dataset.test_images={tmp_path / 'img'}"]  # fmt: skip
     ds = build_dataset(load_config(["dataset=coco", *paths]).dataset)
-    ours = coco_eval(load_detections(res_path, ds, "test"), ds, "test")["stats"]
+    d = load_detections(res_path, ds, "test")
     ref = [v if v >= 0 else float("nan") for v in ev.stats]
-    np.testing.assert_array_equal(list(ours.values()), ref)
+    np.testing.assert_array_equal(list(coco_eval(d, ds, "test", "pycocotools")["stats"].values()), ref)
+    if coco_backend() == "faster":  # its C++ averages may differ in the last bit
+        np.testing.assert_allclose(list(coco_eval(d, ds, "test", "faster")["stats"].values()), ref, rtol=0, atol=1e-12)
 
 
 def test_continuous_iou_is_the_devkits_inclusive_iou():
