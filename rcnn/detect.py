@@ -19,8 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import boxes as B
-from .shard import mine, pending
 from .detector import Detector, DetectorError, check_ensemble, detect_image, ensemble_outputs, postprocess
+from .shard import mine, pending
 from .store import StageStore, atomic_write, write_json
 
 __all__ = ["run_detect", "detect_split", "detect_files", "image_files", "load_members"]
