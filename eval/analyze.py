@@ -46,7 +46,7 @@ from scipy.stats import rankdata
 from rcnn.datasets import DatasetError, DetectionDataset
 
 from .coco import coco_api, coco_gt, coco_results
-from .detections import Detections
+from .detections import Detections, class_order
 from .voc import _curve, class_matches, iou_one, voc_ap, voc_rule
 
 __all__ = [
@@ -96,14 +96,13 @@ class ClassErrors:
     """One class's detections, best first, each with its type.
 
     det: index into the detections [d] (ignored ones left out); kind: index into ERRORS [d];
-    gt_image, gt_box: the box that decided the type (image index, index in the image's ground truth;
-    -1 for background); iou: the detection's IoU with that box. npos: the class's non-difficult
+    gt_box: the box that decided the type (index in the detection's image's ground truth; -1 for
+    background); iou: the detection's IoU with that box. npos: the class's non-difficult
     objects. missed: (image index, box index) of those no detection found (IoU >= 0.5)."""
 
     label: int
     det: np.ndarray
     kind: np.ndarray
-    gt_image: np.ndarray
     gt_box: np.ndarray
     iou: np.ndarray
     npos: int
@@ -126,10 +125,9 @@ def classify_errors(
     out = []
     for c in range(num_classes):
         similar = [k for k, g in enumerate(groups) if g is not None and g == groups[c] and k != c]
-        sel = np.flatnonzero(dets.labels == c)
-        order = sel[np.argsort(-dets.scores[sel], kind="stable")]
+        order = class_order(dets, c)
         taken = {}  # image -> which of its boxes a detection of class c has taken
-        rows = []  # (det, kind, gt image, gt box, iou)
+        rows = []  # (det, kind, gt box, iou)
         for k in order:
             i = int(dets.image[k])
             boxes, labels, difficult = gts[i]
@@ -142,29 +140,28 @@ def classify_errors(
                     if difficult[j]:
                         continue  # neither right nor wrong
                     seen = taken.setdefault(i, np.zeros(len(labels), bool))
-                    rows.append((k, 1 if seen[j] else 0, i, j, ov[j]))  # a duplicate is a localisation error
+                    rows.append((k, 1 if seen[j] else 0, j, ov[j]))  # a duplicate is a localisation error
                     seen[j] = True
                     continue
                 if ov[j] >= loc_iou:
-                    rows.append((k, 1, i, j, ov[j]))
+                    rows.append((k, 1, j, ov[j]))
                     continue
             kind, j = 4, -1
             for candidate, members in ((2, np.flatnonzero(np.isin(labels, similar))), (3, np.flatnonzero(labels != c))):
                 if len(members) and ov[members].max() >= loc_iou:
                     kind, j = candidate, members[np.argmax(ov[members])]
                     break
-            rows.append((k, kind, i, j, ov[j] if j >= 0 else (ov.max() if len(ov) else 0.0)))
+            rows.append((k, kind, j, ov[j] if j >= 0 else (ov.max() if len(ov) else 0.0)))
         npos, missed = 0, []
         for i, (_boxes, labels, difficult) in enumerate(gts):
             for j in np.flatnonzero((np.asarray(labels) == c) & ~np.asarray(difficult, bool)):
                 npos += 1
                 if not taken.get(i, np.zeros(len(labels), bool))[j]:
                     missed.append((i, int(j)))
-        cols = list(zip(*rows)) if rows else [[]] * 5
+        cols = list(zip(*rows)) if rows else [[]] * 4
         out.append(ClassErrors(
             label=c, det=np.asarray(cols[0], np.int64), kind=np.asarray(cols[1], np.int64),
-            gt_image=np.asarray(cols[2], np.int64), gt_box=np.asarray(cols[3], np.int64),
-            iou=np.asarray(cols[4], np.float64), npos=npos, missed=missed,
+            gt_box=np.asarray(cols[2], np.int64), iou=np.asarray(cols[3], np.float64), npos=npos, missed=missed,
         ))  # fmt: skip
     return out
 

@@ -16,7 +16,7 @@ from rcnn.datasets import DatasetError, DetectionDataset
 from rcnn.datasets.base import read_json
 from rcnn.store import write_json
 
-__all__ = ["Detections", "DetectionsError", "load_detections", "save_detections"]
+__all__ = ["Detections", "DetectionsError", "load_detections", "save_detections", "by_class", "class_order"]
 
 
 class DetectionsError(DatasetError):
@@ -110,9 +110,13 @@ def ground_truth(ds: DetectionDataset, split: str) -> list[tuple[np.ndarray, np.
     return out
 
 
-def by_class(dets: Detections, label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One class's detections, best score first (stable for ties, as MATLAB's sort):
-    ``(image [d], scores [d], boxes [d, 4])``."""
+def class_order(dets: Detections, label: int) -> np.ndarray:
+    """Indices of one class's detections, best score first (stable for ties, as MATLAB's sort)."""
     sel = np.flatnonzero(dets.labels == label)
-    order = sel[np.argsort(-dets.scores[sel], kind="stable")]
+    return sel[np.argsort(-dets.scores[sel], kind="stable")]
+
+
+def by_class(dets: Detections, label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One class's detections, best score first: ``(image [d], scores [d], boxes [d, 4])``."""
+    order = class_order(dets, label)
     return dets.image[order], dets.scores[order], dets.boxes[order]

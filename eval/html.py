@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rcnn import boxes as B
 from rcnn.store import atomic_write
 
 from .analyze import ERRORS, PR_LEVELS, Analysis, findings
@@ -106,7 +107,7 @@ def galleries(analysis: Analysis, dets: Detections, ds, split: str, size: int) -
             fps.append(Thumb(_thumb(image(i), drawn), caption, ids[i], tuple(box), kind, score))
         missed = []
         ann_of = {i: ds.annotation(ids[i]) for i, _j in e.missed}
-        by_area = sorted(e.missed, key=lambda ij: -float(np.prod(np.diff(ann_of[ij[0]].boxes[ij[1]].reshape(2, 2), axis=0))))
+        by_area = sorted(e.missed, key=lambda ij: -float(B.area(ann_of[ij[0]].boxes[ij[1] : ij[1] + 1])[0]))
         for i, j in by_area[:size]:
             gt = ann_of[i].boxes[j].astype(float)
             mine = np.flatnonzero((dets.image == i) & (dets.labels == c))

@@ -74,8 +74,9 @@ def pending(cfg, store, ids: Sequence, stage: str) -> dict | None:
 def check_training_stage(cfg, stage: str) -> None:
     """A sharded run reaching a training stage that is not built: raise :class:`ShardError` saying how to
     build it."""
-    if stage in TRAINING_STAGES and current_shard(cfg) is not None:
-        i, n = current_shard(cfg)
+    shard = current_shard(cfg) if stage in TRAINING_STAGES else None
+    if shard is not None:
+        i, n = shard
         raise ShardError(
             f"stage {stage} trains one model from every image and is not built for this configuration; a sharded "
             f"run (shard {i}/{n}) cannot build it. Build it once without shard= (python -m rcnn.run stage={stage} "
