@@ -31,9 +31,10 @@ from .extract import RegionFeatures, features_roi, features_warp
 
 log = logging.getLogger("features")
 
-FORMAT_VERSION = 3  # 2: ground-truth features of the train split; 3: difficult ground truth included
-FINETUNE_VERSION = 3  # 2: BatchNorm statistics frozen (calibrated on the data first when random); 3: R-CNN's
-# learning rates (classifier 10x, biases 2x without decay), dropout, whole-image flips in roi mode, difficult boxes
+FORMAT_VERSION = 4  # 2: ground-truth features of the train split; 3: difficult ground truth included; 4: crowd not
+FINETUNE_VERSION = 4  # 2: BatchNorm statistics frozen (calibrated on the data first when random); 3: R-CNN's
+# learning rates (classifier 10x, biases 2x without decay), dropout, whole-image flips in roi mode, difficult boxes;
+# 4: crowd regions and the windows inside them left out
 
 
 def gt_entry(image_id) -> tuple:
@@ -222,13 +223,23 @@ def run_features(ctx) -> dict:
     return metrics
 
 
+def training_windows(ds, ids: list, proposals, fg_iou: float):
+    """The fine-tuning windows of the images ``ids``: their training ground truth and proposals, labelled;
+    proposals inside a crowd region left out (neither objects nor background)."""
+    from proposals.stage import gt_for_training, in_crowd
+
+    from .finetune import label_windows
+
+    boxes = [proposals.get(i)["boxes"] for i in ids]
+    boxes = [b[~in_crowd(ds, i, b)] for i, b in zip(ids, boxes)]
+    return label_windows(boxes, [gt_for_training(ds, i) for i in ids], fg_iou)
+
+
 def run_finetune(ctx) -> dict:
     """Fine-tune on the train split's proposals (resuming from the last checkpoint), save model.pt."""
     import shutil
 
-    from proposals.stage import gt_for_training
-
-    from .finetune import FineTuner, label_windows
+    from .finetune import FineTuner
 
     cfg, ds = ctx.cfg, ctx.dataset
     proposals = _proposals_store(ctx)
@@ -241,7 +252,7 @@ def run_finetune(ctx) -> dict:
         return metrics
     ctx.building(store)
     ids = finetune_images(cfg, ds)
-    windows = label_windows([proposals.get(i)["boxes"] for i in ids], [gt_for_training(ds, i) for i in ids], cfg.finetune.fg_iou)
+    windows = training_windows(ds, ids, proposals, cfg.finetune.fg_iou)
     net, start_weights = build_googlenet(resolve_weights(cfg.backbone.weights))
     tuner = FineTuner(net, ds.num_classes, windows, lambda k: ds.load_image(ids[k]), cfg.finetune, cfg.features, cfg.seed,
                       resolve_device(cfg.device.value))  # fmt: skip

@@ -33,7 +33,8 @@ from .selective_search import image_seed, merge_near_duplicates, resolve_params,
 log = logging.getLogger("proposals")
 
 FORMAT_VERSION = 1
-MULTIBOX_VERSION = 2  # 2: trained on every ground-truth box, difficult ones included (issue #13)
+MULTIBOX_VERSION = 3  # 2: trained on every ground-truth box, difficult ones included (issue #13); 3: crowd left out
+CROWD_IOA = 0.7  # a training box with this share of its area inside a crowd region is left out (Detectron's)
 SOURCE_SS, SOURCE_MULTIBOX = 0, 1
 
 
@@ -62,9 +63,22 @@ def gt_for_recall(ds, image_id) -> tuple[np.ndarray, np.ndarray]:
 def gt_for_training(ds, image_id) -> tuple[np.ndarray, np.ndarray]:
     """The boxes every training use reads (SVM positives and negatives, regression pairs, fine-tuning
     labels, MultiBox targets): all of them, difficult ones included, as R-CNN's ``roidb_from_voc.m``
-    kept them, so that a proposal on a difficult bottle is never mined as a bottle negative."""
+    kept them, so that a proposal on a difficult bottle is never mined as a bottle negative. COCO's crowd
+    regions are not objects: left out, as Fast R-CNN's and Detectron's COCO loaders left them (the
+    training boxes inside one are left out too: :func:`in_crowd`)."""
     a = ds.annotation(image_id)
-    return a.boxes, a.labels
+    keep = ~a.crowd
+    return a.boxes[keep], a.labels[keep]
+
+
+def in_crowd(ds, image_id, boxes: np.ndarray) -> np.ndarray:
+    """bool ``[N]``: the boxes with at least ``CROWD_IOA`` of their area inside one of the image's crowd
+    regions. Training leaves them out, neither background nor an object (Detectron's crowd filter): a
+    proposal on a crowd of people would otherwise be mined as a person negative."""
+    a = ds.annotation(image_id)
+    if not a.crowd.any() or not len(boxes):
+        return np.zeros(len(boxes), bool)
+    return (B.ioa(boxes, a.boxes[a.crowd]) >= CROWD_IOA).any(axis=1)
 
 
 # -- MultiBox training -----------------------------------------------------------------------------

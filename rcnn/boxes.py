@@ -27,6 +27,7 @@ __all__ = [
     "clip",
     "is_valid",
     "iou",
+    "ioa",
     "nms",
     "batched_nms",
     "top_per_label",
@@ -122,6 +123,17 @@ def iou(boxes1, boxes2):
         boxes1, boxes2 = as_boxes(boxes1, np.float64), as_boxes(boxes2, np.float64)
     out = ops.box_iou(_tensor(boxes1), _tensor(boxes2))
     return out.numpy() if numpy_in else out
+
+
+def ioa(boxes, regions) -> np.ndarray:
+    """Pairwise intersection over the first box's own area: ``[N, 4]``, ``[M, 4]`` -> ``[N, M]`` float64
+    (COCO's overlap with a crowd region, through ``pycocotools.mask.iou`` with ``iscrowd`` set)."""
+    from pycocotools import mask
+
+    b, r = as_boxes(boxes, np.float64), as_boxes(regions, np.float64)
+    if not len(b) or not len(r):
+        return np.zeros((len(b), len(r)))
+    return np.asarray(mask.iou(xyxy_to_xywh(b), xyxy_to_xywh(r), [1] * len(r)), np.float64).reshape(len(b), len(r))
 
 
 def nms(boxes, scores, iou_threshold: float) -> np.ndarray:

@@ -28,8 +28,9 @@ from .train import HardNegativeMiner, SvmParams, mean_norm_scale
 
 log = logging.getLogger("svm")
 
-FORMAT_VERSION = 3  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax);
-# 3: ground-truth rows mined as negatives of other classes and used as regression examples, difficult boxes kept
+FORMAT_VERSION = 4  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax);
+# 3: ground-truth rows mined as negatives of other classes and used as regression examples, difficult boxes kept;
+# 4: crowd regions and the proposals inside them left out
 MIN_REGRESSION_PAIRS = 8  # a class with fewer training pairs keeps its boxes as proposed
 
 
@@ -48,13 +49,15 @@ def training_rows(ds, features, proposals, image_id):
     max_iou [G + N, C], gt [G, 4], gt labels [G])``, its G ground-truth boxes (difficult ones included,
     as ``roidb_from_voc.m``) then its N proposals. So another class's ground-truth box is a candidate
     negative, a proposal on a difficult object is never its class's negative, and a ground-truth box is
-    a regression example (zero targets)."""
+    a regression example (zero targets). Proposals inside a crowd region are left out (N counts the rest)."""
     from features.stage import gt_entry
-    from proposals.stage import gt_for_training
+    from proposals.stage import gt_for_training, in_crowd
 
     gt, labels = gt_for_training(ds, image_id)
-    raw = np.concatenate([features.get_array(gt_entry(image_id)), features.get_array(image_id)])
-    boxes = np.concatenate([B.as_boxes(gt), B.as_boxes(proposals.get(image_id)["boxes"])])
+    props = B.as_boxes(proposals.get(image_id)["boxes"])
+    keep = ~in_crowd(ds, image_id, props)
+    raw = np.concatenate([features.get_array(gt_entry(image_id)), features.get_array(image_id)[keep]])
+    boxes = np.concatenate([B.as_boxes(gt), props[keep]])
     return raw, boxes, class_max_iou(boxes, gt, labels, ds.num_classes), gt, labels
 
 

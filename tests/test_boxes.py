@@ -55,6 +55,25 @@ def test_iou_matches_brute_force(seed):
     assert isinstance(t, torch.Tensor) and t.shape == (17, 9)
 
 
+def brute_ioa(a, b):
+    out = np.zeros((len(a), len(b)))
+    for i, p in enumerate(a):
+        for j, q in enumerate(b):
+            inter = max(0.0, min(p[2], q[2]) - max(p[0], q[0])) * max(0.0, min(p[3], q[3]) - max(p[1], q[1]))
+            out[i, j] = inter / ((p[2] - p[0]) * (p[3] - p[1]))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ioa_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    a, b = random_boxes(rng, 13), random_boxes(rng, 5)
+    np.testing.assert_allclose(B.ioa(a, b), brute_ioa(a, b), rtol=1e-9, atol=1e-12)
+    assert B.ioa(a, np.zeros((0, 4))).shape == (13, 0) and B.ioa([], b).shape == (0, 5)
+    inside = B.ioa([[2, 2, 4, 4]], [[0, 0, 10, 10]])  # a box inside a region: all of its area
+    assert inside[0, 0] == 1.0
+
+
 def test_iou_empty_inputs():
     assert B.iou(np.zeros((0, 4)), random_boxes(np.random.default_rng(0), 3)).shape == (0, 3)
     assert B.iou([], []).shape == (0, 0)

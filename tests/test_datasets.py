@@ -186,6 +186,7 @@ def test_coco_maps_categories_to_contiguous_labels_and_back(tmp_path):
     np.testing.assert_allclose(a.boxes, [[1.5, 2, 11.5, 22], [0, 0, 64, 48]])
     assert a.labels.tolist() == [1, 2]
     assert a.difficult.tolist() == [False, True]  # iscrowd -> ignored like a difficult box
+    assert a.crowd.tolist() == [False, True]  # ... and a crowd region, which training leaves out
     assert [ds.category_ids[k] for k in a.labels] == [3, 18]
     assert ds.load_image(11).shape == (48, 64, 3)
 

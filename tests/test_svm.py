@@ -270,3 +270,30 @@ def test_training_rows_are_the_ground_truth_then_the_proposals_difficult_boxes_i
     assert raw[:, 0].tolist() == [1, 1, 2, 2, 2] and boxes.tolist() == [*gt.tolist(), *props.tolist()]
     assert max_iou.tolist() == [[1, 0], [0, 1], [0, 1], [1, 0], [0, 0]]  # the difficult dog counts as a dog
     assert labels.tolist() == [0, 1] and len(g) == 2
+
+
+def test_crowd_regions_and_the_proposals_inside_them_are_left_out_of_training():
+    """Issue #13: a COCO crowd box is not an SVM positive nor a fine-tuning window, and a proposal lying in
+    the crowd (>= 70% of its area) is neither a negative nor background (Fast R-CNN / Detectron). On the
+    code before, the crowd box was a person positive and the proposal inside it a person."""
+    from types import SimpleNamespace
+
+    from features.stage import gt_entry, training_windows
+    from rcnn.datasets.base import Annotation
+    from svm.stage import training_rows
+
+    gt = np.array([[0, 0, 10, 10], [40, 0, 120, 80]], np.float32)  # a person; a crowd of people
+    crowd = np.array([False, True])
+    props = np.array([[50, 10, 70, 40], [30, 0, 50, 20], [0, 0, 10, 12]], np.float32)  # in the crowd; half in; on the person
+    ann = Annotation(boxes=gt, labels=np.array([0, 0]), difficult=crowd, width=120, height=80, crowd=crowd)
+    ds = SimpleNamespace(annotation=lambda i: ann, num_classes=1)
+    rows = {gt_entry("a"): np.full((1, 4), 1.0), "a": np.arange(3, dtype=float)[:, None].repeat(4, 1) + 2}
+    features = SimpleNamespace(get_array=lambda i: rows[i])
+    proposals = SimpleNamespace(get=lambda i: {"boxes": props})
+    raw, boxes, max_iou, g, labels = training_rows(ds, features, proposals, "a")
+    assert g.tolist() == [[0, 0, 10, 10]] and labels.tolist() == [0]  # the crowd is no positive
+    assert boxes.tolist() == [gt[0].tolist(), props[1].tolist(), props[2].tolist()]
+    assert raw[:, 0].tolist() == [1, 3, 4]  # the features of the rows kept
+    np.testing.assert_allclose(max_iou[:, 0], [1, 0, 100 / 120])  # the half-in proposal is a candidate negative
+    windows = training_windows(ds, ["a"], proposals, fg_iou=0.5)
+    assert windows.boxes.tolist() == boxes.tolist() and windows.labels.tolist() == [1, 0, 1]

@@ -30,7 +30,10 @@ class Annotation:
     """Ground truth of one image.
 
     boxes: float32 [N, 4] continuous (x1, y1, x2, y2); labels: int64 [N] in [0, num_classes);
-    difficult: bool [N] (VOC "difficult", COCO "iscrowd": neither counted nor penalised).
+    difficult: bool [N] (VOC "difficult", COCO "iscrowd": neither counted nor penalised in evaluation).
+    crowd: bool [N] (COCO "iscrowd"; all False when not given): a region of many objects, also
+    ``difficult``. Training leaves it out (neither an object nor background; see
+    :func:`proposals.stage.gt_for_training`).
     """
 
     boxes: np.ndarray
@@ -38,6 +41,11 @@ class Annotation:
     difficult: np.ndarray
     width: int
     height: int
+    crowd: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.crowd is None:
+            object.__setattr__(self, "crowd", np.zeros(len(self.labels), bool))
 
     @staticmethod
     def empty(width: int, height: int) -> "Annotation":
@@ -239,25 +247,28 @@ class DetectionDataset:
                 except OSError:
                     stamp = None
                 h.update(repr((image_id, str(rec.path), stamp, a.width, a.height)).encode())
-                for arr in (a.boxes, a.labels, a.difficult):
+                for arr in (a.boxes, a.labels, a.difficult, a.crowd):
                     h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:16]
 
     def split_stats(self, split: str) -> dict:
-        """Counts of one split: images, boxes, difficult boxes, classes present, boxes per class."""
+        """Counts of one split: images, boxes, difficult boxes (crowd ones among them), classes present,
+        boxes per class."""
         ids = self.image_ids(split)
         per_class = np.zeros(self.num_classes, dtype=np.int64)
-        boxes = difficult = empty = 0
+        boxes = difficult = crowd = empty = 0
         for i in ids:
             a = self.annotation(i)
             boxes += len(a.labels)
             difficult += int(a.difficult.sum())
+            crowd += int(a.crowd.sum())
             empty += int(len(a.labels) == 0)
             np.add.at(per_class, a.labels, 1)
         return {
             "images": len(ids),
             "boxes": boxes,
             "difficult": difficult,
+            "crowd": crowd,
             "classes": int((per_class > 0).sum()),
             "images_without_boxes": empty,
             "boxes_per_class": {c: int(n) for c, n in zip(self.classes, per_class) if n},

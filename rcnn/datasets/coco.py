@@ -98,12 +98,14 @@ def _split(
             raise DatasetError(f"{where}: a bbox holds a value that is not a number") from None
         boxes = B.xywh_to_xyxy(xywh)
         keep = check_boxes(boxes, width, height, where, report, [f"annotation {a[0]}" for a in anns])
+        crowd = np.array([a[3] for a in anns], dtype=bool)[keep]
         ann = Annotation(
             boxes=boxes[keep],
             labels=np.array([a[2] for a in anns], dtype=np.int64)[keep],
-            difficult=np.array([a[3] for a in anns], dtype=bool)[keep],
+            difficult=crowd,
             width=width,
             height=height,
+            crowd=crowd,
         )
         img = images_dir / file_name
         if not img.exists():
@@ -114,7 +116,7 @@ def _split(
 
 def load_coco(cfg, hint: str = "") -> DetectionDataset:
     """COCO JSON splits. Labels are contiguous (categories sorted by id); ``iscrowd`` boxes are
-    flagged ``difficult`` (ignored, as COCOeval does)."""
+    flagged ``crowd`` and ``difficult`` (ignored, as COCOeval does; left out of training)."""
     files = {
         cfg.train_split: (Path(cfg.train_json), Path(cfg.train_images)),
         cfg.test_split: (Path(cfg.test_json), Path(cfg.test_images)),

@@ -14,7 +14,7 @@ from ..stages import found
 from ..store import StageStore
 from .base import DetectionDataset
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crowd flags
 
 
 def data_store(ctx) -> StageStore:
@@ -36,6 +36,7 @@ def check_image(ds: DetectionDataset, image_id) -> dict[str, np.ndarray]:
         "boxes": a.boxes,
         "labels": a.labels,
         "difficult": a.difficult,
+        "crowd": a.crowd,
         "size": np.array(img.shape[:2], dtype=np.int64),
     }
 
