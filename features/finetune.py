@@ -6,6 +6,13 @@ iteration draws ``fg_per_batch`` (32) foreground and ``batch_size - fg_per_batch
 windows from all training images, warps them with context padding, flips half, and takes one SGD step
 (lr 0.001, momentum 0.9, weight decay 0.0005, lr x 0.1 every ``step_size`` iterations). In roi mode the
 windows of a batch come from ``roi_images_per_batch`` images, pooled from one pass over each.
+
+Under torchrun the step is data-parallel (``DistributedDataParallel``): every rank draws the same batch
+(and flips and dropout masks), computes the logits of its part of it (ordered by image, so a rank runs
+few images in roi mode) and the gradients of its share of the batch's mean loss; averaged over the ranks
+they are one process's gradients of the whole batch, up to the order of the sums. BatchNorm: frozen in roi
+mode; in warp mode synchronised across GPUs (``SyncBatchNorm``), per rank on CPUs (PyTorch synchronises
+it on GPUs only).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from rcnn import boxes as B
+from rcnn import distributed
 from rcnn.store import torch_save
 
 from .backbone import amp_dtype, autocast
@@ -116,6 +124,20 @@ def param_groups(net: nn.Module, cfg) -> list[dict]:
     return [{"params": ps, "lr": cfg.lr * mult, "lr_mult": mult, "weight_decay": decay} for (mult, decay), ps in groups.items()]
 
 
+class _Logits(nn.Module):
+    """A training batch's logits as one module call (``DistributedDataParallel`` wraps a module):
+    ``(window indices, flips, dropout multipliers [n, 1024] or None) -> [n, N + 1]``."""
+
+    def __init__(self, tuner: "FineTuner"):
+        super().__init__()
+        self.model = tuner.model
+        self._features = tuner._features  # a method of the tuner: not a submodule
+
+    def forward(self, idx: np.ndarray, flips: np.ndarray, keep: torch.Tensor | None) -> torch.Tensor:
+        feats = self._features(idx, flips)
+        return self.model.net.fc(feats if keep is None else feats * keep)
+
+
 class FineTuner:
     """One fine-tuning run: the network, its classifier, the optimiser and the sampler's state."""
 
@@ -126,8 +148,16 @@ class FineTuner:
         self.amp = amp_dtype(fcfg.precision, self.device)  # bf16 where the CPU or GPU computes it natively
         self.model = RegionFeatures(net, fcfg.roi_layer.value if fcfg.mode.value == "roi" else "inception4e")
         self.model.net.fc = nn.Linear(1024, num_classes + 1)
-        self.model.net.dropout = nn.Dropout(cfg.dropout)
+        self.model.net.dropout = nn.Dropout(cfg.dropout)  # what inference sees (training draws its own masks)
+        if distributed.active() and self.device.type == "cuda" and fcfg.mode.value == "warp":
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # one batch's statistics on all GPUs
         self.model.to(self.device)
+        self.logits = _Logits(self)
+        if distributed.active():
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.logits = DistributedDataParallel(self.logits, device_ids=ids)
         self.windows = windows
         self.images = _ImageCache(load_image, cfg.image_cache, self.device)
         self.opt = torch.optim.SGD(param_groups(self.model.net, cfg), lr=cfg.lr, momentum=cfg.momentum)
@@ -161,9 +191,9 @@ class FineTuner:
             fg, bg = self.fg, self.bg
         return np.concatenate([self._draw(fg, c.fg_per_batch), self._draw(bg, c.batch_size - c.fg_per_batch)])
 
-    def _logits(self, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+    def _features(self, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        """The pooled 1024-d features of windows ``idx`` (each flipped where ``flips``)."""
         w, f, dev = self.windows, self.fcfg, self.device
-        net = self.model.net
         flip = torch.from_numpy(flips).to(dev).view(-1, 1, 1, 1)
         if f.mode.value == "warp":
             crops = []
@@ -175,7 +205,7 @@ class FineTuner:
             for sel, c in crops:
                 batch[torch.from_numpy(sel).to(dev)] = c
             batch = torch.where(flip, batch.flip(3), batch)
-            return net.fc(net.dropout(self.model(batch.contiguous(memory_format=torch.channels_last))))
+            return self.model(batch.contiguous(memory_format=torch.channels_last))
         feats = torch.empty((len(idx), 1024), device=dev)
         cells = f.input_size // self.model.stride
         for i in np.unique(w.image[idx]):
@@ -191,7 +221,13 @@ class FineTuner:
             rois = torch.cat([boxes.new_zeros(len(sel), 1), boxes], 1)
             pooled = roi_align(fmap, rois, (cells, cells), spatial_scale=fmap.shape[-1] / x.shape[-1], sampling_ratio=2, aligned=True)
             feats[torch.from_numpy(sel).to(dev)] = self.model.head(pooled).float()
-        return net.fc(net.dropout(feats))
+        return feats
+
+    def _local(self, idx: np.ndarray) -> np.ndarray:
+        """The positions in batch ``idx`` this rank computes (all of them in one process): the batch
+        ordered by image and cut into one contiguous part per rank."""
+        order = np.argsort(self.windows.image[idx], kind="stable")
+        return np.array_split(order, distributed.world_size())[distributed.rank()]
 
     def base_lr(self) -> float:
         """The base learning rate now (each group's is a multiple of it)."""
@@ -213,7 +249,7 @@ class FineTuner:
         for _ in range(batches):
             idx = self.sample()
             with autocast(self.amp, self.device):
-                self._logits(idx, np.zeros(len(idx), bool))
+                self._features(idx, np.zeros(len(idx), bool))
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
         self.rng = rng
@@ -236,21 +272,36 @@ class FineTuner:
             flips = (self.rng.random(len(images)) < 0.5)[inverse]
         elif self.cfg.flip:
             flips = self.rng.random(len(idx)) < 0.5
-        torch.manual_seed(self.seed * 1_000_003 + self.iteration)  # dropout: a function of the step (resumes alike)
+        keep = self._dropout(len(idx))
+        rows = self._local(idx)
         with autocast(self.amp, self.device):
-            logits = self._logits(idx, flips).float()
-        target = torch.from_numpy(self.windows.labels[idx]).to(self.device)
-        loss = F.cross_entropy(logits, target)
+            logits = self.logits(idx[rows], flips[rows], None if keep is None else keep[rows].to(self.device)).float()
+        target = torch.from_numpy(self.windows.labels[idx[rows]]).to(self.device)
+        # This rank's share of the batch's mean loss, times the ranks: their average is the batch's mean.
+        loss_sum = F.cross_entropy(logits, target, reduction="sum")
+        loss = loss_sum * (distributed.world_size() / len(idx))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.sched.step()
         self.iteration += 1
-        acc = (logits.argmax(1) == target).float().mean().item()
-        record = {"iteration": self.iteration, "loss": loss.item(), "accuracy": acc, "lr": self.base_lr()}
+        batch = distributed.all_sum(torch.stack([loss_sum.detach(), (logits.argmax(1) == target).sum().float()]))
+        loss_mean, acc = (batch / len(idx)).tolist()
+        record = {"iteration": self.iteration, "loss": loss_mean, "accuracy": acc, "lr": self.base_lr()}
         self.history.append(record)
         self.seconds += time.perf_counter() - start
         return record
+
+    def _dropout(self, n: int) -> torch.Tensor | None:
+        """Inverted-dropout multipliers ``[n, 1024]`` for a batch of ``n`` windows (None without dropout):
+        drawn for the whole batch from a generator seeded by the step, so a resumed run and every rank of a
+        torchrun draw the same masks."""
+        p = self.cfg.dropout
+        if not p:
+            return None
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.iteration)
+        keep = (torch.rand(n, 1024, generator=g) >= p).float()
+        return keep / (1 - p) if p < 1 else keep
 
     # -- checkpoints -------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ Writes ``<out>/gpu.json`` and ``<out>/gpu.md`` (and prints the latter):
 
 Every time is the median of ``--repeats`` timed runs after warm-up, with the GPU synchronised. Inputs are
 synthetic (a demo-style image of shapes on clutter, random boxes, random batches), so the run needs no
-dataset. torchrun is not measured: the stages have no DistributedDataParallel yet, and the report says so.
+dataset. torchrun is not measured here (it needs a dataset: the README's torchrun command on the demo
+measures it), and the report says so.
 Without a GPU, ``--device cuda`` (the default) writes a report saying there is none and exits 0;
 ``--device cpu --quick`` runs every measurement at toy sizes (the tests do).
 """
@@ -321,8 +322,8 @@ def main(argv=None) -> int:
         steps("pretraining")
         r["pretrain_batch"] = 8 if quick else 128
         r["pretrain"] = pretrain_speed(device, size, r["pretrain_batch"], repeats)
-    r["torchrun"] = ("not measured: the stages have no DistributedDataParallel or rank sharding yet (issue #12); "
-                     f"{torch.cuda.device_count()} GPU(s) visible")  # fmt: skip
+    r["torchrun"] = ("not measured by this script (it needs a dataset): run torchrun --nproc_per_node=N -m rcnn.run "
+                     f"stage=finetune finetune.enabled=true; {torch.cuda.device_count()} GPU(s) visible")  # fmt: skip
     (out / "gpu.json").write_text(json.dumps(r, indent=1) + "\n")
     md = _markdown(r)
     (out / "gpu.md").write_text(md)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rcnn import distributed
 from rcnn.config import to_dict
 from rcnn.shard import mine, pending
 from rcnn.stages import found
@@ -264,7 +265,9 @@ def run_finetune(ctx) -> dict:
         log.info("resuming fine-tuning at iteration %d of %d", tuner.iteration + 1, cfg.finetune.iterations)
     start = time.perf_counter()
     done_before = tuner.iteration
-    bar = tqdm(total=cfg.finetune.iterations, initial=tuner.iteration, desc="finetune", unit="it", disable=not cfg.progress)
+    lead = distributed.rank() == 0  # under torchrun rank 0 writes the checkpoints, the model and the figures
+    bar = tqdm(total=cfg.finetune.iterations, initial=tuner.iteration, desc="finetune", unit="it",
+               disable=not cfg.progress or not lead)  # fmt: skip
     while tuner.iteration < cfg.finetune.iterations:
         rec = tuner.step()
         if not np.isfinite(rec["loss"]):
@@ -274,14 +277,15 @@ def run_finetune(ctx) -> dict:
             )
         bar.update()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.2f}")
-        if tuner.iteration % cfg.finetune.checkpoint_every == 0 or tuner.iteration == cfg.finetune.iterations:
+        if lead and (tuner.iteration % cfg.finetune.checkpoint_every == 0 or tuner.iteration == cfg.finetune.iterations):
             tuner.save(checkpoint)
     bar.close()
     seconds = time.perf_counter() - start
-    _export(checkpoint, model_path, start_weights.normalization)
-    series = {"loss": "loss (softmax)", "accuracy": "batch accuracy"}
-    plot_history(tuner.history, "iteration", series, store.dir / "loss.png", "fine-tuning")
-    shutil.copyfile(store.dir / "loss.png", store.stage_dir / "loss.png")
+    if lead:
+        _export(checkpoint, model_path, start_weights.normalization)
+        series = {"loss": "loss (softmax)", "accuracy": "batch accuracy"}
+        plot_history(tuner.history, "iteration", series, store.dir / "loss.png", "fine-tuning")
+        shutil.copyfile(store.dir / "loss.png", store.stage_dir / "loss.png")
     last = tuner.history[-20:]
     metrics = {
         "stage": "finetune",
@@ -299,7 +303,9 @@ def run_finetune(ctx) -> dict:
         "train_seconds": round(tuner.seconds, 2),  # every step's, across resumes
         "model": str(model_path),
     }
-    store.finish(metrics)
+    if lead:
+        store.finish(metrics)
+    distributed.barrier()  # the other ranks go on when the model is written
     print(f"fine-tuned {tuner.iteration} iterations: loss {metrics['loss_first']:.3f} -> {metrics['loss_last20']:.3f}; {model_path}")
     return metrics
 

@@ -35,9 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from features.backbone import BackboneError
+    from features.backbone import BackboneError, resolve_device
     from features.pretrain_data import PretrainDataError
 
+    from . import distributed
     from .datasets import DatasetError
     from .detector import DetectorError
     from .shard import ShardError
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(cfg.seed)
     ctx = RunContext(cfg)
     try:
+        if distributed.init(str(resolve_device(cfg.device.value))):
+            logging.getLogger("rcnn").info("torchrun: rank %d of %d", distributed.rank(), distributed.world_size())
         run_stage(ctx, cfg.stage.value)
     except (DatasetError, StoreError, DetectorError, BackboneError, PretrainDataError, FileNotFoundError, FileExistsError,
             FloatingPointError, ShardError) as e:  # fmt: skip
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished images are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
     if len(ctx.timings) > 1:
         print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in ctx.timings.items())
               + f"; total {sum(ctx.timings.values()):.1f}")  # fmt: skip

@@ -44,9 +44,10 @@ def current_shard(cfg) -> tuple[int, int] | None:
     several processes, else None (every image)."""
     if cfg.get("shard") is not None:
         return parse_shard(cfg.shard)
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and "RANK" in os.environ:
-        return int(os.environ["RANK"]), world
+    from . import distributed
+
+    if distributed.launched() and not distributed.in_solo():
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return None
 
 
@@ -59,7 +60,10 @@ def mine(cfg, ids: Sequence) -> list:
 def pending(cfg, store, ids: Sequence, stage: str) -> dict | None:
     """After this shard's images: None when ``store`` holds every id (go on and write the stage's
     metrics), else the shard's report ``{"stage", "key", "shard", "images", "images_found",
-    "complete": False}`` (logged)."""
+    "complete": False}`` (logged). Under torchrun the ranks wait for each other here first."""
+    from . import distributed
+
+    distributed.barrier()
     missing = store.missing(list(ids))
     if not missing:
         return None
@@ -73,7 +77,11 @@ def pending(cfg, store, ids: Sequence, stage: str) -> dict | None:
 
 def check_training_stage(cfg, stage: str) -> None:
     """A sharded run reaching a training stage that is not built: raise :class:`ShardError` saying how to
-    build it."""
+    build it. (Under torchrun the ranks build them together or leave them to rank 0: rcnn.distributed.)"""
+    from . import distributed
+
+    if distributed.active() or distributed.in_solo():
+        return
     shard = current_shard(cfg) if stage in TRAINING_STAGES else None
     if shard is not None:
         i, n = shard

@@ -13,6 +13,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .config import ProposalMethod, Stage, num_workers
 from .shard import check_training_stage
 from .store import atomic_write
@@ -115,6 +116,11 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
                      ctx.run_dir, "s" * (len(never) > 1), ", ".join(never), stage, "them" if len(never) > 1 else "it")  # fmt: skip
     if stage in ctx.results:  # already run in this process (a later stage asked for its key)
         return ctx.results[stage]
+    if distributed.active() and not ctx.stack and stage in chain and not (stage == Stage.eval.value and ctx.cfg.detections):
+        for name in chain[: chain.index(stage)]:  # every rank takes part in each stage, in order
+            run_stage(ctx, name)
+    if distributed.active() and stage in distributed.RANK0_STAGES:
+        return _rank0_builds(ctx, stage)
     fn = stage_function(stage)
     stage_dir = ctx.run_dir / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +158,19 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
 
             write_json(path, {**json.loads(path.read_text()), "peak_rss_mb": round(peak, 1)})
     ctx.results[stage] = metrics
+    return metrics
+
+
+def _rank0_builds(ctx: RunContext, stage: str) -> dict:
+    """Under torchrun, a stage that is not data-parallel: rank 0 runs it alone while the others wait,
+    then they read it from the cache rank 0 wrote."""
+    if distributed.rank() != 0:
+        log.info("stage %s: rank 0 builds it; rank %d waits", stage, distributed.rank())
+        distributed.barrier()
+    with distributed.solo():
+        metrics = run_stage(ctx, stage)
+    if distributed.rank() == 0:
+        distributed.barrier()
     return metrics
 
 

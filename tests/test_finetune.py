@@ -115,8 +115,13 @@ def test_dropout_comes_before_the_classifier(tmp_path):
     t = make()
     t.model.train()
     idx = t.sample()
-    logits = t._logits(idx, np.zeros(len(idx), bool))
+    logits = t.logits(idx, np.zeros(len(idx), bool), t._dropout(len(idx)))
     torch.testing.assert_close(logits, t.model.net.fc.bias.expand_as(logits))
+    cfg.finetune.dropout = 0.4  # inverted dropout: 40% of the features zeroed, the rest scaled by 1 / 0.6
+    keep = t._dropout(4000)
+    np.testing.assert_allclose(np.unique(keep.numpy()), [0.0, 1 / 0.6], rtol=1e-6)
+    assert abs((keep == 0).float().mean().item() - 0.4) < 0.01
+    torch.testing.assert_close(keep, t._dropout(4000))  # a function of the step: resumes and ranks agree
 
 
 def test_roi_mode_flips_the_image_and_its_boxes(tmp_path):
@@ -127,7 +132,7 @@ def test_roi_mode_flips_the_image_and_its_boxes(tmp_path):
     t = make()
     t.model.eval()
     idx = np.flatnonzero(t.windows.image == 0)
-    flipped = t._logits(idx, np.ones(len(idx), bool))
+    flipped = t.logits(idx, np.ones(len(idx), bool), None)
     w = t.windows
     mirrored = Windows(w.image, np.stack([64 - w.boxes[:, 2], w.boxes[:, 1], 64 - w.boxes[:, 0], w.boxes[:, 3]], 1), w.labels)
     u = make()
@@ -135,4 +140,4 @@ def test_roi_mode_flips_the_image_and_its_boxes(tmp_path):
     u.model.eval()
     u.windows = mirrored
     u.images = lambda k: t.images(k).flip(-1)
-    torch.testing.assert_close(flipped, u._logits(idx, np.zeros(len(idx), bool)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(flipped, u.logits(idx, np.zeros(len(idx), bool), None), rtol=1e-4, atol=1e-4)
