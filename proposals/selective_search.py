@@ -18,8 +18,11 @@ its order starts with the smallest regions (Uijlings et al. count the other way,
 down): a top-N cap of OpenCV's order keeps mostly tiny boxes. ``order="shuffle"`` (the default) puts
 the boxes in a random order instead, so a cap keeps a sample of every size; on coco128 val the best
 150 boxes of the GoogLeNet variant recall 43% of the objects shuffled against 31% in OpenCV's order
-(BENCHMARKS.md). Both are seeded per image (OpenCV's through the C library's ``rand``), so the order,
-and any cap, is the same in every run and in any worker.
+(BENCHMARKS.md). Both are seeded per image, so the order, and any cap, is the same in every run and in
+any worker. The shuffle starts from the boxes sorted by their coordinates: OpenCV's own order comes from
+the C library's ``rand``, seeded here, but a process whose other threads call ``rand`` too (a Ray worker's
+do) gets another order; ``order="opencv"`` is therefore reproducible in this project's worker processes,
+not always under Ray.
 """
 
 from __future__ import annotations
@@ -242,7 +245,8 @@ def selective_search(rgb: np.ndarray, p: SSParams, seed: int = 0) -> tuple[np.nd
     if scale != 1.0:
         boxes = B.clip(boxes / scale, w, h)
     boxes = boxes[unique_boxes(boxes)]
-    if p.order == "shuffle":
+    if p.order == "shuffle":  # from a canonical order: OpenCV's depends on rand(), which other threads can call
+        boxes = boxes[np.lexsort(boxes.T[::-1])]
         boxes = boxes[np.random.default_rng(seed).permutation(len(boxes))]
     if p.merge_iou is not None and len(boxes):
         boxes = boxes[merge_near_duplicates(boxes, p.merge_iou)]

@@ -32,7 +32,7 @@ from .selective_search import image_seed, merge_near_duplicates, resolve_params,
 
 log = logging.getLogger("proposals")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: selective search's shuffle from a canonical order (reproducible under Ray)
 MULTIBOX_VERSION = 3  # 2: trained on every ground-truth box, difficult ones included (issue #13); 3: crowd left out
 CROWD_IOA = 0.7  # a training box with this share of its area inside a crowd region is left out (Detectron's)
 SOURCE_SS, SOURCE_MULTIBOX = 0, 1
@@ -286,7 +286,7 @@ def run_proposals(ctx) -> dict:
         for split in splits:
             process_images(
                 ss_store, mine(cfg, ds.image_ids(split)), partial(_ss_one, ds, params, cfg.seed),
-                workers=ctx.workers, progress=cfg.progress, desc=f"selective search {split}",
+                workers=ctx.workers, progress=cfg.progress, desc=f"selective search {split}", ray=ctx.ray,
             )  # fmt: skip
     if mb_store is not None:
         for split in splits:

@@ -332,6 +332,19 @@ class Device(Enum):
     cuda = "cuda"
 
 
+class Executor(Enum):
+    local = "local"  # worker processes of this machine (`workers`)
+    ray = "ray"  # Ray tasks on a cluster (`ray.address`); pip install -e ".[ray]"
+
+
+@dataclass
+class RayConfig:
+    address: str = "local"  # local: a Ray instance on this machine with `workers` CPUs (0 = every core),
+    # started for the run; auto: the cluster this machine has joined; <host>:<port>: that cluster's head
+    cpus_per_task: float = 1.0  # CPUs Ray reserves for one image's task
+    max_retries: int = 3  # a task whose worker or node died is run again this many times (bad data is not)
+
+
 @dataclass
 class FeaturesConfig:
     mode: FeatureMode = FeatureMode.warp  # warp | roi
@@ -453,6 +466,8 @@ class Config:
     workers: int = 0  # worker processes for per-image work; 0 = one per CPU core
     shard: Optional[str] = None  # "I/N": the per-image stages do every N-th image from the I-th (0-based); see
     # README "Running at scale". Under torchrun, null takes the rank and world size.
+    executor: Executor = Executor.local  # where the per-image CPU work (selective search, data checks) runs
+    ray: RayConfig = field(default_factory=RayConfig)  # executor=ray
     progress: bool = True  # show progress bars
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # GoogLeNet weights
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # stage=pretrain

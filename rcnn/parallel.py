@@ -1,5 +1,6 @@
 """Work in worker processes: per-image work over a split, written to a stage store as it arrives
-(:func:`process_images`), and a pool for other independent jobs (:func:`process_pool`)."""
+(:func:`process_images`: this machine's processes, or Ray tasks on a cluster with ``executor=ray``), and
+a pool for other independent jobs (:func:`process_pool`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tqdm import tqdm
 
 from .store import StageStore, pid_alive
 
-__all__ = ["process_images", "process_pool"]
+__all__ = ["process_images", "process_pool", "ray_init"]
 
 
 _FN = None  # the per-image function, set once in each worker (not pickled with every task)
@@ -82,6 +83,7 @@ def process_images(
     workers: int = 1,
     progress: bool = True,
     desc: str | None = None,
+    ray=None,
 ) -> int:
     """Compute ``fn(image_id)`` for every id that has no entry in ``store`` yet, and store it.
 
@@ -89,6 +91,8 @@ def process_images(
     killed keeps every finished image and a rerun computes only the rest. ``fn`` must be
     picklable (a module-level function or ``functools.partial`` of one) when ``workers > 1``, and a
     script that calls this with workers must guard its top level with ``if __name__ == "__main__":``.
+    With ``ray`` (the config's ``ray`` section: ``executor=ray``) every image is a Ray task instead
+    (:func:`_ray_images`).
 
     Returns the number of images computed now.
     """
@@ -96,7 +100,9 @@ def process_images(
     total = len(image_ids)
     bar = tqdm(total=total, initial=total - len(todo), desc=desc or store.stage, unit="img", disable=not progress)
     try:
-        if workers <= 1 or len(todo) <= 1:
+        if ray is not None and todo:
+            _ray_images(store, todo, fn, bar, ray, workers)
+        elif workers <= 1 or len(todo) <= 1:
             for image_id in todo:
                 store.put(image_id, fn(image_id))
                 bar.update()
@@ -109,6 +115,54 @@ def process_images(
     finally:
         bar.close()
     return len(todo)
+
+
+def _ray_task(fn, image_id):
+    _single_threaded()
+    return image_id, fn(image_id)
+
+
+def ray_init(settings, workers: int):
+    """The ``ray`` module, connected: to ``settings.address`` (``auto`` or ``<host>:<port>``), or for
+    ``local`` to a Ray instance started on this machine with ``workers`` CPUs; a Ray already initialised
+    in this process (a test's, a notebook's) is used as it is."""
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError('executor=ray needs Ray, an optional extra: pip install -e ".[ray]"') from None
+    if not ray.is_initialized():
+        if settings.address == "local":
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=settings.address, log_to_driver=False)
+    return ray
+
+
+def _ray_images(store: StageStore, todo: list, fn, bar, settings, workers: int) -> None:
+    """Every image of ``todo`` as a Ray task asking for ``settings.cpus_per_task`` CPUs, written to
+    ``store`` as results arrive (by the calling process: the run folder need not be shared with the
+    workers). A task whose worker or node died runs again (``settings.max_retries``); one that raises on
+    bad data cancels the rest and its error is raised here as a local run would raise it. At most about
+    twice the cluster's task slots are submitted at a time."""
+    ray = ray_init(settings, workers)
+    task = ray.remote(_ray_task).options(num_cpus=settings.cpus_per_task, max_retries=settings.max_retries)
+    fn_ref = ray.put(fn)  # sent once to the object store, not with every task
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) / settings.cpus_per_task))
+    queue, running = list(reversed(todo)), []
+    try:
+        while queue or running:
+            while queue and len(running) < 2 * slots:
+                running.append(task.remote(fn_ref, queue.pop()))
+            done, running = ray.wait(running, num_returns=1)
+            try:
+                image_id, arrays = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:
+                raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+            store.put(image_id, arrays)
+            bar.update()
+    finally:
+        for ref in running:  # an error, an interrupt: stop what is still queued on the cluster
+            ray.cancel(ref, force=True)
 
 
 def process_pool(workers: int):

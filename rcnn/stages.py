@@ -14,7 +14,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
-from .config import ProposalMethod, Stage, num_workers
+from .config import Executor, ProposalMethod, Stage, num_workers
 from .shard import check_training_stage
 from .store import atomic_write
 
@@ -41,6 +41,11 @@ class RunContext:
     @property
     def workers(self) -> int:
         return num_workers(self.cfg)
+
+    @property
+    def ray(self):
+        """The ``ray`` settings when the per-image CPU work runs as Ray tasks (``executor=ray``), else None."""
+        return self.cfg.ray if self.cfg.executor == Executor.ray else None
 
     def building(self, store, resume: str | None = None) -> None:
         """Called by a stage that found no complete cache for this configuration, before it computes: says

@@ -65,6 +65,7 @@ def run(ctx) -> dict:
             mine(ctx.cfg, ds.image_ids(split)),
             partial(check_image, ds),
             workers=ctx.workers,
+            ray=ctx.ray,
             progress=ctx.cfg.progress,
             desc=f"data {split}",
         )

@@ -1,0 +1,95 @@
+"""executor=ray: the per-image work as Ray tasks on a local Ray instance gives a local run's entries, survives
+a killed worker, and stops on bad data with a local run's error."""
+
+import os
+import signal
+import sys
+from functools import partial
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from rcnn.datasets import DatasetError
+from rcnn.parallel import process_images
+from rcnn.run import main
+from rcnn.store import StageStore
+
+from .test_detect import TINY
+from .test_shard import entries, same_entries
+
+ray = pytest.importorskip("ray")
+
+SETTINGS = SimpleNamespace(address="local", cpus_per_task=1.0, max_retries=3)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _square(i):
+    return {"x": np.full(3, i * i)}
+
+
+def _dies_once(marker_dir: str, i):
+    """The worker computing image 3 kills itself the first time (as a lost node or an OOM kill would)."""
+    marker = os.path.join(marker_dir, "died")
+    if i == 3 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"x": np.full(3, i * i), "pid": np.int64(os.getpid())}
+
+
+def _bad_image(i):
+    if i == 4:
+        raise DatasetError(f"images/{i}.jpg: cannot decode the image (truncated file)")
+    return {"x": np.full(3, i)}
+
+
+def test_ray_tasks_fill_the_store_as_local_workers_do(tmp_path, local_ray):
+    ids = list(range(9))
+    local = StageStore(tmp_path, "local", {})
+    process_images(local, ids, _square, workers=2, progress=False)
+    remote = StageStore(tmp_path, "ray", {})
+    remote.put(0, _square(0))  # found in the store: not computed again
+    assert process_images(remote, ids, _square, progress=False, ray=SETTINGS) == 8
+    for i in ids:
+        np.testing.assert_array_equal(remote.get(i)["x"], local.get(i)["x"])
+    assert process_images(remote, ids, _square, progress=False, ray=SETTINGS) == 0
+
+
+def test_a_killed_ray_worker_is_retried_and_the_stage_completes(tmp_path, local_ray):
+    store = StageStore(tmp_path, "ray", {})
+    ids = list(range(8))
+    assert process_images(store, ids, partial(_dies_once, str(tmp_path)), progress=False, ray=SETTINGS) == 8
+    assert (tmp_path / "died").exists()  # the worker of image 3 was killed once
+    for i in ids:
+        np.testing.assert_array_equal(store.get(i)["x"], np.full(3, i * i))
+    assert os.getpid() not in {int(store.get(i)["pid"]) for i in ids}  # computed by Ray's workers
+
+
+def test_bad_data_in_a_ray_task_stops_the_stage_with_the_local_error(tmp_path, local_ray):
+    store = StageStore(tmp_path, "ray", {})
+    with pytest.raises(DatasetError) as err:
+        process_images(store, list(range(8)), _bad_image, progress=False, ray=SETTINGS)
+    assert str(err.value) == "images/4.jpg: cannot decode the image (truncated file)"
+    assert 4 not in {i for i in range(8) if store.has(i)}
+
+
+def test_proposals_with_executor_ray_equal_a_local_run(tmp_path, local_ray):
+    args = [*TINY, f"dataset.root={tmp_path / 'demo'}", "proposals.method=ss"]
+    for stage in ("data", "proposals"):
+        assert main([*args, f"stage={stage}", f"out={tmp_path / 'local'}", "workers=2"]) == 0
+        assert main([*args, f"stage={stage}", f"out={tmp_path / 'ray'}", "executor=ray"]) == 0
+    for stage in ("data", "proposals"):
+        same_entries(entries(tmp_path / "local", stage), entries(tmp_path / "ray", stage))
+
+
+def test_without_ray_installed_the_error_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    store = StageStore(tmp_path, "ray", {})
+    with pytest.raises(RuntimeError, match=r'pip install -e "\.\[ray\]"'):
+        process_images(store, [1, 2], _square, progress=False, ray=SETTINGS)
