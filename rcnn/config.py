@@ -339,8 +339,7 @@ class Executor(Enum):
 
 @dataclass
 class RayConfig:
-    address: str = "local"  # local: a Ray instance on this machine with `workers` CPUs (0 = every core),
-    # started for the run; auto: the cluster this machine has joined; <host>:<port>: that cluster's head
+    address: str = "local"  # local (started here, `workers` CPUs) | auto (the cluster joined) | <host>:<port>
     cpus_per_task: float = 1.0  # CPUs Ray reserves for one image's task
     max_retries: int = 3  # a task whose worker or node died is run again this many times (bad data is not)
 
