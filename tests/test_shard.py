@@ -135,8 +135,8 @@ def test_torchrun_runs_the_chain_as_one_process(tmp_path):
     # Fine-tuning: the same global batches, each rank's half; gradients averaged over the ranks. Equal up to
     # float rounding: the ranks sum their halves' gradients in another order (then gloo sums the two) and run
     # oneDNN at other batch sizes (last-bit differences, ~1e-8 after one step). Training grows them: ~1e-6
-    # after 3 steps at lr 1e-4 (the tolerance: 1e-5, for weights of order 0.01-1); at the demo's lr 0.01 a
-    # random network's chaotic first steps took them to 4e-4, so the test trains slowly.
+    # after 3 steps at lr 1e-4 (the tolerance: 1e-5, for weights of order 0.01-1); at R-CNN's default lr
+    # 0.001 a random network's chaotic first steps took them to 4e-4, so the test trains slowly.
     models = [torch.load(tmp_path / run / "finetune" / json.loads((tmp_path / run / "finetune" / "metrics.json")
                          .read_text())["key"] / "model.pt", weights_only=True) for run in ("one", "two")]  # fmt: skip
     for part in ("backbone", "classifier"):
