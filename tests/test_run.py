@@ -115,8 +115,13 @@ _STARTS: dict[int, float] = {}  # resident MiB when each allocating stage began
 
 def _allocating(mb):
     def stage(ctx):
+        import mmap
+
         _STARTS[mb] = _rss_mb()
-        block = np.ones(mb * 2**20 // 8)  # held while the stage runs
+        # Fresh pages of an anonymous mapping, held while the stage runs (malloc could hand back freed heap
+        # that is still resident in a long test process, and the resident size would not grow).
+        block = np.frombuffer(mmap.mmap(-1, max(mb, 1) * 2**20), np.uint8) if mb else np.zeros(1)
+        block[::4096] = 1  # touch every page
         if mb == 200:
             from rcnn.stages import run_stage
 
@@ -142,8 +147,7 @@ def test_peak_memory_is_measured_per_stage_nested_stages_included(tmp_path, monk
     nested = ctx.results["data"]["peak_rss_mb"]
     after = stages.run_stage(stages.RunContext(cfg), "eval")["peak_rss_mb"]  # the count restarts per stage
     # Against the resident memory when the stage began (not another stage's peak: a long test session's
-    # process can give memory back between two stages); a freed heap can absorb the small allocation, so
-    # only the 200 MiB block (mapped afresh) is certain.
+    # process can give memory back between two stages).
     assert nested <= peak and peak >= _STARTS[200] + 190 and after <= peak - 150
 
 
