@@ -33,9 +33,11 @@ RANK0_STAGES = ("pretrain", "multibox", "svm", "eval", "analyze", "benchmark")
 TIMEOUT = datetime.timedelta(hours=24)
 
 
-def launched() -> bool:
-    """Started by torchrun (or another launcher setting its variables) with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ
+def launched() -> tuple[int, int] | None:
+    """``(rank, world size)`` when started by torchrun (or another launcher setting its variables) with
+    more than one process, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ["RANK"]), world) if world > 1 and "RANK" in os.environ else None
 
 
 def init(device: str) -> bool:

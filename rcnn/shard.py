@@ -14,7 +14,6 @@ run needs them built (a run without ``shard=`` builds them) and says which when 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Sequence
 
@@ -46,9 +45,7 @@ def current_shard(cfg) -> tuple[int, int] | None:
         return parse_shard(cfg.shard)
     from . import distributed
 
-    if distributed.launched() and not distributed.in_solo():
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return None
+    return None if distributed.in_solo() else distributed.launched()
 
 
 def mine(cfg, ids: Sequence) -> list:
