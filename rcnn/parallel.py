@@ -14,7 +14,11 @@ from tqdm import tqdm
 
 from .store import StageStore, pid_alive
 
-__all__ = ["process_images", "process_pool", "ray_init"]
+__all__ = ["process_images", "process_pool", "ray_init", "ExecutorError"]
+
+
+class ExecutorError(RuntimeError):
+    """``executor=ray`` cannot run: Ray is not installed or its cluster cannot be reached."""
 
 
 _FN = None  # the per-image function, set once in each worker (not pickled with every task)
@@ -129,12 +133,15 @@ def ray_init(settings, workers: int):
     try:
         import ray
     except ImportError:
-        raise RuntimeError('executor=ray needs Ray, an optional extra: pip install -e ".[ray]"') from None
+        raise ExecutorError('executor=ray needs Ray, an optional extra: pip install -e ".[ray]"') from None
     if not ray.is_initialized():
-        if settings.address == "local":
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        else:
-            ray.init(address=settings.address, log_to_driver=False)
+        try:
+            if settings.address == "local":
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=settings.address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ExecutorError(f"executor=ray: cannot start or join Ray at ray.address={settings.address}: {e}") from None
     return ray
 
 

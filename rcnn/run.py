@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import distributed
     from .datasets import DatasetError
     from .detector import DetectorError
+    from .parallel import ExecutorError
     from .shard import ShardError
     from .stages import RunContext, run_stage
     from .store import StoreError
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("rcnn").info("torchrun: rank %d of %d", distributed.rank(), distributed.world_size())
         run_stage(ctx, cfg.stage.value)
     except (DatasetError, StoreError, DetectorError, BackboneError, PretrainDataError, FileNotFoundError, FileExistsError,
-            FloatingPointError, ShardError) as e:  # fmt: skip
+            FloatingPointError, ShardError, ExecutorError) as e:  # fmt: skip
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

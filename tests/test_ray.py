@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rcnn.datasets import DatasetError
-from rcnn.parallel import process_images
+from rcnn.parallel import ExecutorError, process_images
 from rcnn.run import main
 from rcnn.store import StageStore
 
@@ -88,8 +88,11 @@ def test_proposals_with_executor_ray_equal_a_local_run(tmp_path, local_ray):
         same_entries(entries(tmp_path / "local", stage), entries(tmp_path / "ray", stage))
 
 
-def test_without_ray_installed_the_error_names_the_extra(monkeypatch, tmp_path):
+def test_without_ray_installed_the_error_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)
     store = StageStore(tmp_path, "ray", {})
-    with pytest.raises(RuntimeError, match=r'pip install -e "\.\[ray\]"'):
+    with pytest.raises(ExecutorError, match=r'pip install -e "\.\[ray\]"'):
         process_images(store, [1, 2], _square, progress=False, ray=SETTINGS)
+    args = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'run'}", "stage=data", "executor=ray"]
+    assert main(args) == 1  # one line on stderr, no traceback
+    assert capsys.readouterr().err.strip().endswith('executor=ray needs Ray, an optional extra: pip install -e ".[ray]"')
