@@ -268,7 +268,7 @@ def fold_batchnorm(model: GoogLeNet) -> GoogLeNet:
 
     folded = copy.deepcopy(model).eval()
     for module in folded.modules():
-        if isinstance(module, BasicConv2d) and isinstance(module.bn, nn.BatchNorm2d):
+        if isinstance(module, BasicConv2d) and isinstance(module.bn, nn.modules.batchnorm._BatchNorm):
             conv, bn = module.conv, module.bn
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             fused = nn.Conv2d(

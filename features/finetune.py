@@ -239,7 +239,7 @@ class FineTuner:
         """BatchNorm statistics from ``batches`` training batches (forward only), kept frozen afterwards:
         a randomly initialised network starts normalised, as it would under BatchNorm, and the features
         later see the same statistics as training did. Draws from its own generator (resumes unchanged)."""
-        bns = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        bns = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         momenta = [m.momentum for m in bns]
         for m in bns:
             m.reset_running_stats()
@@ -260,7 +260,7 @@ class FineTuner:
         self.model.train()
         if self.fcfg.mode.value == "roi":
             for m in self.model.modules():
-                if isinstance(m, nn.BatchNorm2d):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     # Frozen statistics (as detectron2's FrozenBatchNorm): in roi mode the network sees one
                     # image at a time, whose own statistics would train a network the features never see.
                     # (Warp mode's batches are crops of many images: BatchNorm trains as on ImageNet.)

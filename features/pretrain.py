@@ -11,6 +11,12 @@ Every step ``t`` of epoch ``e`` is a function of ``(seed, e, t)`` alone (the epo
 augmentation, dropout), so a run killed anywhere resumes from its last checkpoint to the same weights as
 an uninterrupted one.
 
+Under torchrun the step is data-parallel (``DistributedDataParallel``): each rank loads and augments its
+contiguous part of the global batch, dropout masks are drawn for the whole batch and cut to each rank's rows,
+BatchNorm normalises with the whole batch's statistics (``rcnn.distributed.sync_batchnorm``) and each rank's
+loss is its rows' share of the batch's mean: one process's step, computed in parts. Rank 0 writes the
+checkpoints, tests the model and writes it.
+
 Output (``<out>/pretrain/``): ``model.pt`` (``backbone``: the GoogLeNet state dict without the auxiliary
 heads, its ``normalization``, ``classes``, ``input_size``), usable as ``backbone.weights=PATH`` by every
 stage; ``metrics.json``; ``loss.png``.
@@ -33,6 +39,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.models import GoogLeNet, googlenet
 
+from rcnn import distributed
 from rcnn.store import StageStore, atomic_write, torch_save
 from rcnn.viz import png
 
@@ -45,21 +52,54 @@ __all__ = ["pretrain_googlenet", "Pretrainer", "evaluate", "topk_correct", "lr_f
 
 log = logging.getLogger("features.pretrain")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dropout masks drawn for the whole batch (torchrun's ranks draw one process's masks)
+
+
+class BatchDropout(nn.Module):
+    """Inverted dropout whose mask is drawn for a whole batch and cut to the rows this process computes.
+
+    Before a training forward, :meth:`Pretrainer.train_step` sets ``draw = (generator, rows, n)``: the mask
+    is drawn for ``n`` rows from ``generator`` and rows ``rows`` (this rank's samples' places in the global
+    batch) are applied, so every rank of a torchrun applies one process's masks. Without ``draw``: plain
+    dropout."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.draw: tuple[torch.Generator, torch.Tensor, int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.p:
+            return x
+        if self.draw is None:
+            return F.dropout(x, self.p, True)
+        generator, rows, n = self.draw
+        keep = torch.rand((n, *x.shape[1:]), generator=generator)[rows] >= self.p
+        return x * keep.to(x.device, x.dtype) / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def pretrain_googlenet(num_classes: int, dropout: float = 0.4, dropout_aux: float = 0.7) -> GoogLeNet:
-    """GoogLeNet with both auxiliary classifiers, randomly initialised (He-normal, a fixed seed)."""
+    """GoogLeNet with both auxiliary classifiers, randomly initialised (He-normal, a fixed seed); its three
+    dropouts are :class:`BatchDropout`."""
     net = googlenet(weights=None, num_classes=num_classes, aux_logits=True, transform_input=False,
                     init_weights=False, dropout=dropout, dropout_aux=dropout_aux)  # fmt: skip
+    net.dropout, net.aux1.dropout, net.aux2.dropout = BatchDropout(dropout), BatchDropout(dropout_aux), BatchDropout(dropout_aux)
     return random_init(net)
 
 
-def training_loss(outputs, target: torch.Tensor, aux_weight: float, label_smoothing: float = 0.0):
-    """``(total, main)``: the main classifier's cross-entropy plus ``aux_weight`` x each auxiliary one's."""
-    main = F.cross_entropy(outputs.logits, target, label_smoothing=label_smoothing)
-    aux = sum(F.cross_entropy(a, target, label_smoothing=label_smoothing) for a in (outputs.aux_logits1, outputs.aux_logits2))
-    return main + aux_weight * aux, main
+def training_loss(outputs, target: torch.Tensor, aux_weight: float, label_smoothing: float = 0.0, count: int | None = None):
+    """``(total, main)``: the main classifier's cross-entropy plus ``aux_weight`` x each auxiliary one's,
+    summed over the rows and divided by ``count`` (default: the rows; a rank passes the global batch's)."""
+    count = len(target) if count is None else count
+
+    def ce(logits):
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="sum") / count
+
+    main = ce(outputs.logits)
+    return main + aux_weight * (ce(outputs.aux_logits1) + ce(outputs.aux_logits2)), main
 
 
 def topk_correct(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
@@ -94,12 +134,13 @@ def _seed(*parts: int) -> int:
 
 
 class _TrainSet(torch.utils.data.Dataset):
-    """Item ``(epoch, position, index)`` -> ``(uint8 crop [3, S, S], label)``, or None for a bad image.
+    """Item ``(epoch, position, index)`` -> ``(uint8 crop [3, S, S], label, row)``, or None for a bad image;
+    ``row``: the sample's place in its batch.
 
     The sample's augmentation is seeded by ``(seed, epoch, position)``: the same crop in any process."""
 
-    def __init__(self, tree: ClassificationTree, crops: TrainCrops, seed: int):
-        self.tree, self.crops, self.seed = tree, crops, seed
+    def __init__(self, tree: ClassificationTree, crops: TrainCrops, seed: int, batch_size: int):
+        self.tree, self.crops, self.seed, self.batch_size = tree, crops, seed, batch_size
 
     def __len__(self) -> int:
         return len(self.tree)
@@ -112,14 +153,15 @@ class _TrainSet(torch.utils.data.Dataset):
         s = _seed(self.seed, epoch, position)
         random.seed(s)
         torch.manual_seed(s)
-        return self.crops(img), self.tree.samples[index].label
+        return self.crops(img), self.tree.samples[index].label, position % self.batch_size
 
 
 def _collate(items):
+    """``(uint8 [B, 3, S, S], labels [B], rows [B])`` of the readable samples (B may be 0)."""
     items = [x for x in items if x is not None]
     if not items:
-        return None
-    return torch.stack([x[0] for x in items]), torch.tensor([x[1] for x in items])
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return tuple(torch.stack([torch.as_tensor(x[k]) for x in items]) for k in range(3))
 
 
 class Pretrainer:
@@ -127,8 +169,14 @@ class Pretrainer:
 
     def __init__(self, pc, tree: ClassificationTree, device: torch.device, seed: int = 0, workers: int = 0):
         self.pc, self.tree, self.device, self.seed = pc, tree, device, seed
-        self.model = pretrain_googlenet(len(tree.classes), pc.dropout, pc.dropout_aux).to(device)
-        self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = pretrain_googlenet(len(tree.classes), pc.dropout, pc.dropout_aux)
+        self.model = distributed.sync_batchnorm(self.model, device).to(device).to(memory_format=torch.channels_last)
+        self.dropouts = [m for m in self.model.modules() if isinstance(m, BatchDropout)]
+        self.forward = self.model
+        if distributed.active():
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BatchNorm
@@ -170,31 +218,45 @@ class Pretrainer:
         """The batches of ``epoch`` from ``first_batch`` on: ``(uint8 [B, 3, S, S], labels [B])``."""
         order = self._order(epoch).tolist()
         bs = self.pc.batch_size
-        batches = [[(epoch, p, order[p]) for p in range(b * bs, (b + 1) * bs)] for b in range(first_batch, self.steps_per_epoch)]
+        mine = distributed.part(bs)  # under torchrun: this rank's part of each batch
+        batches = [[(epoch, b * bs + p, order[b * bs + p]) for p in range(bs)[mine]] for b in range(first_batch, self.steps_per_epoch)]
         return torch.utils.data.DataLoader(
-            _TrainSet(self.tree, self.crops, self.seed), batch_sampler=batches, collate_fn=_collate,
+            _TrainSet(self.tree, self.crops, self.seed, bs), batch_sampler=batches, collate_fn=_collate,
             num_workers=self.workers, multiprocessing_context="forkserver" if self.workers else None,
             persistent_workers=False, prefetch_factor=4 if self.workers else None,
         )  # fmt: skip
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        torch.manual_seed(_seed(self.seed, self.step, -2))  # dropout: a function of the step alone
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None) -> dict | None:
+        """One SGD step on a batch (under torchrun: this rank's part of it; ``rows``: the samples' places in
+        the global batch). Returns the batch's mean loss, main loss and accuracy, or None when no image of the
+        batch could be read."""
+        rows = torch.arange(len(labels)) if rows is None else rows
+        count = int(distributed.all_sum(torch.tensor([len(labels)], dtype=torch.float64)).item())  # the batch's readable images
+        if not count:
+            self.step += 1
+            self.sched.step()
+            return None
+        for k, m in enumerate(self.dropouts):  # a function of the step alone, for the whole batch
+            m.draw = (torch.Generator().manual_seed(_seed(self.seed, self.step, -2, k)), rows, self.pc.batch_size)
         self.model.train()
         x, y = to_input(images.to(self.device, non_blocking=True)), labels.to(self.device)
         with self.autocast():
-            outputs = self.model(x)
-            loss, main = training_loss(outputs, y, self.pc.aux_weight, self.pc.label_smoothing)
+            outputs = self.forward(x)
+            # This rank's share of the batch's mean loss, times the ranks: DDP averages their gradients.
+            loss, main = training_loss(outputs, y, self.pc.aux_weight, self.pc.label_smoothing, count)
+            scaled = loss * distributed.world_size()
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(scaled).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
-        self.images_seen += len(y)
-        accuracy = (outputs.logits.argmax(1) == y).float().mean().item()
-        return {"loss": loss.item(), "main": main.item(), "accuracy": accuracy}
+        self.images_seen += count
+        correct = (outputs.logits.argmax(1) == y).sum()
+        total = distributed.all_sum(torch.stack([loss.detach().float(), main.detach().float(), correct.float()]).cpu())
+        return {"loss": total[0].item(), "main": total[1].item(), "accuracy": total[2].item() / count}
 
     def final_model(self, bn_batches: int) -> GoogLeNet:
         """The averaged weights with BatchNorm statistics recomputed on ``bn_batches`` training batches
@@ -202,16 +264,16 @@ class Pretrainer:
         if self.ema is None:
             return self.model.eval()
         net = self.ema.module
-        bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches
         net.train()
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), self.autocast():  # under torchrun: each rank its part of every batch
             for k, batch in enumerate(self.loader(self.pc.epochs)):  # an epoch beyond the last: fresh crops
                 if k >= bn_batches:
                     break
-                if batch is not None:
+                if distributed.all_sum(torch.tensor([len(batch[1])])).item():
                     net(to_input(batch[0].to(self.device)))
         for m in bns:
             m.momentum = 0.1
@@ -356,22 +418,24 @@ def run_pretrain(ctx) -> dict:
         train.cache(cfg.progress)
         val.cache(cfg.progress)
     trainer = Pretrainer(pc, train, device, cfg.seed, pc.loader_workers)
+    lead = distributed.rank() == 0  # under torchrun rank 0 writes the checkpoints, tests and writes the model
     checkpoint = store.dir / "checkpoint.pt"
     if checkpoint.exists():
         trainer.load(checkpoint)
         log.info("resuming pretraining at step %d of %d (epoch %d)", trainer.step + 1, trainer.total_steps, trainer.epoch + 1)
+    distributed.barrier()  # every rank has read the checkpoint before rank 0 writes the next
     log.info("pretraining on %s: %d train / %d val images, %d classes, %d px, %s, %d epochs of %d steps",
              root, len(train), len(val), len(train.classes), pc.input_size, trainer.amp or "fp32", pc.epochs,
              trainer.steps_per_epoch)  # fmt: skip
     bar = tqdm(total=trainer.total_steps * pc.batch_size, initial=trainer.step * pc.batch_size, desc="pretrain",
-               unit="img", unit_scale=True, disable=not cfg.progress, smoothing=0.05)  # fmt: skip
+               unit="img", unit_scale=True, disable=not cfg.progress or not lead, smoothing=0.05)  # fmt: skip
     last_save = trainer.step
     while trainer.step < trainer.total_steps:
         epoch, first = trainer.epoch, trainer.step % trainer.steps_per_epoch
         t0, sums, count = time.perf_counter(), np.zeros(3), 0
         for batch in trainer.loader(epoch, first):
-            if batch is not None:
-                rec = trainer.train_step(*batch)
+            rec = trainer.train_step(*batch)
+            if rec is not None:
                 if not math.isfinite(rec["loss"]):
                     raise FloatingPointError(
                         f"pretraining diverged at step {trainer.step} (loss {rec['loss']}); lower pretrain.lr "
@@ -379,31 +443,35 @@ def run_pretrain(ctx) -> dict:
                     )
                 sums += (rec["loss"], rec["main"], rec["accuracy"])
                 count += 1
-                bar.update(len(batch[1]))
+                bar.update(pc.batch_size)
                 bar.set_postfix(epoch=f"{epoch + 1}/{pc.epochs}", loss=f"{rec['loss']:.3f}")
-            else:
-                trainer.step += 1
             if trainer.step - last_save >= pc.checkpoint_every:
                 trainer.seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                trainer.save(checkpoint)
+                if lead:
+                    trainer.save(checkpoint)
                 last_save = trainer.step
         trainer.seconds += time.perf_counter() - t0
         record = {"epoch": epoch + 1, "loss": sums[0] / max(count, 1), "main_loss": sums[1] / max(count, 1),
                   "lr": trainer.sched.get_last_lr()[0], "seconds": round(trainer.seconds, 1)}  # fmt: skip
         record["train_accuracy"] = sums[2] / max(count, 1)  # batch accuracy, augmented crops, dropout on
-        if pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == pc.epochs):
+        if lead and pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == pc.epochs):
             r = evaluate(trainer.model, val, "center", pc.input_size, device, trainer.amp)
             record.update(top1_center=r["top1"], top5_center=r["top5"], eval_seconds=r["seconds"])
             bar.write(f"epoch {epoch + 1}: loss {record['loss']:.3f}, val top-1 {r['top1']:.3f} (centre crop), "
                       f"{trainer.seconds / 60:.1f} min of training")  # fmt: skip
         trainer.history.append(record)
-        trainer.save(checkpoint)
+        if lead:
+            trainer.save(checkpoint)
         last_save = trainer.step
     bar.close()
 
     t = time.perf_counter()
-    final = trainer.final_model(pc.bn_batches)
+    final = trainer.final_model(pc.bn_batches)  # every rank (BatchNorm's statistics from each one's part)
+    train.bad[:] = list(dict.fromkeys(b for bad in distributed.gather(train.bad) for b in bad))  # every rank's
+    if not lead:
+        distributed.barrier()  # rank 0 tests and writes the model
+        return json.loads((store.dir / "metrics.json").read_text())
     folded = fold_batchnorm(final)  # the same outputs, faster
     results = {}
     for scheme in pc.test_schemes:
@@ -463,6 +531,7 @@ def run_pretrain(ctx) -> dict:
         "model": str(store.stage_dir / "model.pt"),
     }
     store.finish(metrics)
+    distributed.barrier()  # the other ranks go on when the model is written
     if metrics["bad_images"]:
         print(f"{metrics['bad_images']} unreadable images were skipped (metrics.json: bad_image_list)")
     print(f"pretrained: {store.stage_dir / 'model.pt'} (use it with backbone.weights=PATH)")

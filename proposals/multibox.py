@@ -8,6 +8,10 @@ Hungarian algorithm on the objective's own cost, then minimises
     alpha * 0.5 * sum_matched ||l_i - g_j||^2  +  sum_i BCE(c_i, matched_i)
 
 averaged over the images of the batch.
+
+Under torchrun training is data-parallel (``DistributedDataParallel``): each rank computes a contiguous part
+of every batch (the same flips), BatchNorm takes the whole batch's statistics, each rank's loss is its
+images' share of the batch's mean; rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from features.backbone import (
     trunk,
 )
 from features.pretrain_data import to_input
+from rcnn import distributed
 from rcnn.store import torch_save
 from rcnn.viz import plot_history
 
@@ -114,8 +119,9 @@ def hungarian_match(boxes: torch.Tensor, logits: torch.Tensor, gt: torch.Tensor,
     return rows.astype(np.int64), cols.astype(np.int64)
 
 
-def multibox_loss(boxes, logits, gts: Sequence[torch.Tensor], alpha: float):
-    """``(loss, location part, confidence part)``, each averaged over the batch's images."""
+def multibox_loss(boxes, logits, gts: Sequence[torch.Tensor], alpha: float, count: int | None = None):
+    """``(loss, location part, confidence part)``, each summed over the images and divided by ``count``
+    (default: the images; a rank passes the global batch's)."""
     loc = boxes.new_zeros(())
     targets = torch.zeros_like(logits)
     for b, gt in enumerate(gts):
@@ -124,7 +130,7 @@ def multibox_loss(boxes, logits, gts: Sequence[torch.Tensor], alpha: float):
             loc = loc + 0.5 * (boxes[b, rows] - gt[cols]).square().sum()
             targets[b, rows] = 1.0
     conf = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
-    n = max(len(gts), 1)
+    n = max(len(gts) if count is None else count, 1)
     return (alpha * loc + conf) / n, loc.detach() / n, conf.detach() / n
 
 
@@ -174,11 +180,20 @@ def train_multibox(
     device: torch.device | str = "cpu",
 ) -> tuple[MultiBoxNet, TrainState]:
     """Train (or resume from ``checkpoint``) on warped images ``uint8 [N, S, S, 3]`` and normalised
-    ground truth (``[G_i, 4]`` per image) on ``device``. Saves the checkpoint atomically after every epoch."""
+    ground truth (``[G_i, 4]`` per image) on ``device``. Saves the checkpoint atomically after every epoch
+    (under torchrun: every rank trains, rank 0 saves)."""
     torch.manual_seed(seed)
+    device = torch.device(device)
     backbone, _ = build_googlenet(weights)
     positives = float(np.mean([len(g) for g in gts])) if len(gts) else 1.0
-    model = MultiBoxNet(backbone, torch.from_numpy(priors), positives).to(device, memory_format=torch.channels_last)
+    model = MultiBoxNet(backbone, torch.from_numpy(priors), positives)
+    model = distributed.sync_batchnorm(model, device).to(device, memory_format=torch.channels_last)
+    forward = model
+    if distributed.active():
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    lead = distributed.rank() == 0
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     state = TrainState()
@@ -189,10 +204,11 @@ def train_multibox(
         sched.load_state_dict(ck["scheduler"])
         state = TrainState(ck["epoch"], ck["history"], ck.get("seconds", 0.0), ck["epoch"])
         log.info("resuming MultiBox training at epoch %d of %d", state.epoch + 1, cfg.epochs)
+    distributed.barrier()  # every rank has read the checkpoint before rank 0 writes the next
     data = torch.from_numpy(images)
     gt_t = [torch.from_numpy(np.asarray(g, np.float32).reshape(-1, 4)).to(device) for g in gts]
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="multibox", unit="epoch", disable=not progress)
+    bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="multibox", unit="epoch", disable=not progress or not lead)
     while state.epoch < cfg.epochs:
         epoch_start = time.perf_counter()
         torch.manual_seed(seed + state.epoch)  # a resumed epoch draws what an uninterrupted one would
@@ -207,18 +223,22 @@ def train_multibox(
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(2), batch)
                 targets = [_flip_boxes(t) if f else t for t, f in zip(targets, flip.tolist())]
-            boxes, logits = model(_to_input(batch.to(device)))
-            loss, loc, conf = multibox_loss(boxes, logits, targets, cfg.alpha)
+            mine = distributed.part(len(idx))  # this rank's images of the batch (all in one process)
+            boxes, logits = forward(_to_input(batch[mine].to(device)))
+            # This rank's share of the batch's mean loss, times the ranks: DDP averages their gradients.
+            loss, loc, conf = multibox_loss(boxes, logits, targets[mine], cfg.alpha, count=len(idx))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * distributed.world_size()).backward()
             opt.step()
-            sums += np.array([loss.item(), loc.item(), conf.item()]) * len(idx)
+            parts = distributed.all_sum(torch.stack([loss.detach(), loc, conf]).double().cpu())
+            sums += parts.numpy() * len(idx)
         sched.step()
         state.epoch += 1
         state.seconds += time.perf_counter() - epoch_start
         mean = sums / len(data)
         state.history.append({"epoch": state.epoch, "loss": mean[0], "loc": mean[1], "conf": mean[2]})
-        _save(checkpoint, model, opt, sched, state, {"priors": priors, "normalization": weights.normalization})
+        if lead:
+            _save(checkpoint, model, opt, sched, state, {"priors": priors, "normalization": weights.normalization})
         bar.update()
         bar.set_postfix(loss=f"{mean[0]:.3f}")
         if on_epoch:

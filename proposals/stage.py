@@ -20,6 +20,7 @@ from functools import partial
 import numpy as np
 
 from rcnn import boxes as B
+from rcnn import distributed
 from rcnn.config import ProposalMethod, to_dict
 from rcnn.datasets.stage import data_store
 from rcnn.parallel import process_images
@@ -137,6 +138,9 @@ def run_multibox(ctx) -> dict:
         images, gts, priors, mc, weights, store.dir / "checkpoint.pt", seed=cfg.seed, progress=cfg.progress,
         device=resolve_device(cfg.device.value),
     )
+    if distributed.rank() != 0:  # under torchrun rank 0 writes the model and the metrics
+        distributed.barrier()
+        return json.loads((store.dir / "metrics.json").read_text())
     export_model(store.dir / "checkpoint.pt", store.dir / "model.pt")
     plot_loss(state.history, store.dir / "loss.png")
     shutil.copyfile(store.dir / "loss.png", store.stage_dir / "loss.png")
@@ -158,6 +162,7 @@ def run_multibox(ctx) -> dict:
         "seconds": round(seconds, 2),
     }
     store.finish(metrics)
+    distributed.barrier()
     print(f"MultiBox: {len(priors)} priors, {state.epoch} epochs, loss {metrics['loss_first_epoch']:.3f} -> "
           f"{metrics['loss_last_epoch']:.3f}, {seconds:.0f} s; model in {store.dir}")
     return metrics

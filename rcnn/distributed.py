@@ -6,10 +6,11 @@ on CPU) and every rank runs the same stages, in the chain's order:
 * the per-image stages (data checks, proposals, features, detect) do their rank's shard of the images
   (:mod:`rcnn.shard`) and wait for each other at the end of the stage, so every rank goes on with every
   entry;
-* fine-tuning is data-parallel (``DistributedDataParallel``): every rank draws the same global batch and
-  computes its part of it, gradients are averaged, rank 0 writes the checkpoints and the model;
-* the other stages that fit one model from every image (MultiBox, SVMs, pretraining) and the evaluation are
-  built by rank 0 while the others wait, then read from its cache.
+* the training stages (pretraining, MultiBox, fine-tuning) are data-parallel (``DistributedDataParallel``):
+  every rank draws the same global batch and computes its part of it, gradients are averaged, BatchNorm's
+  statistics are the whole batch's (:func:`sync_batchnorm`), rank 0 writes the checkpoints and the model;
+* the SVMs (one fit from every image's features) and the evaluation are built by rank 0 while the others
+  wait, then read from its cache.
 
 Without torchrun every function here is a no-op for a single process.
 """
@@ -20,14 +21,19 @@ import datetime
 import os
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["init", "active", "solo", "rank", "world_size", "barrier", "all_sum", "close", "RANK0_STAGES", "TIMEOUT"]
+__all__ = [
+    "init", "active", "solo", "rank", "world_size", "barrier", "all_sum", "gather", "close", "part", "sync_batchnorm",
+    "CpuSyncBatchNorm", "RANK0_STAGES", "TIMEOUT",
+]  # fmt: skip
 
-# Stages rank 0 builds alone under torchrun (the rest wait for it): training stages that are not
-# data-parallel, and the evaluation of the whole split.
-RANK0_STAGES = ("pretrain", "multibox", "svm", "eval", "analyze", "benchmark")
+# Stages rank 0 builds alone under torchrun (the rest wait for it): the SVMs (not data-parallel) and the
+# evaluation of the whole split.
+RANK0_STAGES = ("svm", "eval", "analyze", "benchmark")
 
 # How long a rank waits for the others (a stage rank 0 builds alone can take hours on a large dataset).
 TIMEOUT = datetime.timedelta(hours=24)
@@ -100,6 +106,114 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order (``[obj]`` in one process)."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def close() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def part(n: int) -> slice:
+    """This rank's contiguous part of ``n`` rows of a global batch (all of them in one process), cut as
+    ``np.array_split`` cuts."""
+    bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(n), world_size())])
+    return slice(int(bounds[rank()]), int(bounds[rank() + 1]))
+
+
+# -- BatchNorm over the whole batch ------------------------------------------------------------------
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Batch normalisation of ``x [N, C, ...]`` with the statistics of every rank's rows (training mode).
+
+    Forward: each rank's count, mean and sum of squared deviations, gathered and combined (Chan et al.'s
+    pairwise formula, as exact as one process's two passes). Backward: the two per-channel sums the input's
+    gradient needs (of ``dy`` and of ``dy * (x - mean)``), summed over the ranks. Each rank's weight and bias
+    gradients are its rows' share; DistributedDataParallel averages them as it does every parameter's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float):
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        n = torch.tensor([xf.numel() / xf.shape[1]], dtype=torch.float64)
+        var, mean = torch.var_mean(xf, dim=dims, correction=0) if n.item() else (xf.new_zeros(x.shape[1]),) * 2
+        local = torch.cat([n, mean.double().cpu(), (var.double() * n).cpu()])  # count, mean, M2
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local.to(_comm_device(x)))
+        stats = torch.stack([g.cpu() for g in gathered])
+        counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + x.shape[1]], stats[:, 1 + x.shape[1] :]
+        total = counts.sum()
+        g_mean = (counts * means).sum(0) / total
+        g_m2 = (m2s + counts * (means - g_mean) ** 2).sum(0)
+        g_var = g_m2 / total
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mean_t = g_mean.float().to(x.device)
+        invstd = torch.rsqrt(g_var.float().to(x.device) + eps)
+        xhat = (xf - mean_t.view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.total = float(total)
+        y = xhat * weight.float().view(shape) + bias.float().view(shape)
+        mean_out, var_out = g_mean.float(), (g_m2 / max(float(total) - 1, 1.0)).float()  # for the running stats
+        ctx.mark_non_differentiable(mean_out, var_out)
+        return y.to(x.dtype), mean_out, var_out
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        xhat, weight, invstd = ctx.saved_tensors
+        dims = [0, *range(2, dy.dim())]
+        shape = [1, -1] + [1] * (dy.dim() - 2)
+        dyf = dy.float()
+        sums = torch.stack([dyf.sum(dims), (dyf * xhat).sum(dims)])  # this rank's rows
+        grad_weight, grad_bias = sums[1].to(weight.dtype), sums[0].to(weight.dtype)
+        total_sums = sums.to(_comm_device(dy)).clone()
+        dist.all_reduce(total_sums)
+        total_sums = total_sums.to(dy.device) / ctx.total
+        dx = (dyf - total_sums[0].view(shape) - xhat * total_sums[1].view(shape)) * (weight.float() * invstd).view(shape)
+        return dx.to(dy.dtype), grad_weight, grad_bias, None
+
+
+def _comm_device(x: torch.Tensor) -> torch.device:
+    return x.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+class CpuSyncBatchNorm(nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training-mode statistics are those of the whole batch across the ranks (gloo),
+    where PyTorch's ``SyncBatchNorm`` runs on GPUs only. Outside a torchrun (or inside :func:`solo`) and in
+    eval mode it is ``BatchNorm2d``; its state dict is BatchNorm2d's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and active()):
+            return super().forward(x)
+        y, mean, var = _SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.to(self.running_var), alpha=m)
+        return y
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` with every BatchNorm2d computing the whole batch's statistics across the ranks: PyTorch's
+    ``SyncBatchNorm`` on CUDA, :class:`CpuSyncBatchNorm` elsewhere. Unchanged in one process."""
+    if not active():
+        return module
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            bn = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            bn.train(child.training)
+            setattr(module, name, bn.to(child.weight.device if child.affine else "cpu"))
+        else:
+            sync_batchnorm(child, device)
+    return module

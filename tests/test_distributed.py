@@ -1,0 +1,85 @@
+"""rcnn.distributed pieces that need several processes: run as two gloo ranks spawned by the test."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from rcnn import distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(fn, *args):
+    """Run ``fn(rank, *args)`` in two gloo processes; returns what each put in its result file."""
+    port = _free_port()
+    mp.start_processes(_entry, args=(port, fn, args), nprocs=2, join=True, start_method="spawn")
+
+
+def _entry(rank, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _bn_rank(rank, x, r, state, momentum, out):
+    bn = nn.BatchNorm2d(x.shape[1], momentum=momentum)
+    bn.load_state_dict(state)
+    bn = distributed.sync_batchnorm(nn.Sequential(bn), "cpu")[0]
+    assert isinstance(bn, distributed.CpuSyncBatchNorm)
+    rows = distributed.part(len(x))
+    xr = x[rows].clone().requires_grad_(True)
+    for _ in range(2):  # two steps: the running statistics' update, twice
+        xr.grad = None
+        bn.zero_grad()
+        y = bn(xr)
+        (y * r[rows]).sum().backward()
+    torch.save({"y": y.detach(), "dx": xr.grad, "dw": bn.weight.grad, "db": bn.bias.grad, "state": bn.state_dict()},
+               out / f"{rank}.pt")  # fmt: skip
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_cpu_sync_batchnorm_is_batchnorm_over_the_whole_batch(tmp_path, momentum):
+    """Two ranks with 3 and 2 rows of a 5-row batch: the outputs, the input gradients, the running
+    statistics are one BatchNorm2d's over the 5 rows; the ranks' weight and bias gradients sum to its."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, 3, 3, generator=g) * 3 + 2
+    r = torch.randn(5, 4, 3, 3, generator=g)
+    bn = nn.BatchNorm2d(4, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(4, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(4, generator=g))
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    _two_ranks(_bn_rank, x, r, state, momentum, tmp_path)
+    xs = x.clone().requires_grad_(True)
+    for _ in range(2):
+        xs.grad = None
+        bn.zero_grad()
+        y = bn(xs)
+        (y * r).sum().backward()
+    ranks = [torch.load(tmp_path / f"{k}.pt") for k in (0, 1)]
+    torch.testing.assert_close(torch.cat([a["y"] for a in ranks]), y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([a["dx"] for a in ranks]), xs.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], bn.bias.grad, rtol=1e-4, atol=1e-5)
+    for a in ranks:
+        for k, v in bn.state_dict().items():
+            torch.testing.assert_close(a["state"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_one_process_keeps_plain_batchnorm():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert type(distributed.sync_batchnorm(net, "cpu")[1]) is nn.BatchNorm2d
+    assert distributed.part(7) == slice(0, 7)
