@@ -11,8 +11,8 @@ Under torchrun the step is data-parallel (``DistributedDataParallel``): every ra
 (and flips and dropout masks), computes the logits of its part of it (ordered by image, so a rank runs
 few images in roi mode) and the gradients of its share of the batch's mean loss; averaged over the ranks
 they are one process's gradients of the whole batch, up to the order of the sums. BatchNorm: frozen in roi
-mode; in warp mode synchronised across GPUs (``SyncBatchNorm``), per rank on CPUs (PyTorch synchronises
-it on GPUs only).
+mode; in warp mode the whole batch's statistics (``rcnn.distributed.sync_batchnorm``: PyTorch's
+``SyncBatchNorm`` on GPUs, ``CpuSyncBatchNorm`` over gloo on CPUs).
 """
 
 from __future__ import annotations
@@ -149,8 +149,8 @@ class FineTuner:
         self.model = RegionFeatures(net, fcfg.roi_layer.value if fcfg.mode.value == "roi" else "inception4e")
         self.model.net.fc = nn.Linear(1024, num_classes + 1)
         self.model.net.dropout = nn.Dropout(cfg.dropout)  # what inference sees (training draws its own masks)
-        if distributed.active() and self.device.type == "cuda" and fcfg.mode.value == "warp":
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # one batch's statistics on all GPUs
+        if fcfg.mode.value == "warp":  # under torchrun: the whole batch's statistics on every rank
+            self.model = distributed.sync_batchnorm(self.model, self.device)
         self.model.to(self.device)
         self.logits = _Logits(self)
         if distributed.active():

@@ -3,7 +3,6 @@
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,7 +18,7 @@ def _free_port() -> int:
 
 
 def _two_ranks(fn, *args):
-    """Run ``fn(rank, *args)`` in two gloo processes; returns what each put in its result file."""
+    """Run ``fn(rank, *args)`` in two gloo processes (each writes its results to a file)."""
     port = _free_port()
     mp.start_processes(_entry, args=(port, fn, args), nprocs=2, join=True, start_method="spawn")
 
@@ -34,49 +33,52 @@ def _entry(rank, port, fn, args):
         dist.destroy_process_group()
 
 
-def _bn_rank(rank, x, r, state, momentum, out):
-    bn = nn.BatchNorm2d(x.shape[1], momentum=momentum)
-    bn.load_state_dict(state)
-    bn = distributed.sync_batchnorm(nn.Sequential(bn), "cpu")[0]
-    assert isinstance(bn, distributed.CpuSyncBatchNorm)
-    rows = distributed.part(len(x))
-    xr = x[rows].clone().requires_grad_(True)
-    for _ in range(2):  # two steps: the running statistics' update, twice
-        xr.grad = None
-        bn.zero_grad()
-        y = bn(xr)
-        (y * r[rows]).sum().backward()
-    torch.save({"y": y.detach(), "dx": xr.grad, "dw": bn.weight.grad, "db": bn.bias.grad, "state": bn.state_dict()},
-               out / f"{rank}.pt")  # fmt: skip
+MOMENTA = (0.1, None)  # training's running average, and the cumulative one that recomputes statistics
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_cpu_sync_batchnorm_is_batchnorm_over_the_whole_batch(tmp_path, momentum):
+def _bn_rank(rank, x, r, state, out):
+    for momentum in MOMENTA:
+        bn = nn.BatchNorm2d(x.shape[1], momentum=momentum)
+        bn.load_state_dict(state)
+        bn = distributed.sync_batchnorm(nn.Sequential(bn), "cpu")[0]
+        assert isinstance(bn, distributed.CpuSyncBatchNorm)
+        rows = distributed.part(len(x))
+        xr = x[rows].clone().requires_grad_(True)
+        for _ in range(2):  # two steps: the running statistics' update, twice
+            xr.grad = None
+            bn.zero_grad()
+            y = bn(xr)
+            (y * r[rows]).sum().backward()
+        torch.save({"y": y.detach(), "dx": xr.grad, "dw": bn.weight.grad, "db": bn.bias.grad, "state": bn.state_dict()},
+                   out / f"{rank}-{momentum}.pt")  # fmt: skip
+
+
+def test_cpu_sync_batchnorm_is_batchnorm_over_the_whole_batch(tmp_path):
     """Two ranks with 3 and 2 rows of a 5-row batch: the outputs, the input gradients, the running
     statistics are one BatchNorm2d's over the 5 rows; the ranks' weight and bias gradients sum to its."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 4, 3, 3, generator=g) * 3 + 2
     r = torch.randn(5, 4, 3, 3, generator=g)
-    bn = nn.BatchNorm2d(4, momentum=momentum)
-    with torch.no_grad():
-        bn.weight.copy_(torch.rand(4, generator=g) + 0.5)
-        bn.bias.copy_(torch.randn(4, generator=g))
-    state = {k: v.clone() for k, v in bn.state_dict().items()}
-    _two_ranks(_bn_rank, x, r, state, momentum, tmp_path)
-    xs = x.clone().requires_grad_(True)
-    for _ in range(2):
-        xs.grad = None
-        bn.zero_grad()
-        y = bn(xs)
-        (y * r).sum().backward()
-    ranks = [torch.load(tmp_path / f"{k}.pt") for k in (0, 1)]
-    torch.testing.assert_close(torch.cat([a["y"] for a in ranks]), y.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat([a["dx"] for a in ranks]), xs.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], bn.bias.grad, rtol=1e-4, atol=1e-5)
-    for a in ranks:
-        for k, v in bn.state_dict().items():
-            torch.testing.assert_close(a["state"][k], v, rtol=1e-5, atol=1e-6)
+    weight, bias = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    state = {**nn.BatchNorm2d(4).state_dict(), "weight": weight, "bias": bias}
+    _two_ranks(_bn_rank, x, r, state, tmp_path)
+    for momentum in MOMENTA:
+        bn = nn.BatchNorm2d(4, momentum=momentum)
+        bn.load_state_dict(state)
+        xs = x.clone().requires_grad_(True)
+        for _ in range(2):
+            xs.grad = None
+            bn.zero_grad()
+            y = bn(xs)
+            (y * r).sum().backward()
+        ranks = [torch.load(tmp_path / f"{k}-{momentum}.pt") for k in (0, 1)]
+        torch.testing.assert_close(torch.cat([a["y"] for a in ranks]), y.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([a["dx"] for a in ranks]), xs.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], bn.bias.grad, rtol=1e-4, atol=1e-5)
+        for a in ranks:
+            for k, v in bn.state_dict().items():
+                torch.testing.assert_close(a["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"{k}, momentum {momentum}")
 
 
 def test_one_process_keeps_plain_batchnorm():

@@ -156,3 +156,29 @@ def test_torchrun_runs_the_chain_as_one_process(tmp_path):
         assert np.linalg.norm(a - b) <= 5e-3 * np.linalg.norm(a), (name, np.linalg.norm(a - b) / np.linalg.norm(a))
     ev = [json.loads((tmp_path / run / "eval" / "metrics.json").read_text()) for run in ("one", "two")]
     assert ev[1]["detections_count"] == ev[0]["detections_count"] and np.isclose(ev[1]["voc07_map"], ev[0]["voc07_map"], atol=0.02)
+
+
+def test_torchrun_fine_tunes_warp_mode_as_one_process(tmp_path):
+    """Warp-mode fine-tuning trains BatchNorm: under torchrun its statistics are the whole batch's
+    (CpuSyncBatchNorm over gloo). Measured: first loss 3e-6 apart, weights 3e-6 after 3 steps at lr 1e-4
+    (with per-rank BatchNorm: 2.7% and 1e-3)."""
+    import torch
+
+    args = ["progress=false", f"dataset.root={tmp_path / 'demo'}", "dataset.train_images=4", "dataset.test_images=2",
+            "dataset.width=128", "dataset.height=96", "dataset.min_size=24", "dataset.max_size=60", "backbone.weights=none",
+            "workers=1", "proposals.method=ss", "proposals.top_n=40", "features.mode=warp", "features.input_size=32",
+            "features.padding=2", "finetune.enabled=true", "finetune.iterations=3", "finetune.lr=0.0001",
+            "finetune.batch_size=16", "finetune.fg_per_batch=4", "stage=finetune"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launch = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]}
+    for run, cmd in launch.items():
+        r = subprocess.run([*cmd, "-m", "rcnn.run", *args, f"out={tmp_path / run}"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = [json.loads((tmp_path / run / "finetune" / "metrics.json").read_text()) for run in launch]
+    assert metrics[0]["mode"] == "warp" and metrics[1]["loss_first"] == pytest.approx(metrics[0]["loss_first"], rel=1e-4)
+    models = [torch.load(tmp_path / run / "finetune" / m["key"] / "model.pt", weights_only=True)["backbone"]
+              for run, m in zip(launch, metrics)]  # fmt: skip
+    for name, a in models[0].items():
+        if a.is_floating_point() and "running" not in name:
+            assert (a - models[1][name]).abs().max() <= 1e-4, name
