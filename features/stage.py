@@ -204,6 +204,8 @@ def run_features(ctx) -> dict:
     if waiting := pending(cfg, store, ids, "features"):
         return {**waiting, "images_computed_now": len(todo), "crops_computed_now": crops_total}
     sizes = [store.array_path(i).stat().st_size for i in ids]
+    crops_per_second = round(crops_total / net_seconds, 2) if net_seconds else None  # this process's
+    images_now, crops_now = distributed.total(len(todo)), distributed.total(crops_total)  # under torchrun: every rank's
     metrics = {
         "stage": "features",
         "key": store.key,
@@ -211,9 +213,9 @@ def run_features(ctx) -> dict:
         "device": str(device),
         "backbone_weights": weights["kind"],
         "images": len(ids),
-        "images_computed_now": len(todo),
-        "crops_computed_now": crops_total,
-        "crops_per_second": round(crops_total / net_seconds, 2) if net_seconds else None,
+        "images_computed_now": images_now,
+        "crops_computed_now": crops_now,
+        "crops_per_second": crops_per_second,
         "seconds_per_image": round(net_seconds / len(todo), 3) if todo else None,
         "bytes_per_image": round(float(np.mean(sizes)), 1) if sizes else 0,
         "seconds": round(seconds, 2),

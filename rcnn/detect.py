@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import boxes as B
+from . import distributed
 from .detector import Detector, DetectorError, check_ensemble, detect_image, ensemble_outputs, postprocess
 from .shard import mine, pending
 from .store import StageStore, atomic_write, write_json
@@ -115,6 +116,7 @@ def detect_split(ctx) -> dict:
     seconds = time.perf_counter() - start
     if waiting := pending(cfg, store, ids, "detect"):
         return {**waiting, "images_computed_now": len(todo)}
+    computed_now = distributed.total(len(todo))  # under torchrun: every rank's
     parts = [store.get(i) for i in ids]
     dets = Detections(
         image=np.concatenate([np.full(len(p["scores"]), k, np.int64) for k, p in enumerate(parts)] or [np.zeros(0, np.int64)]),
@@ -134,7 +136,7 @@ def detect_split(ctx) -> dict:
         "detectors": [str(p) for p in files],
         "features": ["cache" if c is not None else "computed" for c in caches],
         "images": len(ids),
-        "images_computed_now": len(todo),
+        "images_computed_now": computed_now,
         "detections": len(dets),
         "detections_per_image": round(len(dets) / max(len(ids), 1), 2),
         "seconds_per_image": round(seconds / len(todo), 4) if todo else None,

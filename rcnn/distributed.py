@@ -24,10 +24,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "init", "active", "solo", "rank", "world_size", "barrier", "all_sum", "gather", "close", "part", "sync_batchnorm",
+    "init", "active", "solo", "rank", "world_size", "barrier", "all_sum", "total", "gather", "close", "part", "sync_batchnorm",
     "CpuSyncBatchNorm", "RANK0_STAGES", "TIMEOUT",
 ]  # fmt: skip
 
@@ -106,6 +107,11 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def total(count: int) -> int:
+    """``count`` summed over the ranks (itself in one process): a stage's work done by every rank."""
+    return int(all_sum(torch.tensor([count], dtype=torch.float64)).item()) if active() else count
+
+
 def gather(obj) -> list:
     """Every rank's ``obj`` (picklable), in rank order (``[obj]`` in one process)."""
     if not active():
@@ -134,8 +140,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """Batch normalisation of ``x [N, C, ...]`` with the statistics of every rank's rows (training mode).
 
     Forward: each rank's count, mean and sum of squared deviations, gathered and combined (Chan et al.'s
-    pairwise formula, as exact as one process's two passes). Backward: the two per-channel sums the input's
-    gradient needs (of ``dy`` and of ``dy * (x - mean)``), summed over the ranks. Each rank's weight and bias
+    pairwise formula, as exact as one process's two passes), then PyTorch's fused BatchNorm with those
+    statistics. Backward: the two per-channel sums the input's gradient needs (of ``dy`` and of
+    ``dy * xhat``, from PyTorch's fused BatchNorm backward), summed over the ranks; the input's gradient
+    ``w / std * (dy - mean(dy) - xhat * mean(dy * xhat))`` in two fused passes. Each rank's weight and bias
     gradients are its rows' share; DistributedDataParallel averages them as it does every parameter's."""
 
     @staticmethod
@@ -152,31 +160,38 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         total = counts.sum()
         g_mean = (counts * means).sum(0) / total
         g_m2 = (m2s + counts * (means - g_mean) ** 2).sum(0)
-        g_var = g_m2 / total
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        mean_t = g_mean.float().to(x.device)
-        invstd = torch.rsqrt(g_var.float().to(x.device) + eps)
-        xhat = (xf - mean_t.view(shape)) * invstd.view(shape)
-        ctx.save_for_backward(xhat, weight, invstd)
-        ctx.total = float(total)
-        y = xhat * weight.float().view(shape) + bias.float().view(shape)
+        mean_t, var_t = g_mean.float().to(x.device), (g_m2 / total).float().to(x.device)
+        invstd = torch.rsqrt(var_t + eps)
+        y = F.batch_norm(xf, mean_t, var_t, weight.float(), bias.float(), False, 0.0, eps)
+        ctx.save_for_backward(xf, weight, mean_t, invstd)
+        ctx.total, ctx.eps = float(total), eps
         mean_out, var_out = g_mean.float(), (g_m2 / max(float(total) - 1, 1.0)).float()  # for the running stats
         ctx.mark_non_differentiable(mean_out, var_out)
         return y.to(x.dtype), mean_out, var_out
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        xhat, weight, invstd = ctx.saved_tensors
-        dims = [0, *range(2, dy.dim())]
-        shape = [1, -1] + [1] * (dy.dim() - 2)
-        dyf = dy.float()
-        sums = torch.stack([dyf.sum(dims), (dyf * xhat).sum(dims)])  # this rank's rows
-        grad_weight, grad_bias = sums[1].to(weight.dtype), sums[0].to(weight.dtype)
-        total_sums = sums.to(_comm_device(dy)).clone()
+        xf, weight, mean, invstd = ctx.saved_tensors
+        dyf = dy.float().contiguous(memory_format=_memory_format(xf))
+        # This rank's sum(dy * xhat) and sum(dy): the weight's and the bias's gradients of its rows.
+        _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            dyf, xf, weight.float(), None, None, mean, invstd, True, ctx.eps, [False, True, True]
+        )  # fmt: skip
+        total_sums = torch.stack([grad_bias, grad_weight]).to(_comm_device(dy))
         dist.all_reduce(total_sums)
-        total_sums = total_sums.to(dy.device) / ctx.total
-        dx = (dyf - total_sums[0].view(shape) - xhat * total_sums[1].view(shape)) * (weight.float() * invstd).view(shape)
-        return dx.to(dy.dtype), grad_weight, grad_bias, None
+        mean_dy, mean_dy_xhat = (total_sums.to(dy.device) / ctx.total).unbind()
+        # dx = k * dy - (k * mean_dy + k * mean_dy_xhat * xhat), k = w / std: the bracket is an affine map of
+        # x per channel, which PyTorch's fused (eval-mode) BatchNorm computes in one pass.
+        k = weight.float() * invstd
+        slope = k * mean_dy_xhat * invstd  # per unit of x
+        offset = k * mean_dy - slope * mean
+        affine = F.batch_norm(xf, torch.zeros_like(mean), torch.ones_like(mean), slope, offset, False, 0.0, 0.0)
+        dx = affine.neg_().addcmul_(dyf, k.view([1, -1] + [1] * (dy.dim() - 2)))
+        return dx.to(dy.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 def _comm_device(x: torch.Tensor) -> torch.device:

@@ -135,6 +135,10 @@ def ray_init(settings, workers: int):
     except ImportError:
         raise ExecutorError('executor=ray needs Ray, an optional extra: pip install -e ".[ray]"') from None
     if not ray.is_initialized():
+        why = _unreachable(settings.address)
+        if why:
+            raise ExecutorError(f"executor=ray: nothing answers at ray.address={settings.address} ({why}); start the "
+                                "head there (ray start --head) or give the address it printed")  # fmt: skip
         try:
             if settings.address == "local":
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
@@ -143,6 +147,24 @@ def ray_init(settings, workers: int):
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ExecutorError(f"executor=ray: cannot start or join Ray at ray.address={settings.address}: {e}") from None
     return ray
+
+
+def _unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why a ``<host>:<port>`` (or ``ray://<host>:<port>``) address does not accept a connection within
+    ``timeout`` seconds, or None (also for ``local`` and ``auto``, which Ray resolves itself). Ray's own
+    connection retries take minutes to give up on an address where nothing listens."""
+    import socket
+
+    if address in ("local", "auto"):
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return "not <host>:<port>, auto or local"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        return str(e) or type(e).__name__
+    return None
 
 
 def _ray_images(store: StageStore, todo: list, fn, bar, settings, workers: int) -> None:

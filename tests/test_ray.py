@@ -96,3 +96,27 @@ def test_without_ray_installed_the_error_names_the_extra(monkeypatch, tmp_path, 
     args = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'run'}", "stage=data", "executor=ray"]
     assert main(args) == 1  # one line on stderr, no traceback
     assert capsys.readouterr().err.strip().endswith('executor=ray needs Ray, an optional extra: pip install -e ".[ray]"')
+
+
+def test_an_address_where_nothing_listens_fails_at_once(monkeypatch, tmp_path, capsys):
+    """Ray's own retries take minutes to give up on a head that is not there: a closed port is a one-line
+    error within seconds, through the command too."""
+    import socket
+    import time
+
+    from rcnn.parallel import ray_init
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(ExecutorError, match=f"nothing answers at ray.address=127.0.0.1:{port}"):
+        ray_init(SimpleNamespace(address=f"127.0.0.1:{port}"), 1)
+    assert time.perf_counter() - start < 10
+    with pytest.raises(ExecutorError, match="not <host>:<port>, auto or local"):
+        ray_init(SimpleNamespace(address="headnode"), 1)
+    args = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'run'}", "stage=data", "executor=ray",
+            f"ray.address=ray://127.0.0.1:{port}"]  # fmt: skip
+    assert main(args) == 1
+    assert f"nothing answers at ray.address=ray://127.0.0.1:{port}" in capsys.readouterr().err

@@ -156,6 +156,11 @@ def test_torchrun_runs_the_chain_as_one_process(tmp_path):
         assert np.linalg.norm(a - b) <= 5e-3 * np.linalg.norm(a), (name, np.linalg.norm(a - b) / np.linalg.norm(a))
     ev = [json.loads((tmp_path / run / "eval" / "metrics.json").read_text()) for run in ("one", "two")]
     assert ev[1]["detections_count"] == ev[0]["detections_count"] and np.isclose(ev[1]["voc07_map"], ev[0]["voc07_map"], atol=0.02)
+    # The work counters are every rank's, summed: the one process's counts.
+    counters = [("features", "images_computed_now"), ("features", "crops_computed_now"), ("detect", "images_computed_now")]
+    for stage, counter in counters:
+        counts = [json.loads((tmp_path / run / stage / "metrics.json").read_text())[counter] for run in ("one", "two")]
+        assert counts[1] == counts[0] > 0, (stage, counter, counts)
 
 
 def test_torchrun_fine_tunes_warp_mode_as_one_process(tmp_path):

@@ -7,6 +7,7 @@ from functools import partial
 
 import numpy as np
 
+from .. import distributed
 from ..config import to_dict
 from ..parallel import process_images
 from ..shard import mine, pending
@@ -71,6 +72,7 @@ def run(ctx) -> dict:
         )
     if waiting := pending(ctx.cfg, store, ids, "data"):
         return waiting
+    computed = distributed.total(computed)  # under torchrun: every rank's
     seconds = time.perf_counter() - start
     metrics = {
         "stage": "data",
