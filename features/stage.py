@@ -155,6 +155,78 @@ def _images(ds, ids: list, workers: int):
         yield ids[k], rgb.numpy()
 
 
+def compute_features(model: RegionFeatures, fc, precision: str, rgb: np.ndarray, boxes: np.ndarray, device) -> np.ndarray:
+    """``[N, 1024]`` float16 features of ``boxes`` of one image, in ``fc.mode``, at ``precision``."""
+    with autocast(amp_dtype(precision, device), device):
+        if fc.mode.value == "warp":
+            return features_warp(model, rgb, boxes, fc.input_size, fc.padding, fc.batch_size, fc.channels_last, device)
+        return features_roi(model, rgb, boxes, fc.input_size, fc.padding, fc.roi_image_size,
+                            channels_last=fc.channels_last, device=device, max_size=fc.roi_max_size)  # fmt: skip
+
+
+class FeatureActor:
+    """A Ray actor holding the network on its GPU (or its CPUs): images in, features out."""
+
+    def __init__(self, model: RegionFeatures, fc, precision: str, threads: int):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray gives the actor its GPU
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.model = model.to(self.device).eval()
+        self.fc, self.precision = fc, precision
+
+    def run(self, ds, image_id, boxes: np.ndarray) -> tuple:
+        rgb = ds.load_image(image_id)
+        t = time.perf_counter()
+        feats = compute_features(self.model, self.fc, self.precision, rgb, boxes, self.device)
+        return image_id, feats, time.perf_counter() - t
+
+
+def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, proposals, train: set, bar) -> tuple[float, str]:
+    """The features of ``todo`` computed by Ray actors, written here as they arrive. Each actor asks for a GPU
+    when the cluster has them (one actor per GPU), else ``ray.cpus_per_task`` CPUs; at most two images are
+    queued per actor. The precision is the one resolved here (it is part of the cache key): on a CPU driver
+    with GPU actors, say ``features.precision=fp16`` or ``bf16``. A task that fails on bad data stops the
+    stage with the local error; an actor whose worker died is restarted and its task rerun
+    (``ray.max_retries``). Returns ``(summed network seconds, where they ran)``."""
+    from rcnn.parallel import ray_init
+
+    settings, ds = ctx.ray, ctx.dataset
+    ray = ray_init(settings, ctx.workers)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = settings.cpus_per_task
+    count = gpus or max(1, int(resources.get("CPU", 1) // cpus))
+    options = {"num_gpus": 1} if gpus else {"num_cpus": cpus}
+    actor_class = ray.remote(FeatureActor).options(**options, max_restarts=settings.max_retries,
+                                                   max_task_retries=settings.max_retries)  # fmt: skip
+    model_ref, ds_ref = ray.put(model.cpu()), ray.put(ds)
+    actors = [actor_class.remote(model_ref, ctx.cfg.features, precision, int(cpus)) for _ in range(count)]
+    meta = {}  # image id -> (n_gt, with_gt)
+    queue, running, net_seconds = list(reversed(todo)), {}, 0.0
+    try:
+        while queue or running:
+            for actor in actors:
+                while queue and sum(a is actor for a in running.values()) < 2:
+                    image_id = queue.pop()
+                    boxes, n_gt = image_boxes(ds, proposals, image_id, image_id in train)
+                    meta[image_id] = (n_gt, image_id in train, len(boxes))
+                    running[actor.run.remote(ds_ref, image_id, boxes)] = actor
+            done, _ = ray.wait(list(running), num_returns=1)
+            running.pop(done[0])
+            try:
+                image_id, feats, seconds = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:
+                raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+            n_gt, with_gt, n = meta.pop(image_id)
+            put_features(store, image_id, feats, n_gt, with_gt)
+            net_seconds += seconds
+            bar.update(n)
+    finally:
+        for actor in actors:  # its queued tasks with it
+            ray.kill(actor)
+    return net_seconds, f"ray: {count} actor{'s' * (count > 1)} ({'1 GPU' if gpus else f'{cpus:g} CPU'} each)"
+
+
 def run_features(ctx) -> dict:
     from proposals.stage import split_names
 
@@ -186,19 +258,17 @@ def run_features(ctx) -> dict:
     start = time.perf_counter()
     net_seconds = 0.0
     bar = tqdm(total=crops_total, desc=f"features ({fc.mode.value})", unit="crop", disable=not cfg.progress)
-    amp = autocast(amp_dtype(fc.precision, device), device)
-    for image_id, rgb in _images(ds, todo, loader_workers(fc, device, ctx.workers)):
-        boxes, n_gt = image_boxes(ds, proposals, image_id, image_id in train)
-        t = time.perf_counter()
-        with amp:
-            if fc.mode.value == "warp":
-                feats = features_warp(model, rgb, boxes, fc.input_size, fc.padding, fc.batch_size, fc.channels_last, device)
-            else:
-                feats = features_roi(model, rgb, boxes, fc.input_size, fc.padding, fc.roi_image_size,
-                                     channels_last=fc.channels_last, device=device, max_size=fc.roi_max_size)  # fmt: skip
-        net_seconds += time.perf_counter() - t
-        put_features(store, image_id, feats, n_gt, image_id in train)
-        bar.update(len(boxes))
+    if ctx.ray is not None:  # executor=ray: Ray actors, one per GPU of the cluster (or per cpus_per_task CPUs)
+        net_seconds, where = _ray_features(ctx, model, settings["precision"], store, todo, proposals, train, bar)
+    else:
+        where = str(device)
+        for image_id, rgb in _images(ds, todo, loader_workers(fc, device, ctx.workers)):
+            boxes, n_gt = image_boxes(ds, proposals, image_id, image_id in train)
+            t = time.perf_counter()
+            feats = compute_features(model, fc, settings["precision"], rgb, boxes, device)
+            net_seconds += time.perf_counter() - t
+            put_features(store, image_id, feats, n_gt, image_id in train)
+            bar.update(len(boxes))
     bar.close()
     seconds = time.perf_counter() - start
     if waiting := pending(cfg, store, ids, "features"):
@@ -210,7 +280,7 @@ def run_features(ctx) -> dict:
         "stage": "features",
         "key": store.key,
         "mode": fc.mode.value,
-        "device": str(device),
+        "device": where,
         "backbone_weights": weights["kind"],
         "images": len(ids),
         "images_computed_now": images_now,
@@ -222,7 +292,7 @@ def run_features(ctx) -> dict:
     }
     store.finish(metrics)
     rate = f"{metrics['crops_per_second']} crops/s, " if todo else "all cached, "
-    print(f"features ({fc.mode.value}, {device}): {len(ids)} images, {rate}{metrics['bytes_per_image'] / 1024:.0f} KiB per image")
+    print(f"features ({fc.mode.value}, {metrics['device']}): {len(ids)} images, {rate}{metrics['bytes_per_image'] / 1024:.0f} KiB per image")
     return metrics
 
 

@@ -12,3 +12,15 @@ def _no_remembered_download_failure(monkeypatch):
     import features.backbone as BB
 
     monkeypatch.setattr(BB, "_download_failed", [])
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, as torchrun gives each rank (OMP_NUM_THREADS=1): a one-process
+    run in the test's own process sums in the ranks' order."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

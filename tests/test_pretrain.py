@@ -187,7 +187,7 @@ def _update_difference(a: dict, b: dict, start: dict) -> float:
     return float((num / sum(((a[k] - start[k]).double() ** 2).sum() for k in keys)).sqrt())
 
 
-def test_torchrun_pretrains_as_one_process(tmp_path):
+def test_torchrun_pretrains_as_one_process(tmp_path, one_thread):
     """torchrun --nproc_per_node=2 (gloo): each rank loads half of every batch, BatchNorm takes the whole
     batch's statistics (CpuSyncBatchNorm), dropout the whole batch's masks: one process's steps, in parts.
 
@@ -210,11 +210,12 @@ def test_torchrun_pretrains_as_one_process(tmp_path):
     extra = ["pretrain.epochs=2", "pretrain.batch_size=16", "pretrain.warmup_epochs=0", "pretrain.lr=0.0001", "pretrain.test_schemes=[center]"]
     args = ["-m", "rcnn.run", *tiny_args(root, "{out}", *extra)]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    runs = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]}
-    for name, launch in runs.items():
-        cmd = launch + [a.replace("{out}", str(tmp_path / name)) for a in args]
-        r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = ("one", "two")
+    assert main([a.replace("{out}", str(tmp_path / "one")) for a in args[2:]]) == 0  # here, on one thread
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run(cmd + [a.replace("{out}", str(tmp_path / "two")) for a in args], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "rank 1 of 2" in r.stderr
     ck = {name: torch.load(tmp_path / name / "pretrain" / json.loads((tmp_path / name / "pretrain" / "metrics.json")
                            .read_text())["key"] / "checkpoint.pt", weights_only=False) for name in runs}  # fmt: skip

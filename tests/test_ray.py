@@ -1,6 +1,7 @@
 """executor=ray: the per-image work as Ray tasks on a local Ray instance gives a local run's entries, survives
 a killed worker, and stops on bad data with a local run's error."""
 
+import json
 import os
 import signal
 import sys
@@ -79,13 +80,21 @@ def test_bad_data_in_a_ray_task_stops_the_stage_with_the_local_error(tmp_path, l
     assert 4 not in {i for i in range(8) if store.has(i)}
 
 
-def test_proposals_with_executor_ray_equal_a_local_run(tmp_path, local_ray):
+def test_proposals_and_features_with_executor_ray_equal_a_local_run(tmp_path, local_ray):
+    """Selective search as Ray tasks, the features as Ray actors (two, of one CPU each, on this 2-CPU Ray;
+    one per GPU on a cluster with GPUs)."""
     args = [*TINY, f"dataset.root={tmp_path / 'demo'}", "proposals.method=ss"]
-    for stage in ("data", "proposals"):
+    for stage in ("data", "proposals", "features"):
         assert main([*args, f"stage={stage}", f"out={tmp_path / 'local'}", "workers=2"]) == 0
         assert main([*args, f"stage={stage}", f"out={tmp_path / 'ray'}", "executor=ray"]) == 0
     for stage in ("data", "proposals"):
         same_entries(entries(tmp_path / "local", stage), entries(tmp_path / "ray", stage))
+    local, remote = entries(tmp_path / "local", "features"), entries(tmp_path / "ray", "features")
+    assert local.keys() == remote.keys() and len(local) == 6 + 4  # every image, and the train images' ground truth
+    for name, a in local.items():  # float16; the actors run 1 thread, this process 2: sums in another order
+        np.testing.assert_allclose(np.float32(remote[name]), np.float32(a), rtol=1e-2, atol=1e-3, err_msg=name)
+    metrics = json.loads((tmp_path / "ray" / "features" / "metrics.json").read_text())
+    assert metrics["device"] == "ray: 2 actors (1 CPU each)" and metrics["images_computed_now"] == 6
 
 
 def test_without_ray_installed_the_error_names_the_extra(monkeypatch, tmp_path, capsys):

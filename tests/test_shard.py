@@ -112,20 +112,21 @@ def test_two_shards_at_once_on_one_run_folder(tmp_path):
     assert np.isclose(one["train"]["mabo"], two["train"]["mabo"])
 
 
-def test_torchrun_runs_the_chain_as_one_process(tmp_path):
+def test_torchrun_runs_the_chain_as_one_process(tmp_path, one_thread):
     """torchrun --standalone --nproc_per_node=2, stage=eval with fine-tuning: the per-image stages take their
     shard from the rank and wait for each other, fine-tuning is data-parallel (DistributedDataParallel on
     gloo), rank 0 builds the SVMs and evaluates while rank 1 waits."""
     import torch
 
-    args = [*TINY, f"dataset.root={tmp_path / 'demo'}", "proposals.method=ss", "finetune.enabled=true",
-            "finetune.iterations=3", "finetune.lr=0.0001", "finetune.batch_size=8", "finetune.fg_per_batch=2", "stage=eval"]  # fmt: skip
+    # Warp mode: fine-tuning trains BatchNorm, whose statistics under torchrun are the whole batch's
+    # (CpuSyncBatchNorm over gloo; with per-rank statistics the first loss is 2.7% off and the weights 1e-3).
+    args = [*TINY, f"dataset.root={tmp_path / 'demo'}", "proposals.method=ss", "features.mode=warp", "features.padding=4",
+            "finetune.enabled=true", "finetune.iterations=3", "finetune.lr=0.0001", "finetune.batch_size=16",
+            "finetune.fg_per_batch=4", "stage=eval"]  # fmt: skip
     # One thread in every process, as torchrun gives each rank: with another thread count the network
     # sums in another order and features differ in their last fp16 bit.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    one = [sys.executable, "-m", "rcnn.run", *args, f"out={tmp_path / 'one'}"]
-    r = subprocess.run(one, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert main([*args, f"out={tmp_path / 'one'}"]) == 0  # here, on one thread
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                         "rcnn.run", *args, f"out={tmp_path / 'two'}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -134,19 +135,26 @@ def test_torchrun_runs_the_chain_as_one_process(tmp_path):
     same_entries(entries(tmp_path / "one", "proposals"), entries(tmp_path / "two", "proposals"))
     # Fine-tuning: the same global batches, each rank's half; gradients averaged over the ranks. Equal up to
     # float rounding: the ranks sum their halves' gradients in another order (then gloo sums the two) and run
-    # oneDNN at other batch sizes (last-bit differences, ~1e-8 after one step). Training grows them: ~1e-6
-    # after 3 steps at lr 1e-4 (the tolerance: 1e-5, for weights of order 0.01-1); at R-CNN's default lr
-    # 0.001 a random network's chaotic first steps took them to 4e-4, so the test trains slowly.
+    # oneDNN at other batch sizes; in warp mode PyTorch's fp32 BatchNorm backward (one process) is itself ~1%
+    # from fp64 on this tiny network (BENCHMARKS.md). Measured after 3 steps at lr 1e-4: 1.6e-5 at most (roi
+    # mode, BatchNorm frozen: 1e-6; warp mode with per-rank BatchNorm: 1e-3). The tolerance: 1e-4, for weights
+    # of order 0.01-1. At R-CNN's default lr 0.001 a random network's chaotic first steps amplify rounding
+    # (4e-4 in roi mode), so the test trains slowly.
     models = [torch.load(tmp_path / run / "finetune" / json.loads((tmp_path / run / "finetune" / "metrics.json")
                          .read_text())["key"] / "model.pt", weights_only=True) for run in ("one", "two")]  # fmt: skip
     for part in ("backbone", "classifier"):
         assert models[0][part].keys() == models[1][part].keys()
         for name, a in models[0][part].items():
             b = models[1][part][name]
-            assert (a - b).abs().max() <= 1e-5, f"{part}.{name}"
+            # BatchNorm's running statistics (of order 1, averages of batch statistics over 64 values at
+            # inception5's 2 x 2 maps): 2.5e-4 at most, measured.
+            assert (a - b).abs().max() <= (1e-3 if "running" in name else 1e-4), f"{part}.{name}"
     tuned = [json.loads((tmp_path / run / "finetune" / "metrics.json").read_text()) for run in ("one", "two")]
-    assert tuned[0]["loss_first"] == tuned[1]["loss_first"]  # the first batch: the same loss to the last bit
-    assert np.isclose(tuned[0]["loss_last20"], tuned[1]["loss_last20"], rtol=1e-5)
+    assert tuned[0]["mode"] == "warp"
+    # The first batch: the same loss up to float rounding (PyTorch's BatchNorm kernel in one process, the
+    # synchronised one in two: 3e-6 apart).
+    assert np.isclose(tuned[0]["loss_first"], tuned[1]["loss_first"], rtol=1e-4)
+    assert np.isclose(tuned[0]["loss_last20"], tuned[1]["loss_last20"], rtol=1e-3)  # 5e-5 measured
     # Features from the two models: this random network amplifies weight noise (1e-6 of random noise added
     # to the weights moved its features by 3e-4 relative L2; the two runs' models differ by 5e-4 to 1e-3).
     features = [entries(tmp_path / run, "features") for run in ("one", "two")]
@@ -162,28 +170,3 @@ def test_torchrun_runs_the_chain_as_one_process(tmp_path):
         counts = [json.loads((tmp_path / run / stage / "metrics.json").read_text())[counter] for run in ("one", "two")]
         assert counts[1] == counts[0] > 0, (stage, counter, counts)
 
-
-def test_torchrun_fine_tunes_warp_mode_as_one_process(tmp_path):
-    """Warp-mode fine-tuning trains BatchNorm: under torchrun its statistics are the whole batch's
-    (CpuSyncBatchNorm over gloo). Measured: first loss 3e-6 apart, weights 3e-6 after 3 steps at lr 1e-4
-    (with per-rank BatchNorm: 2.7% and 1e-3)."""
-    import torch
-
-    args = ["progress=false", f"dataset.root={tmp_path / 'demo'}", "dataset.train_images=4", "dataset.test_images=2",
-            "dataset.width=128", "dataset.height=96", "dataset.min_size=24", "dataset.max_size=60", "backbone.weights=none",
-            "workers=1", "proposals.method=ss", "proposals.top_n=40", "features.mode=warp", "features.input_size=32",
-            "features.padding=2", "finetune.enabled=true", "finetune.iterations=3", "finetune.lr=0.0001",
-            "finetune.batch_size=16", "finetune.fg_per_batch=4", "stage=finetune"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    launch = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]}
-    for run, cmd in launch.items():
-        r = subprocess.run([*cmd, "-m", "rcnn.run", *args, f"out={tmp_path / run}"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    metrics = [json.loads((tmp_path / run / "finetune" / "metrics.json").read_text()) for run in launch]
-    assert metrics[0]["mode"] == "warp" and metrics[1]["loss_first"] == pytest.approx(metrics[0]["loss_first"], rel=1e-4)
-    models = [torch.load(tmp_path / run / "finetune" / m["key"] / "model.pt", weights_only=True)["backbone"]
-              for run, m in zip(launch, metrics)]  # fmt: skip
-    for name, a in models[0].items():
-        if a.is_floating_point() and "running" not in name:
-            assert (a - models[1][name]).abs().max() <= 1e-4, name
