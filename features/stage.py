@@ -224,7 +224,8 @@ def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, pro
     finally:
         for actor in actors:  # its queued tasks with it
             ray.kill(actor)
-    return net_seconds, f"ray: {count} actor{'s' * (count > 1)} ({'1 GPU' if gpus else f'{cpus:g} CPU'} each)"
+    each = "1 GPU" if gpus else f"{cpus:g} CPU{'s' * (cpus != 1)}"
+    return net_seconds, f"ray: {count} actor{'s' * (count > 1)} ({each} each)"
 
 
 def run_features(ctx) -> dict:
