@@ -157,15 +157,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dist.all_gather(gathered, local.to(_comm_device(x)))
         stats = torch.stack([g.cpu() for g in gathered])
         counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + x.shape[1]], stats[:, 1 + x.shape[1] :]
-        total = counts.sum()
-        g_mean = (counts * means).sum(0) / total
+        count = counts.sum()  # every rank's rows (times the spatial positions)
+        g_mean = (counts * means).sum(0) / count
         g_m2 = (m2s + counts * (means - g_mean) ** 2).sum(0)
-        mean_t, var_t = g_mean.float().to(x.device), (g_m2 / total).float().to(x.device)
+        mean_t, var_t = g_mean.float().to(x.device), (g_m2 / count).float().to(x.device)
         invstd = torch.rsqrt(var_t + eps)
-        y = F.batch_norm(xf, mean_t, var_t, weight.float(), bias.float(), False, 0.0, eps)
+        y = F.batch_norm(xf, mean_t, var_t, weight.float(), bias.float(), False, 0.0, eps) if n.item() else xf.clone()
         ctx.save_for_backward(xf, weight, mean_t, invstd)
-        ctx.total, ctx.eps = float(total), eps
-        mean_out, var_out = g_mean.float(), (g_m2 / max(float(total) - 1, 1.0)).float()  # for the running stats
+        ctx.count, ctx.eps = float(count), eps
+        mean_out, var_out = g_mean.float(), (g_m2 / max(float(count) - 1, 1.0)).float()  # for the running stats
         ctx.mark_non_differentiable(mean_out, var_out)
         return y.to(x.dtype), mean_out, var_out
 
@@ -173,18 +173,22 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar):
         xf, weight, mean, invstd = ctx.saved_tensors
         dyf = dy.float().contiguous(memory_format=_memory_format(xf))
-        # This rank's sum(dy * xhat) and sum(dy): the weight's and the bias's gradients of its rows.
-        _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            dyf, xf, weight.float(), None, None, mean, invstd, True, ctx.eps, [False, True, True]
-        )  # fmt: skip
+        if xf.numel():  # this rank's sum(dy * xhat) and sum(dy): the weight's and the bias's gradients of its rows
+            _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                dyf, xf, weight.float(), None, None, mean, invstd, True, ctx.eps, [False, True, True]
+            )  # fmt: skip
+        else:  # no rows here (a batch part of unreadable images): it still takes part in the sums
+            grad_weight, grad_bias = torch.zeros_like(mean), torch.zeros_like(mean)
         total_sums = torch.stack([grad_bias, grad_weight]).to(_comm_device(dy))
         dist.all_reduce(total_sums)
-        mean_dy, mean_dy_xhat = (total_sums.to(dy.device) / ctx.total).unbind()
+        mean_dy, mean_dy_xhat = (total_sums.to(dy.device) / ctx.count).unbind()
         # dx = k * dy - (k * mean_dy + k * mean_dy_xhat * xhat), k = w / std: the bracket is an affine map of
         # x per channel, which PyTorch's fused (eval-mode) BatchNorm computes in one pass.
         k = weight.float() * invstd
         slope = k * mean_dy_xhat * invstd  # per unit of x
         offset = k * mean_dy - slope * mean
+        if not xf.numel():
+            return dy.new_zeros(dy.shape), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
         affine = F.batch_norm(xf, torch.zeros_like(mean), torch.ones_like(mean), slope, offset, False, 0.0, 0.0)
         dx = affine.neg_().addcmul_(dyf, k.view([1, -1] + [1] * (dy.dim() - 2)))
         return dx.to(dy.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None

@@ -51,11 +51,19 @@ def _bn_rank(rank, x, r, state, out):
             (y * r[rows]).sum().backward()
         torch.save({"y": y.detach(), "dx": xr.grad, "dw": bn.weight.grad, "db": bn.bias.grad, "state": bn.state_dict()},
                    out / f"{rank}-{momentum}.pt")  # fmt: skip
+    # Rank 1 with no rows (a batch part of unreadable images): it takes part, rank 0 normalises alone.
+    bn = distributed.sync_batchnorm(nn.Sequential(nn.BatchNorm2d(x.shape[1])), "cpu")[0]
+    rows = slice(None) if rank == 0 else slice(0, 0)
+    xe = x[rows].clone().requires_grad_(True)
+    y = bn(xe)
+    (y * r[rows]).sum().backward()
+    torch.save({"y": y.detach(), "dx": xe.grad, "dw": bn.weight.grad}, out / f"{rank}-empty.pt")
 
 
 def test_cpu_sync_batchnorm_is_batchnorm_over_the_whole_batch(tmp_path):
     """Two ranks with 3 and 2 rows of a 5-row batch: the outputs, the input gradients, the running
-    statistics are one BatchNorm2d's over the 5 rows; the ranks' weight and bias gradients sum to its."""
+    statistics are one BatchNorm2d's over the 5 rows; the ranks' weight and bias gradients sum to its.
+    Then 5 rows and none."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 4, 3, 3, generator=g) * 3 + 2
     r = torch.randn(5, 4, 3, 3, generator=g)
@@ -79,6 +87,15 @@ def test_cpu_sync_batchnorm_is_batchnorm_over_the_whole_batch(tmp_path):
         for a in ranks:
             for k, v in bn.state_dict().items():
                 torch.testing.assert_close(a["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"{k}, momentum {momentum}")
+    # Rank 1 with no rows (a batch part of unreadable images) takes part; rank 0 normalises its rows alone.
+    bn, xs = nn.BatchNorm2d(4), x.clone().requires_grad_(True)
+    y = bn(xs)
+    (y * r).sum().backward()
+    ranks = [torch.load(tmp_path / f"{k}-empty.pt") for k in (0, 1)]
+    torch.testing.assert_close(ranks[0]["y"], y.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["dx"], xs.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad, rtol=1e-4, atol=1e-5)
+    assert ranks[1]["y"].shape == (0, 4, 3, 3) and ranks[1]["dx"].shape == (0, 4, 3, 3)
 
 
 def test_one_process_keeps_plain_batchnorm():
