@@ -467,7 +467,7 @@ def run_pretrain(ctx) -> dict:
     bar.close()
 
     t = time.perf_counter()
-    final = trainer.final_model(pc.bn_batches)  # every rank (BatchNorm's statistics from each one's part)
+    final = trainer.final_model(pc.bn_batches)  # on every rank: its BatchNorm statistics are the whole batches'
     train.bad[:] = list(dict.fromkeys(b for bad in distributed.gather(train.bad) for b in bad))  # every rank's
     if not lead:
         distributed.barrier()  # rank 0 tests and writes the model

@@ -201,7 +201,7 @@ def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, pro
                                                    max_task_retries=settings.max_retries)  # fmt: skip
     model_ref, ds_ref = ray.put(model.cpu()), ray.put(ds)
     actors = [actor_class.remote(model_ref, ctx.cfg.features, precision, int(cpus)) for _ in range(count)]
-    meta = {}  # image id -> (n_gt, with_gt)
+    meta = {}  # image id -> (ground-truth rows, with ground truth, boxes)
     queue, running, net_seconds = list(reversed(todo)), {}, 0.0
     try:
         while queue or running:
