@@ -20,7 +20,7 @@ def _free_port() -> int:
 def _two_ranks(fn, *args):
     """Run ``fn(rank, *args)`` in two gloo processes (each writes its results to a file)."""
     port = _free_port()
-    mp.start_processes(_entry, args=(port, fn, args), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_entry, args=(port, fn, args), nprocs=2, join=True, start_method="fork")
 
 
 def _entry(rank, port, fn, args):

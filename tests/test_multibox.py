@@ -125,32 +125,25 @@ def test_combine_merges_duplicates():
 
 
 def test_torchrun_trains_multibox_as_one_process(tmp_path, one_thread):
-    """torchrun --nproc_per_node=2 (gloo): each rank computes part of every batch (3 images: 2 + 1, the last
+    """Two ranks (torchrun's variables, gloo): each rank computes part of every batch (3 images: 2 + 1, the last
     batch 1 + 1), with the whole batch's BatchNorm statistics and flips: one process's training.
 
     Measured: the first epoch's mean loss (3 Adam steps) agrees to 1e-4 (with per-rank BatchNorm 2.5% off);
     Adam's steps follow the gradients' signs, so float rounding (PyTorch's fp32 BatchNorm backward is ~1%
     from fp64 on this tiny network) grows faster than under SGD: the tolerance is 1e-3."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    args = ["-m", "rcnn.run", "progress=false", f"dataset.root={tmp_path / 'demo'}", "dataset.train_images=8",
+    from rcnn.run import main
+
+    from .ranks import run_ranks
+
+    args = ["progress=false", f"dataset.root={tmp_path / 'demo'}", "dataset.train_images=8",
             "dataset.test_images=2", "dataset.width=128", "dataset.height=96", "dataset.min_size=24", "dataset.max_size=60",
             "multibox.input_size=64", "multibox.num_priors=6", "multibox.top_k=5", "multibox.epochs=2",
             "multibox.batch_size=3", "backbone.weights=none", "workers=1", "stage=multibox"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    from rcnn.run import main
-
     runs = ("one", "two")
-    assert main(args[2:] + [f"out={tmp_path / 'one'}"]) == 0  # here, on one thread
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, f"out={tmp_path / 'two'}"]
-    r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "rank 1 of 2" in r.stderr
+    assert main(args + [f"out={tmp_path / 'one'}"]) == 0  # here, on one thread
+    assert run_ranks(main, args + [f"out={tmp_path / 'two'}"]) == [0, 0]
     m = [json.loads((tmp_path / name / "multibox" / "metrics.json").read_text()) for name in runs]
     assert m[0]["key"] == m[1]["key"] and m[1]["epochs"] == 2
     first = [x["history"][0]["loss"] for x in m]

@@ -188,7 +188,7 @@ def _update_difference(a: dict, b: dict, start: dict) -> float:
 
 
 def test_torchrun_pretrains_as_one_process(tmp_path, one_thread):
-    """torchrun --nproc_per_node=2 (gloo): each rank loads half of every batch, BatchNorm takes the whole
+    """Two ranks (torchrun's variables, gloo): each rank loads half of every batch, BatchNorm takes the whole
     batch's statistics (CpuSyncBatchNorm), dropout the whole batch's masks: one process's steps, in parts.
 
     Tolerances, measured: the first step's loss agrees to 1e-6, the second's to 6e-5 (with per-rank
@@ -198,25 +198,16 @@ def test_torchrun_pretrains_as_one_process(tmp_path, one_thread):
     against CpuSyncBatchNorm's 3e-5), and the second step starts from the first's slightly different
     weights. At a higher rate a random network amplifies that (lr 0.01: 20% after two steps), so the test
     trains slowly."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from features.pretrain import pretrain_googlenet
 
-    repo = Path(__file__).resolve().parents[1]
+    from .ranks import run_ranks
+
     root = write_tree(tmp_path / "tree", per_class=8)  # 16 images: 1 step an epoch
     extra = ["pretrain.epochs=2", "pretrain.batch_size=16", "pretrain.warmup_epochs=0", "pretrain.lr=0.0001", "pretrain.test_schemes=[center]"]
-    args = ["-m", "rcnn.run", *tiny_args(root, "{out}", *extra)]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    args = tiny_args(root, "{out}", *extra)
     runs = ("one", "two")
-    assert main([a.replace("{out}", str(tmp_path / "one")) for a in args[2:]]) == 0  # here, on one thread
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    r = subprocess.run(cmd + [a.replace("{out}", str(tmp_path / "two")) for a in args], cwd=repo, env=env,
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "rank 1 of 2" in r.stderr
+    assert main([a.replace("{out}", str(tmp_path / "one")) for a in args]) == 0  # here, on one thread
+    assert run_ranks(main, [a.replace("{out}", str(tmp_path / "two")) for a in args]) == [0, 0]
     ck = {name: torch.load(tmp_path / name / "pretrain" / json.loads((tmp_path / name / "pretrain" / "metrics.json")
                            .read_text())["key"] / "checkpoint.pt", weights_only=False) for name in runs}  # fmt: skip
     assert ck["one"]["step"] == ck["two"]["step"] == 2
