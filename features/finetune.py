@@ -152,12 +152,7 @@ class FineTuner:
         if fcfg.mode.value == "warp":  # under torchrun: the whole batch's statistics on every rank
             self.model = distributed.sync_batchnorm(self.model, self.device)
         self.model.to(self.device)
-        self.logits = _Logits(self)
-        if distributed.active():
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.logits = DistributedDataParallel(self.logits, device_ids=ids)
+        self.logits = distributed.data_parallel(_Logits(self), self.device)
         self.windows = windows
         self.images = _ImageCache(load_image, cfg.image_cache, self.device)
         self.opt = torch.optim.SGD(param_groups(self.model.net, cfg), lr=cfg.lr, momentum=cfg.momentum)

@@ -172,11 +172,7 @@ class Pretrainer:
         self.model = pretrain_googlenet(len(tree.classes), pc.dropout, pc.dropout_aux)
         self.model = distributed.sync_batchnorm(self.model, device).to(device).to(memory_format=torch.channels_last)
         self.dropouts = [m for m in self.model.modules() if isinstance(m, BatchDropout)]
-        self.forward = self.model
-        if distributed.active():
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.forward = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward = distributed.data_parallel(self.model, device)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BatchNorm
@@ -231,7 +227,7 @@ class Pretrainer:
         the global batch). Returns the batch's mean loss, main loss and accuracy, or None when no image of the
         batch could be read."""
         rows = torch.arange(len(labels)) if rows is None else rows
-        count = int(distributed.all_sum(torch.tensor([len(labels)], dtype=torch.float64)).item())  # the batch's readable images
+        count = distributed.total(len(labels))  # the batch's readable images, every rank's
         if not count:
             self.step += 1
             self.sched.step()
@@ -273,7 +269,7 @@ class Pretrainer:
             for k, batch in enumerate(self.loader(self.pc.epochs)):  # an epoch beyond the last: fresh crops
                 if k >= bn_batches:
                     break
-                if distributed.all_sum(torch.tensor([len(batch[1])])).item():
+                if distributed.total(len(batch[1])):
                     net(to_input(batch[0].to(self.device)))
         for m in bns:
             m.momentum = 0.1

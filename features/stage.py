@@ -188,7 +188,7 @@ def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, pro
     with GPU actors, say ``features.precision=fp16`` or ``bf16``. A task that fails on bad data stops the
     stage with the local error; an actor whose worker died is restarted and its task rerun
     (``ray.max_retries``). Returns ``(summed network seconds, where they ran)``."""
-    from rcnn.parallel import ray_init
+    from rcnn.parallel import ray_get, ray_init
 
     settings, ds = ctx.ray, ctx.dataset
     ray = ray_init(settings, ctx.workers)
@@ -213,10 +213,7 @@ def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, pro
                     running[actor.run.remote(ds_ref, image_id, boxes)] = actor
             done, _ = ray.wait(list(running), num_returns=1)
             running.pop(done[0])
-            try:
-                image_id, feats, seconds = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+            image_id, feats, seconds = ray_get(ray, done[0])
             n_gt, with_gt, n = meta.pop(image_id)
             put_features(store, image_id, feats, n_gt, with_gt)
             net_seconds += seconds

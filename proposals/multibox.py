@@ -188,11 +188,7 @@ def train_multibox(
     positives = float(np.mean([len(g) for g in gts])) if len(gts) else 1.0
     model = MultiBoxNet(backbone, torch.from_numpy(priors), positives)
     model = distributed.sync_batchnorm(model, device).to(device, memory_format=torch.channels_last)
-    forward = model
-    if distributed.active():
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = distributed.data_parallel(model, device)
     lead = distributed.rank() == 0
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))

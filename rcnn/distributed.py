@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "init", "active", "solo", "rank", "world_size", "barrier", "all_sum", "total", "gather", "close", "part", "sync_batchnorm",
+    "init", "active", "solo", "rank", "world_size", "barrier", "all_sum", "total", "gather", "close", "part", "data_parallel", "sync_batchnorm",
     "CpuSyncBatchNorm", "RANK0_STAGES", "TIMEOUT",
 ]  # fmt: skip
 
@@ -218,6 +218,17 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
                 self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.to(self.running_var), alpha=m)
         return y
+
+
+def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` wrapped in ``DistributedDataParallel`` under torchrun (on this rank's GPU, or on CPU);
+    ``module`` itself in one process."""
+    if not active():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = torch.device(device)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .store import StageStore, pid_alive
 
-__all__ = ["process_images", "process_pool", "ray_init", "ExecutorError"]
+__all__ = ["process_images", "process_pool", "ray_init", "ray_get", "ExecutorError"]
 
 
 class ExecutorError(RuntimeError):
@@ -149,6 +149,15 @@ def ray_init(settings, workers: int):
     return ray
 
 
+def ray_get(ray, ref):
+    """A Ray task's (or actor method's) result; an exception it raised is raised here as it was raised
+    there (the error a local run gives), not wrapped in Ray's ``RayTaskError``."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+
+
 def _unreachable(address: str, timeout: float = 5.0) -> str | None:
     """Why a ``<host>:<port>`` (or ``ray://<host>:<port>``) address does not accept a connection within
     ``timeout`` seconds, or None (also for ``local`` and ``auto``, which Ray resolves itself). Ray's own
@@ -183,10 +192,7 @@ def _ray_images(store: StageStore, todo: list, fn, bar, settings, workers: int) 
             while queue and len(running) < 2 * slots:
                 running.append(task.remote(fn_ref, queue.pop()))
             done, running = ray.wait(running, num_returns=1)
-            try:
-                image_id, arrays = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                raise (e.cause if isinstance(e.cause, BaseException) else e) from None
+            image_id, arrays = ray_get(ray, done[0])
             store.put(image_id, arrays)
             bar.update()
     finally:
