@@ -167,62 +167,49 @@ def compute_features(model: RegionFeatures, fc, precision: str, rgb: np.ndarray,
 class FeatureActor:
     """A Ray actor holding the network on its GPU (or its CPUs): images in, features out."""
 
-    def __init__(self, model: RegionFeatures, fc, precision: str, threads: int):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray gives the actor its GPU
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, threads))
-        self.model = model.to(self.device).eval()
-        self.fc, self.precision = fc, precision
+    def __init__(self, model: RegionFeatures, ds, fc, precision: str, threads: int = 1):
+        from rcnn.parallel import actor_device
 
-    def run(self, ds, image_id, boxes: np.ndarray) -> tuple:
-        rgb = ds.load_image(image_id)
+        self.device = actor_device(threads)
+        self.model = model.to(self.device).eval()
+        self.ds, self.fc, self.precision = ds, fc, precision
+
+    def run(self, image_id, boxes: np.ndarray) -> tuple:
+        rgb = self.ds.load_image(image_id)
         t = time.perf_counter()
         feats = compute_features(self.model, self.fc, self.precision, rgb, boxes, self.device)
         return image_id, feats, time.perf_counter() - t
 
 
 def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, proposals, train: set, bar) -> tuple[float, str]:
-    """The features of ``todo`` computed by Ray actors, written here as they arrive. Each actor asks for a GPU
-    when the cluster has them (one actor per GPU), else ``ray.cpus_per_task`` CPUs; at most two images are
-    queued per actor. The precision is the one resolved here (it is part of the cache key): on a CPU driver
-    with GPU actors, say ``features.precision=fp16`` or ``bf16``. A task that fails on bad data stops the
-    stage with the local error; an actor whose worker died is restarted and its task rerun
-    (``ray.max_retries``). Returns ``(summed network seconds, where they ran)``."""
-    from rcnn.parallel import ray_get, ray_init
+    """The features of ``todo`` computed by Ray actors (:func:`rcnn.parallel.ray_actors`: one per GPU of the
+    cluster, else one per ``ray.cpus_per_task`` CPUs), written here as they arrive. The precision is the one
+    resolved here (it is part of the cache key): on a CPU driver with GPU actors, say
+    ``features.precision=fp16`` or ``bf16``. A task that fails on bad data stops the stage with the local
+    error; an actor whose worker died is restarted and its task rerun (``ray.max_retries``). Returns
+    ``(summed network seconds, where they ran)``."""
+    from rcnn.parallel import on_actors, ray_actors
 
-    settings, ds = ctx.ray, ctx.dataset
-    ray = ray_init(settings, ctx.workers)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = settings.cpus_per_task
-    count = gpus or max(1, int(resources.get("CPU", 1) // cpus))
-    options = {"num_gpus": 1} if gpus else {"num_cpus": cpus}
-    actor_class = ray.remote(FeatureActor).options(**options, max_restarts=settings.max_retries,
-                                                   max_task_retries=settings.max_retries)  # fmt: skip
-    model_ref, ds_ref = ray.put(model.cpu()), ray.put(ds)
-    actors = [actor_class.remote(model_ref, ctx.cfg.features, precision, int(cpus)) for _ in range(count)]
-    meta = {}  # image id -> (ground-truth rows, with ground truth, boxes)
-    queue, running, net_seconds = list(reversed(todo)), {}, 0.0
-    try:
-        while queue or running:
-            for actor in actors:
-                while queue and sum(a is actor for a in running.values()) < 2:
-                    image_id = queue.pop()
-                    boxes, n_gt = image_boxes(ds, proposals, image_id, image_id in train)
-                    meta[image_id] = (n_gt, image_id in train, len(boxes))
-                    running[actor.run.remote(ds_ref, image_id, boxes)] = actor
-            done, _ = ray.wait(list(running), num_returns=1)
-            running.pop(done[0])
-            image_id, feats, seconds = ray_get(ray, done[0])
-            n_gt, with_gt, n = meta.pop(image_id)
-            put_features(store, image_id, feats, n_gt, with_gt)
-            net_seconds += seconds
-            bar.update(n)
-    finally:
-        for actor in actors:  # its queued tasks with it
-            ray.kill(actor)
-    each = "1 GPU" if gpus else f"{cpus:g} CPU{'s' * (cpus != 1)}"
-    return net_seconds, f"ray: {count} actor{'s' * (count > 1)} ({each} each)"
+    ds = ctx.dataset
+    ray, actors, where = ray_actors(ctx.ray, ctx.workers, FeatureActor, model.cpu(), ds, ctx.cfg.features, precision)
+    meta = {}  # image id -> (ground-truth rows, boxes)
+    net_seconds = 0.0
+
+    def submit(actor, image_id):
+        boxes, n_gt = image_boxes(ds, proposals, image_id, image_id in train)
+        meta[image_id] = (n_gt, len(boxes))
+        return actor.run.remote(image_id, boxes)
+
+    def receive(result):
+        nonlocal net_seconds
+        image_id, feats, seconds = result
+        n_gt, n = meta.pop(image_id)
+        put_features(store, image_id, feats, n_gt, image_id in train)
+        net_seconds += seconds
+        bar.update(n)
+
+    on_actors(ray, actors, todo, submit, receive)
+    return net_seconds, where
 
 
 def run_features(ctx) -> dict:

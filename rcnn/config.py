@@ -340,8 +340,8 @@ class Executor(Enum):
 @dataclass
 class RayConfig:
     address: str = "local"  # local (started here, `workers` CPUs) | auto (the cluster joined) | [ray://]<host>:<port>
-    cpus_per_task: float = 1.0  # CPUs Ray reserves for one image's task (and for each features actor without GPUs)
-    max_retries: int = 3  # a task (or features actor) whose worker or node died is rerun this many times (bad data is not)
+    cpus_per_task: float = 1.0  # CPUs Ray reserves for one image's task (and for each features or detect actor without GPUs)
+    max_retries: int = 3  # a task (or actor) whose worker or node died is rerun this many times (bad data is not)
 
 
 @dataclass
@@ -465,7 +465,7 @@ class Config:
     workers: int = 0  # worker processes for per-image work; 0 = one per CPU core
     shard: Optional[str] = None  # "I/N": the per-image stages do every N-th image from the I-th (0-based); see
     # README "Running at scale". Under torchrun, null takes the rank and world size.
-    executor: Executor = Executor.local  # local | ray: selective search and data checks as Ray tasks, features on Ray actors
+    executor: Executor = Executor.local  # local | ray: selective search and data checks as Ray tasks, features and detect on Ray actors
     ray: RayConfig = field(default_factory=RayConfig)  # executor=ray
     progress: bool = True  # show progress bars
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # GoogLeNet weights

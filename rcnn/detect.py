@@ -104,15 +104,19 @@ def detect_split(ctx) -> dict:
         ctx.building(store, found(store, ids))
     d = cfg.detect
     start = time.perf_counter()
-    for image_id in tqdm(todo, desc="detect", unit="img", disable=not cfg.progress):
-        boxes = proposals.get(image_id)["boxes"]
-        feats = [c.get_array(image_id) if c is not None else None for c in caches]
-        a = ds.annotation(image_id)
-        rgb = ds.load_image(image_id) if any(f is None for f in feats) else None
-        scores, deltas = ensemble_outputs(members, rgb, boxes, feats, d.box_regression)
-        b, s, lab = postprocess(boxes, scores, deltas, a.width, a.height, d.nms_iou, d.max_per_image, d.score_threshold,
-                                d.max_per_class)  # fmt: skip
-        store.put(image_id, {"boxes": b, "scores": s, "labels": lab})
+    bar = tqdm(total=len(todo), desc="detect", unit="img", disable=not cfg.progress)
+
+    def inputs(image_id) -> tuple:  # its proposals, and each member's cached features of them (or None)
+        return proposals.get(image_id)["boxes"], [c.get_array(image_id) if c is not None else None for c in caches]
+
+    if ctx.ray is not None and todo:  # executor=ray: Ray actors, one per GPU of the cluster (or per cpus_per_task CPUs)
+        where = _ray_detect(ctx, members, store, todo, inputs, bar)
+    else:
+        where = "this process"
+        for image_id in todo:
+            store.put(image_id, detect_entry(members, ds, image_id, *inputs(image_id), d))
+            bar.update()
+    bar.close()
     seconds = time.perf_counter() - start
     if waiting := pending(cfg, store, ids, "detect"):
         return {**waiting, "images_computed_now": len(todo)}
@@ -135,6 +139,7 @@ def detect_split(ctx) -> dict:
         "split": split,
         "detectors": [str(p) for p in files],
         "features": ["cache" if c is not None else "computed" for c in caches],
+        "device": where if todo else None,
         "images": len(ids),
         "images_computed_now": computed_now,
         "detections": len(dets),
@@ -145,6 +150,50 @@ def detect_split(ctx) -> dict:
     store.finish(metrics)
     print(f"detect: {len(ids)} images of {split}, {len(dets)} detections -> {metrics['detections_file']}")
     return metrics
+
+
+def detect_entry(members: list[Detector], ds, image_id, boxes: np.ndarray, feats: list, d) -> dict:
+    """One test image's store entry: its detections on ``boxes`` (its proposals), ``feats[k]`` member k's
+    features of them when cached (else computed from the image), under the ``detect`` settings ``d``."""
+    a = ds.annotation(image_id)
+    rgb = ds.load_image(image_id) if any(f is None for f in feats) else None
+    scores, deltas = ensemble_outputs(members, rgb, boxes, feats, d.box_regression)
+    b, s, lab = postprocess(boxes, scores, deltas, a.width, a.height, d.nms_iou, d.max_per_image, d.score_threshold,
+                            d.max_per_class)  # fmt: skip
+    return {"boxes": b, "scores": s, "labels": lab}
+
+
+class DetectActor:
+    """A Ray actor holding the detectors (their networks on its GPU, or its CPUs): a test image's proposals
+    and cached features in, its detections out."""
+
+    def __init__(self, members: list[tuple[dict, str]], ds, d, threads: int = 1):
+        from .parallel import actor_device
+
+        device = actor_device(threads).type
+        self.members = [Detector(parts, device, scores) for parts, scores in members]
+        self.ds, self.d = ds, d
+
+    def run(self, image_id, boxes: np.ndarray, feats: list) -> tuple:
+        return image_id, detect_entry(self.members, self.ds, image_id, boxes, feats, self.d)
+
+
+def _ray_detect(ctx, members: list[Detector], store: StageStore, todo: list, inputs, bar) -> str:
+    """The detections of ``todo`` made by Ray actors (:func:`rcnn.parallel.ray_actors`), written here as
+    they arrive; the proposals and cached features go to them from here (the run folder need not be
+    shared). Bad data stops the stage with the local error; a dead actor is restarted and its task rerun."""
+    from .parallel import on_actors, ray_actors
+
+    parts = [(m.parts, m.scores) for m in members]
+    ray, actors, where = ray_actors(ctx.ray, ctx.workers, DetectActor, parts, ctx.dataset, ctx.cfg.detect)
+
+    def receive(result):
+        image_id, entry = result
+        store.put(image_id, entry)
+        bar.update()
+
+    on_actors(ray, actors, todo, lambda actor, image_id: actor.run.remote(image_id, *inputs(image_id)), receive)
+    return where
 
 
 def best_per_class(dets, limit: int):

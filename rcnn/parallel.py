@@ -1,6 +1,7 @@
 """Work in worker processes: per-image work over a split, written to a stage store as it arrives
-(:func:`process_images`: this machine's processes, or Ray tasks on a cluster with ``executor=ray``), and
-a pool for other independent jobs (:func:`process_pool`)."""
+(:func:`process_images`: this machine's processes, or Ray tasks on a cluster with ``executor=ray``), the
+networks' per-image work on Ray actors (:func:`ray_actors`, :func:`on_actors`), and a pool for other
+independent jobs (:func:`process_pool`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from .store import StageStore, pid_alive
 
-__all__ = ["process_images", "process_pool", "ray_init", "ray_get", "ExecutorError"]
+__all__ = ["process_images", "process_pool", "ray_init", "ray_get", "ray_actors", "on_actors", "actor_device", "ExecutorError"]
 
 
 class ExecutorError(RuntimeError):
@@ -198,6 +199,55 @@ def _ray_images(store: StageStore, todo: list, fn, bar, settings, workers: int) 
     finally:
         for ref in running:  # an error, an interrupt: stop what is still queued on the cluster
             ray.cancel(ref, force=True)
+
+
+def ray_actors(settings, workers: int, cls, *args) -> tuple:
+    """``cls`` as Ray actors, each built as ``cls(*args, threads=...)``: one per GPU when the cluster has
+    GPUs (each asks for one), else one per ``settings.cpus_per_task`` CPUs (``threads`` is that number). The
+    arguments go through Ray's object store once, not once per actor. An actor whose process or node dies
+    is restarted and its task rerun, up to ``settings.max_retries`` times. Returns ``(ray, actors, where)``,
+    ``where`` saying what they are (for the stage's metrics)."""
+    ray = ray_init(settings, workers)
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), settings.cpus_per_task
+    count = gpus or max(1, int(resources.get("CPU", 1) // cpus))
+    options = {"num_gpus": 1} if gpus else {"num_cpus": cpus}
+    actor_class = ray.remote(cls).options(**options, max_restarts=settings.max_retries,
+                                          max_task_retries=settings.max_retries)  # fmt: skip
+    refs = [ray.put(a) for a in args]
+    actors = [actor_class.remote(*refs, threads=max(1, int(cpus))) for _ in range(count)]
+    each = "1 GPU" if gpus else f"{cpus:g} CPU{'s' * (cpus != 1)}"
+    return ray, actors, f"ray: {count} actor{'s' * (count > 1)} ({each} each)"
+
+
+def on_actors(ray, actors: list, items: Sequence, submit: Callable, receive: Callable, per_actor: int = 2) -> None:
+    """Every item through ``submit(actor, item)`` (which calls an actor method and returns its ref), with at
+    most ``per_actor`` items queued on each actor; ``receive(result)`` on each result as it arrives, in this
+    process. An error raised in an actor is raised here as it was raised there (:func:`ray_get`). The
+    actors are killed at the end, whatever ends it (their queued work with them)."""
+    queue, running = list(reversed(items)), {}
+    try:
+        while queue or running:
+            for actor in actors:
+                while queue and sum(a is actor for a in running.values()) < per_actor:
+                    running[submit(actor, queue.pop())] = actor
+            done, _ = ray.wait(list(running), num_returns=1)
+            running.pop(done[0])
+            receive(ray_get(ray, done[0]))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def actor_device(threads: int):
+    """An actor's device: the GPU Ray gave it (Ray sets ``CUDA_VISIBLE_DEVICES``), else the CPU with
+    ``threads`` threads."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(max(1, threads))
+    return torch.device("cpu")
 
 
 def process_pool(workers: int):

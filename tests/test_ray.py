@@ -1,8 +1,9 @@
-"""executor=ray: the per-image work as Ray tasks on a local Ray instance gives a local run's entries, survives
-a killed worker, and stops on bad data with a local run's error."""
+"""executor=ray: the per-image work as Ray tasks and actors on a local Ray instance gives a local run's entries,
+survives a killed worker or actor, and stops on bad data with a local run's error."""
 
 import json
 import os
+import shutil
 import signal
 import sys
 from functools import partial
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from rcnn.config import load_config
 from rcnn.datasets import DatasetError
 from rcnn.parallel import ExecutorError, process_images
 from rcnn.run import main
@@ -95,6 +97,92 @@ def test_proposals_and_features_with_executor_ray_equal_a_local_run(tmp_path, lo
         np.testing.assert_allclose(np.float32(remote[name]), np.float32(a), rtol=1e-2, atol=1e-3, err_msg=name)
     metrics = json.loads((tmp_path / "ray" / "features" / "metrics.json").read_text())
     assert metrics["device"] == "ray: 2 actors (1 CPU each)" and metrics["images_computed_now"] == 6
+
+
+class _Faulty:
+    """A dataset whose ``load_image`` of ``image``, in a Ray worker (not in this process), kills its process
+    the first time (as a lost node or an OOM kill would: ``marker`` records it), or with ``marker=None``
+    raises a DatasetError naming the image."""
+
+    def __init__(self, ds, image, marker: str | None):
+        self.ds, self.image, self.marker, self.driver = ds, image, marker, os.getpid()
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "ds":  # (unpickling asks before ds is set)
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+    def load_image(self, image_id):
+        if image_id == self.image and os.getpid() != self.driver:
+            if self.marker is None:
+                raise DatasetError(f"images/{image_id}.jpg: cannot decode the image (truncated file)")
+            if not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.ds.load_image(image_id)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The tiny demo's chain through detect in this process, on one thread as each actor computes."""
+    import torch
+
+    root = tmp_path_factory.mktemp("chain")
+    args = [*TINY, f"dataset.root={root / 'demo'}", "proposals.method=ss"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "stage=detect", f"out={root / 'local'}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root, args
+
+
+def _copy_without(chain, stages: list, out):
+    root, args = chain
+    shutil.copytree(root / "local", out)
+    for stage in stages:
+        shutil.rmtree(out / stage)
+    return [*args, f"out={out}", "executor=ray"]
+
+
+def test_detect_on_ray_actors_equals_a_local_run(tmp_path, local_ray, chain):
+    args = _copy_without(chain, ["detect"], tmp_path / "ray")
+    assert main([*args, "stage=detect"]) == 0
+    same_entries(entries(chain[0] / "local", "detect"), entries(tmp_path / "ray", "detect"))
+    metrics = json.loads((tmp_path / "ray" / "detect" / "metrics.json").read_text())
+    assert metrics["device"] == "ray: 2 actors (1 CPU each)" and metrics["images_computed_now"] == 2
+
+
+def _features_with(monkeypatch, chain, image_index: int, marker):
+    """The features stage on Ray actors whose dataset is :class:`_Faulty` at the train split's image
+    ``image_index`` (the ground truth's features with it)."""
+    import rcnn.datasets
+
+    build = rcnn.datasets.build_dataset
+    ds = build(load_config([*chain[1], "stage=features"]).dataset)
+    image = ds.image_ids(ds.train_split)[image_index]
+    monkeypatch.setattr(rcnn.datasets, "build_dataset", lambda cfg: _Faulty(build(cfg), image, marker))
+    return image
+
+
+def test_a_killed_features_actor_is_restarted_and_the_stage_completes(tmp_path, monkeypatch, local_ray, chain):
+    args = _copy_without(chain, ["features", "svm", "detect"], tmp_path / "ray")
+    _features_with(monkeypatch, chain, 2, str(tmp_path / "killed"))
+    assert main([*args, "stage=features"]) == 0
+    assert (tmp_path / "killed").exists()  # the actor loading that image was killed once
+    same_entries(entries(chain[0] / "local", "features"), entries(tmp_path / "ray", "features"))
+    metrics = json.loads((tmp_path / "ray" / "features" / "metrics.json").read_text())
+    assert metrics["images_computed_now"] == 6
+
+
+def test_bad_data_in_a_features_actor_stops_the_stage_with_the_local_error(tmp_path, monkeypatch, capsys, local_ray, chain):
+    args = _copy_without(chain, ["features", "svm", "detect"], tmp_path / "ray")
+    image = _features_with(monkeypatch, chain, 1, None)
+    assert main([*args, "stage=features"]) == 1  # one line on stderr, as a local run's
+    assert capsys.readouterr().err.strip().endswith(f"images/{image}.jpg: cannot decode the image (truncated file)")
+    key = next(p for p in (tmp_path / "ray" / "features").iterdir() if p.is_dir()).name
+    assert not StageStore.open(tmp_path / "ray", "features", key).has(image)
 
 
 def test_without_ray_installed_the_error_names_the_extra(monkeypatch, tmp_path, capsys):
