@@ -191,7 +191,7 @@ def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, pro
     from rcnn.parallel import on_actors, ray_actors
 
     ds = ctx.dataset
-    ray, actors, where = ray_actors(ctx.ray, ctx.workers, FeatureActor, model.cpu(), ds, ctx.cfg.features, precision)
+    actors = ray_actors(ctx.ray, ctx.workers, FeatureActor, model.cpu(), ds, ctx.cfg.features, precision)
     meta = {}  # image id -> (ground-truth rows, boxes)
     net_seconds = 0.0
 
@@ -208,8 +208,8 @@ def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, pro
         net_seconds += seconds
         bar.update(n)
 
-    on_actors(ray, actors, todo, submit, receive)
-    return net_seconds, where
+    on_actors(actors, todo, submit, receive)
+    return net_seconds, actors.where
 
 
 def run_features(ctx) -> dict:

@@ -112,7 +112,7 @@ def detect_split(ctx) -> dict:
     if ctx.ray is not None and todo:  # executor=ray: Ray actors, one per GPU of the cluster (or per cpus_per_task CPUs)
         where = _ray_detect(ctx, members, store, todo, inputs, bar)
     else:
-        where = "this process"
+        where = str(members[0].device)
         for image_id in todo:
             store.put(image_id, detect_entry(members, ds, image_id, *inputs(image_id), d))
             bar.update()
@@ -185,15 +185,15 @@ def _ray_detect(ctx, members: list[Detector], store: StageStore, todo: list, inp
     from .parallel import on_actors, ray_actors
 
     parts = [(m.parts, m.scores) for m in members]
-    ray, actors, where = ray_actors(ctx.ray, ctx.workers, DetectActor, parts, ctx.dataset, ctx.cfg.detect)
+    actors = ray_actors(ctx.ray, ctx.workers, DetectActor, parts, ctx.dataset, ctx.cfg.detect)
 
     def receive(result):
         image_id, entry = result
         store.put(image_id, entry)
         bar.update()
 
-    on_actors(ray, actors, todo, lambda actor, image_id: actor.run.remote(image_id, *inputs(image_id)), receive)
-    return where
+    on_actors(actors, todo, lambda actor, image_id: actor.run.remote(image_id, *inputs(image_id)), receive)
+    return actors.where
 
 
 def best_per_class(dets, limit: int):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from .store import StageStore, pid_alive
 
-__all__ = ["process_images", "process_pool", "ray_init", "ray_get", "ray_actors", "on_actors", "actor_device", "ExecutorError"]
+__all__ = ["process_images", "process_pool", "ray_init", "ray_get", "ray_actors", "RayActors", "on_actors", "actor_device", "ExecutorError"]
 
 
 class ExecutorError(RuntimeError):
@@ -201,12 +202,23 @@ def _ray_images(store: StageStore, todo: list, fn, bar, settings, workers: int) 
             ray.cancel(ref, force=True)
 
 
-def ray_actors(settings, workers: int, cls, *args) -> tuple:
+@dataclass
+class RayActors:
+    """Ray actors of one class (:func:`ray_actors`): their handles, the Ray module, what they are (for a
+    stage's metrics), and the object-store references of their constructor's arguments, kept while they
+    work so that a restarted actor finds them."""
+
+    ray: object
+    handles: list
+    where: str
+    args: list
+
+
+def ray_actors(settings, workers: int, cls, *args) -> RayActors:
     """``cls`` as Ray actors, each built as ``cls(*args, threads=...)``: one per GPU when the cluster has
     GPUs (each asks for one), else one per ``settings.cpus_per_task`` CPUs (``threads`` is that number). The
     arguments go through Ray's object store once, not once per actor. An actor whose process or node dies
-    is restarted and its task rerun, up to ``settings.max_retries`` times. Returns ``(ray, actors, where)``,
-    ``where`` saying what they are (for the stage's metrics)."""
+    is restarted and its task rerun, up to ``settings.max_retries`` times."""
     ray = ray_init(settings, workers)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), settings.cpus_per_task
@@ -215,27 +227,28 @@ def ray_actors(settings, workers: int, cls, *args) -> tuple:
     actor_class = ray.remote(cls).options(**options, max_restarts=settings.max_retries,
                                           max_task_retries=settings.max_retries)  # fmt: skip
     refs = [ray.put(a) for a in args]
-    actors = [actor_class.remote(*refs, threads=max(1, int(cpus))) for _ in range(count)]
+    handles = [actor_class.remote(*refs, threads=max(1, int(cpus))) for _ in range(count)]
     each = "1 GPU" if gpus else f"{cpus:g} CPU{'s' * (cpus != 1)}"
-    return ray, actors, f"ray: {count} actor{'s' * (count > 1)} ({each} each)"
+    return RayActors(ray, handles, f"ray: {count} actor{'s' * (count > 1)} ({each} each)", refs)
 
 
-def on_actors(ray, actors: list, items: Sequence, submit: Callable, receive: Callable, per_actor: int = 2) -> None:
+def on_actors(actors: RayActors, items: Sequence, submit: Callable, receive: Callable, per_actor: int = 2) -> None:
     """Every item through ``submit(actor, item)`` (which calls an actor method and returns its ref), with at
     most ``per_actor`` items queued on each actor; ``receive(result)`` on each result as it arrives, in this
     process. An error raised in an actor is raised here as it was raised there (:func:`ray_get`). The
     actors are killed at the end, whatever ends it (their queued work with them)."""
+    ray = actors.ray
     queue, running = list(reversed(items)), {}
     try:
         while queue or running:
-            for actor in actors:
+            for actor in actors.handles:
                 while queue and sum(a is actor for a in running.values()) < per_actor:
                     running[submit(actor, queue.pop())] = actor
             done, _ = ray.wait(list(running), num_returns=1)
             running.pop(done[0])
             receive(ray_get(ray, done[0]))
     finally:
-        for actor in actors:
+        for actor in actors.handles:
             ray.kill(actor)
 
 

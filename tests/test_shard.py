@@ -65,9 +65,10 @@ def same_entries(a: dict, b: dict) -> None:
 
 def test_sharded_stages_give_the_single_process_entries(tmp_path, caplog, capsys):
     caplog.set_level(logging.INFO, logger="rcnn")
-    one = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'one'}"]
+    common = [*TINY, f"dataset.root={tmp_path / 'demo'}", "svm.C=0.001"]  # (C chosen or not: the same here)
+    one = [*common, f"out={tmp_path / 'one'}"]
     assert main(["stage=detect", *one]) == 0
-    two = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'two'}"]
+    two = [*common, f"out={tmp_path / 'two'}"]
     # A training stage is built once, without shard=; a sharded run that needs one says so.
     capsys.readouterr()
     assert main(["stage=features", "shard=0/2", *two]) == 1
@@ -122,7 +123,7 @@ def test_torchrun_runs_the_chain_as_one_process(tmp_path, one_thread):
     # (CpuSyncBatchNorm over gloo; with per-rank statistics the first loss is 2.7% off and the weights 1e-3).
     args = [*TINY, f"dataset.root={tmp_path / 'demo'}", "proposals.method=ss", "features.mode=warp", "features.padding=4",
             "finetune.enabled=true", "finetune.iterations=3", "finetune.lr=0.0001", "finetune.batch_size=16",
-            "finetune.fg_per_batch=4", "stage=eval"]  # fmt: skip
+            "finetune.fg_per_batch=4", "svm.C=0.001", "stage=eval"]  # fmt: skip
     # One thread in every process, as torchrun gives each rank: with another thread count the network
     # sums in another order and features differ in their last fp16 bit.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
