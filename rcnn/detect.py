@@ -28,7 +28,7 @@ __all__ = ["run_detect", "detect_split", "detect_files", "image_files", "load_me
 
 log = logging.getLogger("detect")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: box regression as one matrix product (other float rounding)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 

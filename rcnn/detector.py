@@ -102,6 +102,10 @@ class Detector:
         self.svm_b = parts["svm_b"].numpy().astype(np.float64)
         self.reg_w = parts["reg_w"].numpy().astype(np.float32) if parts.get("reg_w") is not None else None
         self.reg_b = parts["reg_b"].numpy().astype(np.float32) if parts.get("reg_b") is not None else None
+        # [D, C * 4]: every class's regressors in one matrix product (np.einsum over [C, D, 4] does not use
+        # BLAS: 2 s against 25 ms for 1,900 boxes and 80 classes)
+        self._reg_matrix = None if self.reg_w is None else np.ascontiguousarray(
+            self.reg_w.transpose(1, 0, 2).reshape(self.reg_w.shape[1], -1))  # fmt: skip
         self.features_cfg: dict = dict(parts["features"])
         classifier = parts.get("classifier")  # the fine-tuned network's (N+1)-way softmax, when it had one
         if scores not in ("svm", "softmax"):
@@ -235,7 +239,7 @@ class Detector:
         if self.reg_w is None:
             return None
         x = np.asarray(feats, np.float32)
-        return np.einsum("nd,cdk->nck", x, self.reg_w) + self.reg_b
+        return (x @ self._reg_matrix).reshape(len(x), *self.reg_b.shape) + self.reg_b
 
     def __call__(
         self, image, boxes: np.ndarray | None = None, nms_iou: float = 0.3, max_per_image: int | None = None,

@@ -138,6 +138,15 @@ def test_a_later_stage_builds_the_chain_stage_all_would_fine_tuning_included(tmp
     assert det.score(feats).shape == (7, det.num_classes)
 
 
+def test_box_regression_deltas_match_a_loop_over_classes(trained):
+    det = Detector.load(trained[1] / "svm" / "detector.pt")
+    assert det.has_regression
+    feats = np.random.default_rng(0).normal(0, 1, (30, det.reg_w.shape[1])).astype(np.float16)
+    x = feats.astype(np.float64)
+    ref = np.stack([x @ det.reg_w[c].astype(np.float64) + det.reg_b[c] for c in range(det.num_classes)], axis=1)
+    np.testing.assert_allclose(det.deltas(feats), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_softmax_scores_need_a_fine_tuned_detector(trained, capsys):
     args, run = trained  # trained without fine-tuning: its detector file carries no classifier
     assert main([*args, "stage=detect", "detect.scores=softmax"]) == 1
