@@ -105,16 +105,19 @@ class _Faulty:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """The tiny demo's chain through detect in this process, on one thread as each actor computes."""
+    """The tiny demo's chain through detect in this process, on one thread as each actor computes (torch's
+    and the BLAS numpy calls: a matrix product split over threads rounds otherwise)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     root = tmp_path_factory.mktemp("chain")
     args = [*TINY, f"dataset.root={root / 'demo'}", "proposals.method=ss", "svm.C=0.001"]  # (no choice of C)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for stage in ("data", "detect"):
-            assert main([*args, f"stage={stage}", f"out={root / 'local'}"]) == 0
+        with threadpool_limits(limits=1, user_api="blas"):
+            for stage in ("data", "detect"):
+                assert main([*args, f"stage={stage}", f"out={root / 'local'}"]) == 0
     finally:
         torch.set_num_threads(threads)
     return root, args
