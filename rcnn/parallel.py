@@ -16,7 +16,10 @@ from tqdm import tqdm
 
 from .store import StageStore, pid_alive
 
-__all__ = ["process_images", "process_pool", "ray_init", "ray_get", "ray_actors", "RayActors", "on_actors", "actor_device", "ExecutorError"]
+__all__ = [
+    "process_images", "process_pool", "ray_init", "ray_get", "ray_actors", "RayActors", "on_actors", "actor_device",
+    "ExecutorError",
+]  # fmt: skip
 
 
 class ExecutorError(RuntimeError):
