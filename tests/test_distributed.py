@@ -1,34 +1,23 @@
-"""rcnn.distributed pieces that need several processes: run as two gloo ranks spawned by the test."""
-
-import os
-import socket
+"""rcnn.distributed pieces that need several processes: run as two gloo ranks forked by the test (tests/ranks.py)."""
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from rcnn import distributed
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .ranks import run_ranks
 
 
 def _two_ranks(fn, *args):
     """Run ``fn(rank, *args)`` in two gloo processes (each writes its results to a file)."""
-    port = _free_port()
-    mp.start_processes(_entry, args=(port, fn, args), nprocs=2, join=True, start_method="fork")
+    assert run_ranks(_entry, fn, args) == [0, 0]
 
 
-def _entry(rank, port, fn, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _entry(fn, args):
+    dist.init_process_group("gloo")  # from torchrun's variables, which run_ranks sets
     try:
-        fn(rank, *args)
+        fn(dist.get_rank(), *args)
     finally:
         dist.destroy_process_group()
 
