@@ -10,83 +10,18 @@ chain with a fresh ``out=``.
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
+from rcnn.machine import describe
 from rcnn.store import atomic_write, write_json
 
-__all__ = ["machine", "gemm_rates", "run_benchmark", "report_markdown"]
+__all__ = ["run_benchmark", "report_markdown"]
 
 # Images each stage works on, for seconds per image: "train", "test" or "both" splits.
 _PER = {"data": "both", "multibox": "train", "proposals": "both", "finetune": "train", "features": "both",
         "svm": "train", "detect": "test", "eval": "test"}  # fmt: skip
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def gemm_rates(bf16: bool | None = None) -> dict:
-    """This machine's matrix-multiply rate (GFLOP/s) in fp32 and bf16, measured now (median of 5).
-    bf16 only where the CPU computes it natively unless ``bf16=True`` (elsewhere it is emulated, about
-    100x slower, and 2048^3 multiplies take minutes): None in its place."""
-    import torch
-
-    from features.backbone import amp_dtype
-
-    if bf16 is None:
-        bf16 = amp_dtype("auto", torch.device("cpu")) is torch.bfloat16  # the CPU computes it natively
-    out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if dtype is torch.bfloat16 and not bf16:
-            out[name] = None
-            continue
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        a @ b
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        out[name] = round(2 * 2048**3 / sorted(times)[2] / 1e9, 1)
-    return out
-
-
-def machine() -> dict:
-    """What the figures were measured on."""
-    import torch
-    import torchvision
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": _cpu_model(), "cores": cores, "memory_gib": _memory_gib(), "gpu": gpu,
-        "os": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "gemm_gflops": gemm_rates(),
-    }  # fmt: skip
 
 
 def _pct(v) -> str:
@@ -160,7 +95,7 @@ def run_benchmark(ctx) -> dict:
         "dataset": ds.name,
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "command": "python -m rcnn.run " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "machine": machine(),
+        "machine": describe(),
         "eval": {k: ev.get(k) for k in ("voc07_map", "voc_map", "ilsvrc_map", "coco_map", "coco_map50", "coco_map75")},
         "proposals": {s: proposals[s] for s in (ds.train_split, ds.test_split) if s in proposals and isinstance(proposals[s], dict)},
         "features": {k: res.get("features", {}).get(k) for k in ("mode", "device", "bytes_per_image", "crops_per_second", "backbone_weights")},

@@ -299,9 +299,11 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return None
     if precision in ("fp16", "bf16"):
         return torch.float16 if precision == "fp16" else torch.bfloat16
+    from rcnn.machine import native_bf16  # emulated bf16 (oneDNN on AVX512 alone, a T4) is slower than fp32
+
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        return torch.bfloat16 if native_bf16("cuda") else torch.float16
+    return torch.bfloat16 if native_bf16("cpu") else None
 
 
 def autocast(dtype: torch.dtype | None, device: torch.device | str):

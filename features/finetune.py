@@ -157,6 +157,8 @@ class FineTuner:
         self.images = _ImageCache(load_image, cfg.image_cache, self.device)
         self.opt = torch.optim.SGD(param_groups(self.model.net, cfg), lr=cfg.lr, momentum=cfg.momentum)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.step_size, gamma=0.1)
+        # fp16 needs loss scaling (its gradients underflow to 0 otherwise); bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.iteration = 0
@@ -276,8 +278,9 @@ class FineTuner:
         loss_sum = F.cross_entropy(logits, target, reduction="sum")
         loss = loss_sum * (distributed.world_size() / len(idx))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)  # (skipped, and the scale lowered, where the scaled gradients overflowed)
+        self.scaler.update()
         self.sched.step()
         self.iteration += 1
         batch = distributed.all_sum(torch.stack([loss_sum.detach(), (logits.argmax(1) == target).sum().float()]))
@@ -306,6 +309,7 @@ class FineTuner:
             "classifier": self.model.net.fc.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "rng": self.rng.bit_generator.state,
             "iteration": self.iteration,
             "history": self.history,
@@ -318,6 +322,8 @@ class FineTuner:
         self.model.net.load_state_dict({**ck["backbone"], **{f"fc.{k}": v for k, v in ck["classifier"].items()}})
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
         self.rng.bit_generator.state = ck["rng"]
         self.iteration, self.history = ck["iteration"], ck["history"]
         self.seconds = ck.get("seconds", 0.0)

@@ -490,7 +490,7 @@ def run_pretrain(ctx) -> dict:
     _plot(trainer.history, store.dir / "loss.png")
     shutil.copyfile(store.dir / "loss.png", store.stage_dir / "loss.png")
 
-    from eval.chain import gemm_rates
+    from rcnn.machine import gemm_rates
 
     gemm = gemm_rates()
     flops = _forward_flops(len(train.classes), pc.input_size)

@@ -42,7 +42,7 @@ def _median_step(trainer, batches, steps: int) -> float:
 
 
 def main(argv=None) -> int:
-    from eval.chain import gemm_rates
+    from rcnn.machine import gemm_rates
 
     from .pretrain import Pretrainer, _forward_flops
     from .pretrain_data import ClassificationTree

@@ -75,7 +75,11 @@ def finetune_images(cfg, ds) -> list:
 
 
 def backbone_weights(ctx, proposals: StageStore) -> LoadedWeights:
-    """The fine-tuned weights when this configuration's fine-tuning is complete, else ``backbone.weights``."""
+    """The fine-tuned weights when fine-tuning is on (``finetune.enabled``) and complete for this
+    configuration, else ``backbone.weights``. Off means off: a fine-tuned model left in the run folder by
+    ``stage=finetune`` is not used, so an ablation without fine-tuning measures the backbone itself."""
+    if not ctx.cfg.finetune.enabled:
+        return resolve_weights(ctx.cfg.backbone.weights)
     tuned = finetune_store(ctx, proposals)
     path = tuned.dir / "model.pt"
     if tuned.complete and path.exists():

@@ -120,6 +120,7 @@ class DemoConfig(DatasetConfig):
 
 
 _COCO128 = "../shared/datasets/coco128"
+_ROADSIGNS = "../shared/datasets/roadsigns"
 
 
 def _coco_2017_layout(name: str, root: str) -> CocoConfig:
@@ -154,6 +155,9 @@ DATASET_PRESETS: dict[str, DatasetConfig] = {
         ],  # fmt: skip
     ),
     "coco2017": _coco_2017_layout("coco2017", "data/coco"),
+    # 877 photos of road signs (speedlimit, crosswalk, trafficlight, stop), 200-400 px, VOC XML: the real
+    # detection set this project develops on (../shared/datasets/roadsigns/README.md)
+    "roadsigns": VocConfig(name="roadsigns", root=_ROADSIGNS, train_split="train", test_split="test"),
     "ilsvrc2014": IlsvrcConfig(name="ilsvrc2014", root="data/ILSVRC"),
 }
 DATASET_PRESETS["voc2012"] = VocConfig(
@@ -171,6 +175,7 @@ DATASET_HINTS = {
     "coco2017": "unzip train2017.zip, val2017.zip and annotations_trainval2017.zip (cocodataset.org) in data/coco/",
     "ilsvrc2014": "extract the ILSVRC DET images, annotations, image sets and devkit (image-net.org) in data/ILSVRC/",
     "coco128": "it is expected in ../shared/datasets/coco128 beside the repository",
+    "roadsigns": "it is expected in ../shared/datasets/roadsigns beside the repository",
 }
 
 

@@ -23,15 +23,25 @@ import io
 import json
 import os
 import re
+import secrets
+import socket
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["StageStore", "StoreError", "atomic_write", "write_json", "torch_save", "config_hash", "entry_name"]
+__all__ = [
+    "StageStore", "StoreError", "atomic_write", "write_json", "torch_save", "config_hash", "entry_name", "temporary_path",
+]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
-_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+# A temporary file: ".<name>.<host>.<pid>.<token>.tmp". Shards on several machines may share a run folder
+# (NFS) and containers repeat pids: the host and a random token keep two writers' files apart, and only this
+# host can tell whether one of its writers died.
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{8})\.tmp$")
+_OLD_TMP = re.compile(r"^\..+\.tmp$")  # any other temporary name (an older release's ".<name>.<pid>.tmp")
+STALE_TMP_SECONDS = 24 * 3600  # a temporary file untouched this long is stale whoever wrote it
 
 
 class StoreError(RuntimeError):
@@ -44,13 +54,39 @@ def config_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+def host_name() -> str:
+    """This machine's name as it appears in temporary file names (letters, digits and dashes)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+
+def temporary_path(path: str | os.PathLike) -> Path:
+    """A temporary name beside ``path`` that no other writer, on this host or another, will use."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{host_name()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def is_stale_temporary(path: Path, now: float | None = None) -> bool:
+    """Whether ``path`` is a temporary file left by a writer that is gone: one of this host whose process
+    is dead, or any (another host's, an older release's) untouched for ``STALE_TMP_SECONDS``."""
+    m = _TMP.match(path.name)
+    if m is None and not _OLD_TMP.match(path.name):
+        return False
+    if m is not None and m["host"] == host_name() and not pid_alive(int(m["pid"])):
+        return True
+    try:
+        age = (time.time() if now is None else now) - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > STALE_TMP_SECONDS
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Write ``path`` through ``write(file)`` into a temporary file, fsync it, then rename it.
 
     Readers see the old file or the whole new one, never a part; on error the old file stays.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -180,11 +216,11 @@ class StageStore:
         write_json(self.manifest_path, {**self.manifest, "complete": True})
 
     def _remove_stale_tmp(self) -> None:
-        """Temporary files left by a killed writer (whose process is gone) are removed."""
+        """Temporary files left by a killed writer are removed (:func:`is_stale_temporary`): another host's
+        only when old, since this host cannot see that host's processes."""
         for folder in (self.dir, self.entries_dir):
             for p in folder.iterdir():
-                m = _TMP.match(p.name)
-                if m and not pid_alive(int(m["pid"])):
+                if is_stale_temporary(p):
                     p.unlink(missing_ok=True)
 
     # -- entries ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from rcnn import boxes as B
 from rcnn.config import to_dict
 from rcnn.detector import FORMAT, VERSION
-from rcnn.store import StageStore, torch_save, write_json
+from rcnn.store import StageStore, temporary_path, torch_save, write_json
 
 from .box_regression import encode, fit_regressor
 from .train import HardNegativeMiner, SvmParams, mean_norm_scale
@@ -67,7 +67,7 @@ def _link(src, dst) -> None:
 
     if dst.exists() and os.path.samefile(src, dst):
         return  # already linked (os.replace of a link onto the same file would leave the link behind)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(dst)
     tmp.unlink(missing_ok=True)
     try:
         try:

@@ -90,6 +90,10 @@ def test_finetune_stage_then_features_use_the_tuned_weights(tmp_path):
     after = json.loads((tmp_path / "run" / "features" / "metrics.json").read_text())
     assert after["backbone_weights"] == "file" and after["key"] != before["key"]  # new weights, new cache
     assert after["images_computed_now"] == 4
+    # Off means off: with the tuned model in the run folder, finetune.enabled=false still measures the backbone.
+    assert main(["stage=features", "finetune.enabled=false", *args]) == 0
+    off = json.loads((tmp_path / "run" / "features" / "metrics.json").read_text())
+    assert off["backbone_weights"] == "none" and off["key"] == before["key"] and off["images_computed_now"] == 0
 
 
 def test_learning_rates_and_decay_follow_rcnns_fine_tuning_prototxt(tmp_path):
@@ -141,3 +145,26 @@ def test_roi_mode_flips_the_image_and_its_boxes(tmp_path):
     u.windows = mirrored
     u.images = lambda k: t.images(k).flip(-1)
     torch.testing.assert_close(flipped, u.logits(idx, np.zeros(len(idx), bool), None), rtol=1e-4, atol=1e-4)
+
+
+def test_fp16_fine_tuning_scales_its_loss_so_small_gradients_still_update(tmp_path, monkeypatch):
+    """Issue #27: a loss whose gradients underflow in float16 (here the real loss x 1e-7) still moves the
+    first layer's weights: the loss is scaled before the fp16 backward pass, as pretraining's."""
+    import features.finetune as finetune
+
+    make, cfg = tiny(tmp_path)
+    cfg.features.precision = "fp16"
+    cross_entropy = finetune.F.cross_entropy
+    monkeypatch.setattr(finetune.F, "cross_entropy", lambda *a, **k: cross_entropy(*a, **k) * 1e-7)
+    t = make()
+    assert t.amp is torch.float16
+    t.step()
+    grad = t.model.net.conv1.conv.weight.grad  # (weight decay alone would move the weights: look at the gradient)
+    nonzero = (grad != 0).float().mean().item()
+    assert nonzero > 0.5, f"only {nonzero:.0%} of conv1's gradient survived float16"
+    assert torch.isfinite(grad).all() and grad.abs().max() < 1e-3  # unscaled before the update
+    assert t.scaler.is_enabled()
+    t.save(tmp_path / "ck.pt")
+    again = make()
+    again.load(tmp_path / "ck.pt")
+    assert again.scaler.get_scale() == t.scaler.get_scale()  # the scale resumes with the run

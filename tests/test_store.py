@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rcnn.parallel import process_images
+from rcnn import store as store_module
 from rcnn.store import StageStore, StoreError, atomic_write, entry_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,15 +91,44 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
+def _dead_pid() -> int:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(dead.stdout)
+
+
 def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
     s = StageStore(tmp_path, "data", {})
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = s.entries_dir / f".x.npz.{int(dead.stdout)}.tmp"
-    live = s.entries_dir / f".y.npz.{os.getpid()}.tmp"
+    host = store_module.host_name()
+    stale = s.entries_dir / f".x.npz.{host}.{_dead_pid()}.0123abcd.tmp"
+    live = store_module.temporary_path(s.entries_dir / "y.npz")
     stale.write_bytes(b"partial")
     live.write_bytes(b"in progress")
     StageStore(tmp_path, "data", {})
     assert not stale.exists() and live.exists()
+
+
+def test_temporary_files_of_another_host_are_kept_until_old(tmp_path, monkeypatch):
+    """Two hosts share a run folder (shards over NFS): host B cannot see host A's processes, so it leaves A's
+    in-flight files alone, even where A's pid is dead on B or equal to one of B's; only an old file goes."""
+    monkeypatch.setattr(store_module.socket, "gethostname", lambda: "host-a")
+    s = StageStore(tmp_path, "data", {})
+    a_writing = store_module.temporary_path(s.entries_dir / "x.npz")  # host A, this (live) pid
+    a_other_pid = s.entries_dir / f".y.npz.host-a.{_dead_pid()}.00000001.tmp"
+    a_old = s.entries_dir / f".z.npz.host-a.{_dead_pid()}.00000002.tmp"
+    for p in (a_writing, a_other_pid, a_old):
+        p.write_bytes(b"partial")
+    long_ago = time.time() - store_module.STALE_TMP_SECONDS - 60
+    os.utime(a_old, (long_ago, long_ago))
+    assert "host-a" in a_writing.name and a_writing.name != store_module.temporary_path(s.entries_dir / "x.npz").name
+
+    monkeypatch.setattr(store_module.socket, "gethostname", lambda: "host-b")
+    StageStore(tmp_path, "data", {})  # host B opens the same store
+    assert a_writing.exists() and a_other_pid.exists()  # A's pids mean nothing on B
+    assert not a_old.exists()  # untouched for a day: stale whoever wrote it
+
+    monkeypatch.setattr(store_module.socket, "gethostname", lambda: "host-a")
+    StageStore(tmp_path, "data", {})  # host A itself sees its dead writer
+    assert not a_other_pid.exists() and a_writing.exists()
 
 
 def _square(i):

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from .. import boxes as B
-from ..store import write_json
+from ..store import temporary_path, write_json
 from .voc import load_voc
 
 __all__ = ["CLASSES", "GENERATOR_VERSION", "ensure_demo", "load_demo", "draw_image"]
@@ -195,12 +195,12 @@ def ensure_demo(cfg) -> Path:
     elif root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists and is not a demo dataset folder; set dataset.root elsewhere")
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(root)
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("generating the demo dataset in %s", root)
     _generate(tmp, params)
     if root.exists():
-        old = root.with_name(f".{root.name}.{os.getpid()}.old")
+        old = temporary_path(root).with_suffix(".old")
         os.replace(root, old)
         os.replace(tmp, root)
         shutil.rmtree(old, ignore_errors=True)
