@@ -59,16 +59,19 @@ class BackboneError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedWeights:
-    """What ``weights`` resolved to: ``kind`` in {imagenet, none, file}, the input normalisation the
-    weights expect, and their identity for cache keys."""
+    """What ``weights`` resolved to: ``kind`` in {imagenet, none, file}, where they are read from, what
+    they are (``stamp``) and the input normalisation they expect."""
 
     kind: str
-    path: str | None = None
-    stamp: str | None = None  # size and mtime of the file, so a replaced file changes cache keys
+    path: str | None = None  # where they are read from: not part of their identity (a copy is the same weights)
+    # What they are, the same on every machine: "sha256:<hex>" of a file's bytes, torchvision's published
+    # hash for its ImageNet file (known before it is downloaded), or how random weights are drawn
+    stamp: str | None = None
     normalization: str = NORMALIZATION_IMAGENET
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "stamp": self.stamp, "normalization": self.normalization}
+        """Their identity, for cache keys."""
+        return {"kind": self.kind, "stamp": self.stamp, "normalization": self.normalization}
 
 
 def imagenet_weights_path() -> Path:
@@ -78,8 +81,15 @@ def imagenet_weights_path() -> Path:
 
 
 def _stamp(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    """A weights file's identity: the hash of its bytes (remembered per file version: rcnn.filehash)."""
+    from rcnn.filehash import content_hash
+
+    return "sha256:" + content_hash(path)[:16]
+
+
+# torchvision's ImageNet file is named by the first hex digits of its sha256 (googlenet-1378be20.pth): its
+# identity, the same before and after the download and on every machine.
+IMAGENET_STAMP = "torchvision:" + os.path.basename(GoogLeNet_Weights.IMAGENET1K_V1.url)
 
 
 # How random weights are drawn (part of every cache key made from them). torchvision's own GoogLeNet
@@ -111,13 +121,16 @@ def random_init(model: nn.Module) -> nn.Module:
 def resolve_weights(weights: str) -> LoadedWeights:
     """Decide what ``weights`` means here, without building the network.
 
-    ``auto`` downloads the ImageNet weights when they are not cached yet; offline it falls back to random
-    initialisation and says so loudly (a warning now; ``backbone_weights: none`` in every report).
+    ``imagenet`` and ``auto`` download the ImageNet weights here when they are not cached yet, so that every
+    stage of a run sees the same file; offline, ``imagenet`` is an error and ``auto`` falls back to random
+    initialisation, said loudly (a warning now; ``backbone_weights: none`` in every report).
     """
     if weights == "none":
         return LoadedWeights("none", None, RANDOM_INIT)
     if weights in ("imagenet", "auto"):
         path = imagenet_weights_path()
+        if not path.exists() and weights == "imagenet":
+            _download_imagenet()  # offline: BackboneError, before any work
         if not path.exists() and weights == "auto":
             try:
                 _download_imagenet()
@@ -129,9 +142,7 @@ def resolve_weights(weights: str) -> LoadedWeights:
                     str(e.__cause__ or e).splitlines()[0][:200], GoogLeNet_Weights.IMAGENET1K_V1.url, path,
                 )
                 return LoadedWeights("none", None, RANDOM_INIT)
-        if path.exists():
-            return LoadedWeights("imagenet", str(path), _stamp(path), NORMALIZATION_INCEPTION)
-        return LoadedWeights("imagenet", str(path), None, NORMALIZATION_INCEPTION)  # downloaded (or refused) when loaded
+        return LoadedWeights("imagenet", str(path), IMAGENET_STAMP, NORMALIZATION_INCEPTION)
     path = Path(weights)
     if not path.is_file():
         raise BackboneError(f"{path}: backbone weights file not found (backbone.weights=imagenet|auto|none|PATH)")

@@ -234,21 +234,23 @@ class DetectionDataset:
         return img
 
     def fingerprint(self) -> str:
-        """Hash of everything that identifies the data: classes, splits, boxes, image files' stats."""
+        """Hash of everything that identifies the data: classes, splits, boxes and the images' contents
+        (not their paths or dates: a copy of the tree elsewhere has the same fingerprint; rcnn.filehash
+        remembers each image's hash on this machine, so only new or changed files are read)."""
+        from ..filehash import content_hashes
+
+        ids = [i for split in sorted(self.splits) for i in self.splits[split]]
+        present = [i for i in ids if self.records[i].path.is_file()]  # a missing image is the data stage's error
+        contents = dict(zip(present, content_hashes(self.records[i].path for i in present)))
         h = hashlib.sha256()
         h.update(repr((self.classes, self.category_ids, sorted(self.splits.items(), key=str))).encode())
-        for split in sorted(self.splits):
-            for image_id in self.splits[split]:
-                rec = self.records[image_id]
-                a = rec.annotation
-                try:
-                    st = rec.path.stat()
-                    stamp = (st.st_size, st.st_mtime_ns)
-                except OSError:
-                    stamp = None
-                h.update(repr((image_id, str(rec.path), stamp, a.width, a.height)).encode())
-                for arr in (a.boxes, a.labels, a.difficult, a.crowd):
-                    h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(repr(sorted(self.blacklist, key=str)).encode())
+        for image_id in ids:
+            rec = self.records[image_id]
+            a = rec.annotation
+            h.update(repr((image_id, contents.get(image_id), a.width, a.height)).encode())
+            for arr in (a.boxes, a.labels, a.difficult, a.crowd):
+                h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()[:16]
 
     def split_stats(self, split: str) -> dict:

@@ -18,15 +18,17 @@ from .base import DetectionDataset
 FORMAT_VERSION = 2  # 2: crowd flags
 
 
+# Where a dataset is, not what it is: left out of the key, which the fingerprint of the contents makes (a copy
+# of the tree in another folder or on another machine shares the cache)
+LOCATION_KEYS = ("name", "root", "train_json", "train_images", "test_json", "test_images")
+
+
 def data_store(ctx) -> StageStore:
-    """The data stage's store: keyed by the dataset config and a fingerprint of its contents."""
+    """The data stage's store: keyed by the dataset settings (less its location) and a fingerprint of its
+    contents (``DetectionDataset.fingerprint``)."""
     ds = ctx.dataset
-    return StageStore(
-        ctx.run_dir,
-        "data",
-        {"dataset": to_dict(ctx.cfg.dataset), "fingerprint": ds.fingerprint()},
-        version=FORMAT_VERSION,
-    )
+    settings = {k: v for k, v in to_dict(ctx.cfg.dataset).items() if k not in LOCATION_KEYS}
+    return StageStore(ctx.run_dir, "data", {"dataset": settings, "fingerprint": ds.fingerprint()}, version=FORMAT_VERSION)
 
 
 def check_image(ds: DetectionDataset, image_id) -> dict[str, np.ndarray]:
