@@ -241,7 +241,8 @@ def pr_breakdown(dets: Detections, ds: DetectionDataset, split: str, groups: lis
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes([dict(r) for r in results])
         ev = _IgnoreAwareEval(gt, dt, iouThrs=np.array([0.75, 0.5, 0.1]), catIds=cats)
-        ps[:3] = _precision(ev)
+        # COCOeval sorts catIds: its class axis is in category-id order, the dataset's may not be
+        ps[:3] = _precision(ev)[:, :, np.searchsorted(np.unique(cats), cats)]
         for k, cat in enumerate(cats):
             own = [dict(r) for r in results if r["category_id"] == cat]
             if not own or cat not in has_gt:

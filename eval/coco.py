@@ -2,7 +2,8 @@
 port where it is installed, else pycocotools' (the reference; ``eval.coco_backend`` chooses).
 
 Ground truth comes from the dataset's split: category ids are the dataset's (COCO's own for COCO),
-``difficult``/crowd boxes become ``iscrowd=1`` (ignored by COCOeval), areas are box areas, annotation
+``difficult``/crowd boxes become ``iscrowd=1`` (ignored by COCOeval), areas are the annotations' own
+(COCO's segmentation areas, which decide small/medium/large) or else box areas, annotation
 ids start at 1 (0 means "unmatched" inside COCOeval). Integer image ids are kept; other ids are
 numbered 1..N in split order.
 """
@@ -41,10 +42,12 @@ def coco_gt(ds: DetectionDataset, split: str) -> dict:
     for image_id, cid in zip(ids, coco_ids):
         a = ds.annotation(image_id)
         images.append({"id": cid, "width": a.width, "height": a.height})
-        for box, label, crowd in zip(B.xyxy_to_xywh(a.boxes), a.labels, a.difficult):
+        xywh = B.xyxy_to_xywh(a.boxes)
+        areas = a.area if a.area is not None else xywh[:, 2] * xywh[:, 3]
+        for box, label, crowd, area in zip(xywh, a.labels, a.difficult, areas):
             anns.append({
                 "id": len(anns) + 1, "image_id": cid, "category_id": int(ds.category_ids[label]),
-                "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": int(crowd),
+                "bbox": [float(v) for v in box], "area": float(area), "iscrowd": int(crowd),
             })  # fmt: skip
     cats = [{"id": int(c), "name": n} for c, n in zip(ds.category_ids, ds.classes)]
     # "info" and "licenses" are empty but present: pycocotools 2.0.10's loadRes copies dataset["info"]

@@ -92,6 +92,16 @@ def test_pr_breakdown_areas_against_a_plain_computation():
     assert r["precision"][4, [50, 100], 0] == pytest.approx([1.0, 2 / 3])
 
 
+def test_pr_breakdown_rows_follow_the_dataset_classes_whatever_their_category_ids():
+    """Issue #27: classes not in category-id order (dataset.classes=[...] on COCO) keep their own rows."""
+    ds, d = scene()
+    plain = pr_breakdown(d, ds, "test", class_groups(ds))["areas"]
+    ds.category_ids = (30, 10, 20)  # cat, dog, car: COCOeval sorts them to dog, car, cat
+    shuffled = pr_breakdown(d, ds, "test", class_groups(ds))["areas"]
+    assert shuffled == plain
+    assert shuffled["cat"]["c50"] > 0 and shuffled["dog"]["c50"] == 0
+
+
 def test_pr_breakdown_c50_is_pycocotools_ap50():
     """Level c50 is COCOeval's AP at IoU 0.5, class by class, on random detections."""
     from eval.coco import coco_eval

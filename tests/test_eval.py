@@ -266,8 +266,10 @@ def test_voc_matches_a_plain_loop(seed):
                 assert r["ap"][c] == pytest.approx(loop_voc_ap(gt, rows, c, use_07), abs=1e-12)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_coco_identical_to_pycocotools(tmp_path, seed):
+@pytest.mark.parametrize("seed,own_area", [(0, False), (1, False), (2, True), (3, True)])
+def test_coco_identical_to_pycocotools(tmp_path, seed, own_area):
+    """All twelve figures equal pycocotools' on the same JSON; with ``own_area`` each annotation's ``area``
+    (COCO's segmentation area) is not its box's, and decides its size bucket as in COCO's own evaluation."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -275,11 +277,13 @@ def test_coco_identical_to_pycocotools(tmp_path, seed):
     cats = [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 9, "name": "c"}]
     images = [{"id": 100 + i, "file_name": f"{i}.jpg", "width": 100, "height": 80} for i in range(len(gt))]
     anns = []
+    factors = np.random.default_rng(seed).choice([0.2, 0.5, 3.0], size=sum(map(len, gt)))
     for i, objs in enumerate(gt):
         for o in objs:
             w, h = o[2] - o[0], o[3] - o[1]
+            area = w * h * float(factors[len(anns)]) if own_area else w * h
             anns.append({"id": len(anns) + 1, "image_id": 100 + i, "category_id": cats[o[4]]["id"],
-                         "bbox": [o[0], o[1], w, h], "area": w * h, "iscrowd": o[5]})  # fmt: skip
+                         "bbox": [o[0], o[1], w, h], "area": area, "iscrowd": o[5]})  # fmt: skip
     gt_path = tmp_path / "gt.json"
     gt_path.write_text(json.dumps({"info": {}, "images": images, "annotations": anns, "categories": cats}))
     from PIL import Image

@@ -34,6 +34,8 @@ class Annotation:
     crowd: bool [N] (COCO "iscrowd"; all False when not given): a region of many objects, also
     ``difficult``. Training leaves it out (neither an object nor background; see
     :func:`proposals.stage.gt_for_training`).
+    area: float64 [N] or None: COCO's own ``area`` of each object (its segmentation's), which sorts it into
+    COCO's small/medium/large; None where the format has none (the box's area is taken).
     """
 
     boxes: np.ndarray
@@ -42,6 +44,7 @@ class Annotation:
     width: int
     height: int
     crowd: np.ndarray | None = None
+    area: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.crowd is None:

@@ -85,7 +85,9 @@ def _split(
         if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
             raise DatasetError(f"{path}: annotation {aid} (image {image_id}) has bbox {bbox!r}, not [x, y, w, h]")
         if cat in label_of:  # categories left out of dataset.classes are skipped
-            per_image[image_id].append((aid, bbox, label_of[cat], bool(ann.get("iscrowd", 0))))
+            area = ann.get("area")
+            area = float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else None
+            per_image[image_id].append((aid, bbox, label_of[cat], bool(ann.get("iscrowd", 0)), area))
 
     records = []
     for image_id in order:
@@ -99,6 +101,8 @@ def _split(
         boxes = B.xywh_to_xyxy(xywh)
         keep = check_boxes(boxes, width, height, where, report, [f"annotation {a[0]}" for a in anns])
         crowd = np.array([a[3] for a in anns], dtype=bool)[keep]
+        # COCO's own area (the segmentation's), as its evaluation buckets objects by size; else w * h as given
+        area = np.array([a[4] if a[4] is not None else xywh[k, 2] * xywh[k, 3] for k, a in enumerate(anns)], np.float64)
         ann = Annotation(
             boxes=boxes[keep],
             labels=np.array([a[2] for a in anns], dtype=np.int64)[keep],
@@ -106,6 +110,7 @@ def _split(
             width=width,
             height=height,
             crowd=crowd,
+            area=area.reshape(-1)[keep],
         )
         img = images_dir / file_name
         if not img.exists():
