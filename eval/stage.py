@@ -77,6 +77,15 @@ def run_eval(ctx) -> dict:
         params["analysis"] = {"version": ANALYSIS_VERSION, "groups": [list(g) for g in cfg.eval.groups],
                               "top_multiple": cfg.eval.top_multiple, "gallery_size": cfg.eval.gallery_size}  # fmt: skip
     store = StageStore(ctx.run_dir, "eval", params, inputs={"data": data_store(ctx).key}, version=FORMAT_VERSION)
+    outputs = ["report.md", "pr_curves.png"] + (["report.html"] if cfg.eval.analyze else [])
+    if store.complete and all((store.dir / name).exists() for name in ["metrics.json", *outputs]):
+        # Evaluated before (under torchrun: by rank 0, while this rank waited): read, not recomputed
+        metrics = json.loads((store.dir / "metrics.json").read_text())
+        _publish(store, outputs, cfg.eval.analyze)
+        store.finish(metrics)
+        log.info("evaluation of %s cached in %s", path, store.dir)
+        print((store.dir / "report.md").read_text().split("\n\n| class")[0])
+        return metrics
     r = evaluate(dets, ds, split, cfg.eval.iou_threshold, cfg.eval.coco_backend.value)
     coco = r["coco"]["stats"]
     metrics = {
@@ -107,24 +116,28 @@ def run_eval(ctx) -> dict:
     }
     plot_pr(r["voc"]["curves"], r["voc"]["ap"], list(ds.classes), store.dir / "pr_curves.png",
             f"{ds.name} {split}: VOC precision/recall")  # fmt: skip
-    outputs = ["report.md", "pr_curves.png"]
     if cfg.eval.analyze:
         t = time.perf_counter()
         metrics["analysis"] = analyze_and_report(ctx, dets, metrics, store.dir)
         metrics["seconds"]["analysis"] = round(time.perf_counter() - t, 3)
-        outputs.append("report.html")
     report = markdown(metrics, list(ds.classes))
     atomic_write(store.dir / "report.md", lambda f: f.write(report.encode()))
-    for name in outputs:
-        shutil.copyfile(store.dir / name, store.stage_dir / name)
-    if not cfg.eval.analyze:  # the stage folder's files are the latest evaluation's: no older analysis beside them
-        (store.stage_dir / "report.html").unlink(missing_ok=True)
+    _publish(store, outputs, cfg.eval.analyze)
     store.finish(metrics)
     print(report.split("\n\n| class")[0])
     if cfg.eval.analyze:
         print("\n".join(findings(metrics["analysis"])))
         print(f"report: {store.stage_dir / 'report.html'} (open it in a browser), {store.stage_dir / 'report.md'}")
     return metrics
+
+
+def _publish(store: StageStore, outputs: list[str], analyze: bool) -> None:
+    """The evaluation's files in the stage folder (``<out>/eval/``), the latest evaluation's alone: no older
+    analysis beside a plain one."""
+    for name in outputs:
+        shutil.copyfile(store.dir / name, store.stage_dir / name)
+    if not analyze:
+        (store.stage_dir / "report.html").unlink(missing_ok=True)
 
 
 def run_analyze(ctx) -> dict:

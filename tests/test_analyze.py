@@ -227,6 +227,29 @@ def test_stage_analyze_writes_metrics_markdown_and_a_page(tmp_path, capsys):
     assert "analysis" not in json.loads((out / "metrics.json").read_text()) and not (out / "report.html").exists()
 
 
+def test_an_evaluation_done_before_is_read_not_recomputed(tmp_path, monkeypatch):
+    """Issue #27: under torchrun the ranks that waited for rank 0's evaluation read it from its cache (so
+    does a second run here): the analysis and report.html are not computed and written again."""
+    import eval.stage
+
+    ds, d, args = voc_scene(tmp_path)
+    run = ["stage=analyze", *args, f"detections={tmp_path / 'dets.json'}"]
+    assert main(run) == 0
+    m = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    page = tmp_path / "run" / "eval" / m["key"] / "report.html"
+    written = page.stat().st_mtime_ns
+
+    def again(*a, **k):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(eval.stage, "evaluate", again)
+    monkeypatch.setattr(eval.stage, "analyze_and_report", again)
+    assert main(run) == 0
+    cached = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert {**cached, "peak_rss_mb": None} == {**m, "peak_rss_mb": None}  # (each run's own peak memory)
+    assert page.stat().st_mtime_ns == written and (tmp_path / "run" / "eval" / "report.html").exists()
+
+
 def chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
