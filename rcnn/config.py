@@ -411,7 +411,9 @@ class SvmConfig:
     regression: bool = True  # train a ridge box regressor per class
     regression_iou: float = 0.6  # its training pairs: proposals above this IoU with their best box
     regression_lambda: float = 1000.0  # its ridge penalty
-    checkpoint_seconds: float = 60.0  # save the mining state this often (a killed run resumes from it)
+    # save the mining state this often (a killed run resumes from it), or less often where a save is slow: a
+    # save that took s seconds waits 10 s more, so that checkpoints cost at most ~10% of the mining time
+    checkpoint_seconds: float = 60.0
 
 
 class Scores(Enum):

@@ -106,12 +106,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` with ``torch.save`` (checkpoints, models)."""
+    """Atomically write ``obj`` with ``torch.save`` (checkpoints, models), streamed into the temporary file:
+    no copy of it is held in memory (an SVM checkpoint of every class's negatives would double it)."""
     import torch
 
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _json_default(x):

@@ -351,6 +351,7 @@ def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint, d
     cfg, ds, sc = ctx.cfg, ctx.dataset, ctx.cfg.svm
     pairs_x, pairs_t, scale = state["pairs_x"], state["pairs_t"], state["scale"]
     saved = last = time.perf_counter()
+    save_cost = 0.0  # the last checkpoint's seconds: the next waits 10x that at least (at most ~10% of the time)
     bar = tqdm(total=len(ids), initial=state["next"], desc=desc, unit="img", disable=not cfg.progress)
     for k in range(state["next"], len(ids)):
         i = ids[k]
@@ -367,8 +368,9 @@ def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint, d
         now = time.perf_counter()
         state["seconds"], last = state.get("seconds", 0.0) + now - last, now  # mining time, across resumes
         bar.update()
-        if checkpoint is not None and time.perf_counter() - saved >= sc.checkpoint_seconds and k + 1 < len(ids):
+        if checkpoint is not None and now - saved >= max(sc.checkpoint_seconds, 10 * save_cost) and k + 1 < len(ids):
             torch_save(checkpoint, state)  # a killed run resumes after this image
             saved = time.perf_counter()
+            save_cost = saved - now
     bar.close()
     miner.finish()

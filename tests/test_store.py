@@ -236,3 +236,20 @@ def test_workers_start_cleanly_after_opencv_ran_its_threads(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0 and r.stdout.strip() == "4", r.stderr
+
+
+def test_torch_save_streams_to_the_file_without_a_copy_in_memory(tmp_path):
+    """Issue #27: an SVM checkpoint of every class's negatives was pickled into memory first (memory doubled)."""
+    import tracemalloc
+
+    import torch
+
+    from rcnn.store import torch_save
+
+    big = {"negatives": torch.zeros(25_000_000)}  # 100 MB
+    tracemalloc.start()
+    torch_save(tmp_path / "ck.pt", big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20e6, f"{peak / 1e6:.0f} MB held while saving 100 MB"
+    assert torch.equal(torch.load(tmp_path / "ck.pt", weights_only=True)["negatives"], big["negatives"])
