@@ -4,7 +4,7 @@ Store ``features/<key>``: one ``<image id>.npy`` per image, float16 ``[N, 1024]`
 of proposal ``i`` of that image's ``proposals`` entry; read it memory-mapped with
 ``StageStore.get_array``. Images of the train split also get the features of their
 ground-truth boxes (difficult ones included, as R-CNN), the SVMs' positives, under the entry id :func:`gt_entry` ``(image id)``, rows in
-the order of :func:`proposals.stage.gt_for_training`. The key covers the feature settings, the backbone weights actually loaded
+the order of :func:`rcnn.datasets.gt_for_training`. The key covers the feature settings, the backbone weights actually loaded
 and the proposals' key, so a new proposal setting or other weights never reuse these features.
 """
 
@@ -106,7 +106,7 @@ def resolved_feature_settings(fc, device: torch.device) -> dict:
 
 def image_boxes(ds, proposals: StageStore, image_id, with_gt: bool) -> tuple[np.ndarray, int]:
     """The boxes to compute features for: ``(ground truth + proposals [G + N, 4], G)``, G = 0 without."""
-    from proposals.stage import gt_for_training
+    from rcnn.datasets import gt_for_training
 
     boxes = proposals.get(image_id)["boxes"]
     if not with_gt:
@@ -217,7 +217,7 @@ def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, pro
 
 
 def run_features(ctx) -> dict:
-    from proposals.stage import split_names
+    from rcnn.datasets import split_names
 
     from rcnn.stages import run_stage
 
@@ -288,7 +288,7 @@ def run_features(ctx) -> dict:
 def training_windows(ds, ids: list, proposals, fg_iou: float):
     """The fine-tuning windows of the images ``ids``: their training ground truth and proposals, labelled;
     proposals inside a crowd region left out (neither objects nor background)."""
-    from proposals.stage import gt_for_training, in_crowd
+    from rcnn.datasets import gt_for_training, in_crowd
 
     from .finetune import label_windows
 

@@ -18,7 +18,7 @@ import platform
 import sys
 import time
 
-from proposals.stage import split_names
+from rcnn.datasets import split_names
 from rcnn.config import load_config
 from rcnn.stages import RunContext, run_stage
 

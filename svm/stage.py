@@ -51,7 +51,7 @@ def training_rows(ds, features, proposals, image_id):
     negative, a proposal on a difficult object is never its class's negative, and a ground-truth box is
     a regression example (zero targets). Proposals inside a crowd region are left out (N counts the rest)."""
     from features.stage import gt_entry
-    from proposals.stage import gt_for_training, in_crowd
+    from rcnn.datasets import gt_for_training, in_crowd
 
     gt, labels = gt_for_training(ds, image_id)
     props = B.as_boxes(proposals.get(image_id)["boxes"])
@@ -128,7 +128,7 @@ def _load_checkpoint(path, scale: float) -> dict | None:
 def _positives(ds, features, ids: list, scale: float) -> list[np.ndarray]:
     """Per class, the scaled features of its ground-truth boxes in ``ids`` ``[P_c, D]``."""
     from features.stage import gt_entry
-    from proposals.stage import gt_for_training
+    from rcnn.datasets import gt_for_training
 
     positives: list[list[np.ndarray]] = [[] for _ in range(ds.num_classes)]
     for i in ids:

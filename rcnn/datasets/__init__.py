@@ -8,9 +8,13 @@ from ..config import DATASET_HINTS, CocoConfig, DemoConfig, IlsvrcConfig, VocCon
 from .base import Annotation, DatasetError, DetectionDataset, ImageRecord, read_image
 from .coco import load_coco
 from .demo import load_demo
+from .roles import CROWD_IOA, gt_for_recall, gt_for_training, in_crowd, split_names
 from .voc import load_ilsvrc, load_voc
 
-__all__ = ["build_dataset", "DetectionDataset", "Annotation", "ImageRecord", "DatasetError", "read_image"]
+__all__ = [
+    "build_dataset", "DetectionDataset", "Annotation", "ImageRecord", "DatasetError", "read_image",
+    "split_names", "gt_for_recall", "gt_for_training", "in_crowd", "CROWD_IOA",
+]  # fmt: skip
 
 _LOADERS = {VocConfig: load_voc, CocoConfig: load_coco, IlsvrcConfig: load_ilsvrc, DemoConfig: load_demo}
 

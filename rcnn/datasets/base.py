@@ -33,7 +33,7 @@ class Annotation:
     difficult: bool [N] (VOC "difficult", COCO "iscrowd": neither counted nor penalised in evaluation).
     crowd: bool [N] (COCO "iscrowd"; all False when not given): a region of many objects, also
     ``difficult``. Training leaves it out (neither an object nor background; see
-    :func:`proposals.stage.gt_for_training`).
+    :func:`rcnn.datasets.gt_for_training`).
     area: float64 [N] or None: COCO's own ``area`` of each object (its segmentation's), which sorts it into
     COCO's small/medium/large; None where the format has none (the box's area is taken).
     """
