@@ -33,9 +33,9 @@ from .extract import RegionFeatures, features_roi, features_warp
 log = logging.getLogger("features")
 
 FORMAT_VERSION = 4  # 2: ground-truth features of the train split; 3: difficult ground truth included; 4: crowd not
-FINETUNE_VERSION = 4  # 2: BatchNorm statistics frozen (calibrated on the data first when random); 3: R-CNN's
+FINETUNE_VERSION = 5  # 2: BatchNorm statistics frozen (calibrated on the data first when random); 3: R-CNN's
 # learning rates (classifier 10x, biases 2x without decay), dropout, whole-image flips in roi mode, difficult boxes;
-# 4: crowd regions and the windows inside them left out
+# 4: crowd regions and the windows inside them left out; 5: every train image (no image held out to choose C)
 
 
 def gt_entry(image_id) -> tuple:
@@ -57,21 +57,15 @@ def finetune_store(ctx, proposals: StageStore) -> StageStore:
     geometry.pop("channels_last")
     return StageStore(
         ctx.run_dir, "finetune",
-        {"finetune": tune, "features": geometry, "backbone": resolve_weights(cfg.backbone.weights).describe(), "seed": cfg.seed,
-         "svm_holdout": cfg.svm.holdout if cfg.svm.C is None else None},  # finetune_images
+        {"finetune": tune, "features": geometry, "backbone": resolve_weights(cfg.backbone.weights).describe(), "seed": cfg.seed},
         inputs={"proposals": proposals.key}, version=FINETUNE_VERSION,
     )  # fmt: skip
 
 
 def finetune_images(cfg, ds) -> list:
-    """The train images fine-tuning learns from: all of them, less the SVMs' held-out images when C is
-    chosen on those (``svm.C=null``): a network tuned on them would make them look easier than new ones."""
-    ids = ds.image_ids(ds.train_split)
-    if cfg.svm.C is None:
-        from svm.stage import holdout_split
-
-        ids = holdout_split(ids, cfg.svm.holdout)[0]
-    return ids
+    """The train images fine-tuning learns from: all of them (C is chosen by cross-validation over cached
+    features, which holds no image out of training: ``svm.folds``)."""
+    return ds.image_ids(ds.train_split)
 
 
 def backbone_weights(ctx, proposals: StageStore) -> LoadedWeights:

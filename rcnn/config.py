@@ -392,10 +392,10 @@ class SvmConfig:
     """R-CNN's linear SVMs with hard-negative mining, and its box regressors (reference.md)."""
 
     # LinearSVC's C (L2-regularised hinge loss). R-CNN's 0.001 was tuned for ImageNet fc7 features;
-    # null = choose it from C_grid by the VOC07 mAP of a held-out part of the train split
+    # null = choose it from C_grid by cross-validation over the train split (VOC07 mAP, mean over the folds)
     C: Optional[float] = None
     C_grid: List[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01, 0.1])  # candidates when C is null
-    holdout: float = 0.2  # share of the train images held out to choose C (every 5th image)
+    folds: int = 3  # C=null: folds of the train images (interleaved); each C is trained on all but one, scored on it
     bias_multiplier: float = 10.0  # LinearSVC's intercept_scaling
     pos_weight: float = 2.0  # class weight of the positives (negatives: 1)
     neg_iou: float = 0.3  # a proposal is a negative of a class below this IoU with all its boxes
@@ -711,7 +711,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
     checks = [
         ("svm.C", cfg.svm.C is None or cfg.svm.C > 0, "> 0 or null (chosen on held-out train images)"),
         ("svm.C_grid", cfg.svm.C is not None or (bool(cfg.svm.C_grid) and min(cfg.svm.C_grid) > 0), "a list of values > 0"),
-        ("svm.holdout", 0 < cfg.svm.holdout <= 0.5, "in (0, 0.5]"),
+        ("svm.folds", cfg.svm.folds >= 2, ">= 2"),
         ("svm.neg_iou", 0 < cfg.svm.neg_iou <= 1, "in (0, 1]"),
         ("svm.regression_iou", 0 < cfg.svm.regression_iou <= 1, "in (0, 1]"),
         ("svm.target_norm", cfg.svm.target_norm > 0, "> 0"),

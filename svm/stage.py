@@ -28,9 +28,9 @@ from .train import HardNegativeMiner, SvmParams, mean_norm_scale
 
 log = logging.getLogger("svm")
 
-FORMAT_VERSION = 4  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax);
+FORMAT_VERSION = 5  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax);
 # 3: ground-truth rows mined as negatives of other classes and used as regression examples, difficult boxes kept;
-# 4: crowd regions and the proposals inside them left out
+# 4: crowd regions and the proposals inside them left out; 5: C chosen by cross-validation (svm.folds)
 MIN_REGRESSION_PAIRS = 8  # a class with fewer training pairs keeps its boxes as proposed
 
 
@@ -139,65 +139,86 @@ def _positives(ds, features, ids: list, scale: float) -> list[np.ndarray]:
     return [np.concatenate(p) if p else np.zeros((0, 1024), np.float32) for p in positives]
 
 
-def holdout_split(ids: list, fraction: float) -> tuple[list, list]:
-    """``(fit, held)``: every ``round(1 / fraction)``-th image held out, the rest to fit on."""
-    step = max(2, round(1 / fraction))
-    held = set(ids[::step])
-    return [i for i in ids if i not in held], ids[::step]
+def folds_of(ids: list, folds: int) -> list[list]:
+    """The train images cut into ``folds`` interleaved folds: image ``k`` in fold ``k % folds``."""
+    return [ids[f::folds] for f in range(folds)]
 
 
-def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStore) -> tuple[float, list[dict]]:
-    """R-CNN's C was tuned for ImageNet fc7 features; here it is chosen on the training data. Each C of
-    ``svm.C_grid`` trains SVMs (hard-negative mining, as the final ones) on the train images outside a
-    held-out part, and the held-out images' detections (no box regression) are scored by VOC07 mAP; the
-    best C wins (ties: the smaller). Each C's result is saved as it completes, so a killed run resumes."""
+def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStore) -> tuple[float, dict]:
+    """R-CNN's C was tuned for ImageNet fc7 features; here it is chosen on the training data by K-fold
+    cross-validation (``svm.folds``): for each C of ``svm.C_grid`` and each fold, SVMs (hard-negative mining,
+    as the final ones) trained on the other folds' cached features score the fold's images by VOC07 mAP (no
+    box regression). The C with the best mean wins (ties: the smaller), among the Cs that leave no class
+    degenerate when there are such. Every image still trains the final detector (and the network, when it is
+    fine-tuned: the folds then score images it has seen, an optimism shared by every C). Each (C, fold)
+    result is saved as it completes, so a killed run resumes. Returns ``(C, the selection's record)``."""
     from eval.detections import Detections
     from eval.voc import voc_eval
+    from rcnn.datasets import DatasetError, gt_for_recall
     from rcnn.detector import postprocess
 
     cfg, ds, sc = ctx.cfg, ctx.dataset, ctx.cfg.svm
     path = store.dir / "c_selection.json"
     done: list[dict] = json.loads(path.read_text()) if path.exists() else []
-    fit, held = holdout_split(ids, sc.holdout)
-    pos = _positives(ds, features, fit, scale)
-    gts = [(a.boxes, a.labels, a.difficult) for a in (ds.annotation(i) for i in held)]
+    parts_of = folds_of(ids, min(sc.folds, len(ids)))
+    positives: dict[int, list[np.ndarray]] = {}  # per fold, its training part's positives (read once)
     for C in sc.C_grid:
-        if any(np.isclose(r["C"], C) for r in done):
-            continue
-        t = time.perf_counter()
-        miner = HardNegativeMiner(pos, replace(SvmParams.from_config(sc, cfg.seed), C=float(C)), ctx.workers)
-        state = {"next": 0, "scale": scale, "miner": miner, "pairs_x": None, "pairs_t": None}
-        try:
-            _mine(ctx, miner, state, fit, features, proposals, checkpoint=None, desc=f"svm C={C:g} (held-out choice)")
-        finally:
-            miner.close()
-        W, b, _ = miner.model()
-        parts = []
-        for k, i in enumerate(held):
-            a = ds.annotation(i)
-            raw = np.asarray(features.get_array(i), np.float32)
-            boxes, scores, labels = postprocess(proposals.get(i)["boxes"], raw @ (W * scale).T + b, None, a.width, a.height,
-                                                cfg.detect.nms_iou, cfg.detect.max_per_image,
-                                                max_per_class=cfg.detect.max_per_class)  # fmt: skip
-            parts.append((np.full(len(scores), k), labels, scores, boxes))
-        dets = Detections(*(np.concatenate([p[j] for p in parts]) for j in range(4)))
-        m = voc_eval(dets, gts, ds.num_classes, use_07_metric=True)["map"]
-        degenerate = degenerate_classes(W, b, pos)
-        done.append({"C": float(C), "heldout_voc07_map": None if np.isnan(m) else round(float(m), 4),
-                     "degenerate_classes": len(degenerate), "seconds": round(time.perf_counter() - t, 1)})  # fmt: skip
-        log.info("C=%g: held-out VOC07 mAP %.4f (%d of %d images held out), %d degenerate classes",
-                 C, m, len(held), len(ids), len(degenerate))  # fmt: skip
-        write_json(path, done)
-    scored = [r for r in done if r["heldout_voc07_map"] is not None]
-    if not scored:
-        from rcnn.datasets import DatasetError
-
-        raise DatasetError(f"svm.C=null: no C could be scored on the {len(held)} held-out train images (none has a "
-                           "ground-truth box); raise svm.holdout or set svm.C (R-CNN: 0.001)")  # fmt: skip
-    best = max(scored, key=lambda r: (r["heldout_voc07_map"], -r["C"]))
-    print("SVM C on held-out train images: " + ", ".join(f"C={r['C']:g} {r['heldout_voc07_map']:.3f}" for r in scored)
-          + f" -> C={best['C']:g}")  # fmt: skip
-    return best["C"], done
+        for f, held in enumerate(parts_of):
+            if any(np.isclose(r["C"], C) and r["fold"] == f for r in done):
+                continue
+            t = time.perf_counter()
+            fit = [i for g, part in enumerate(parts_of) if g != f for i in part]
+            pos = positives[f] = positives.get(f) or _positives(ds, features, fit, scale)
+            miner = HardNegativeMiner(pos, replace(SvmParams.from_config(sc, cfg.seed), C=float(C)), ctx.workers)
+            state = {"next": 0, "scale": scale, "miner": miner, "pairs_x": None, "pairs_t": None}
+            try:
+                _mine(ctx, miner, state, fit, features, proposals, checkpoint=None, desc=f"svm C={C:g} fold {f + 1}/{len(parts_of)}")
+            finally:
+                miner.close()
+            W, b, _ = miner.model()
+            parts, gts = [], []
+            for k, i in enumerate(held):
+                a = ds.annotation(i)
+                raw = np.asarray(features.get_array(i), np.float32)
+                boxes, scores, labels = postprocess(proposals.get(i)["boxes"], raw @ (W * scale).T + b, None, a.width,
+                                                    a.height, cfg.detect.nms_iou, cfg.detect.max_per_image,
+                                                    max_per_class=cfg.detect.max_per_class)  # fmt: skip
+                parts.append((np.full(len(scores), k), labels, scores, boxes))
+                gts.append((a.boxes, a.labels, a.difficult))
+            dets = Detections(*(np.concatenate([p[j] for p in parts]) for j in range(4)))
+            m = voc_eval(dets, gts, ds.num_classes, use_07_metric=True)["map"]
+            objects = sum(len(gt_for_recall(ds, i)[0]) for i in held)
+            done.append({"C": float(C), "fold": f, "images": len(held), "objects": objects,
+                         "voc07_map": None if np.isnan(m) else round(float(m), 4),
+                         "degenerate_classes": [ds.classes[c] for c in degenerate_classes(W, b, pos)],
+                         "seconds": round(time.perf_counter() - t, 1)})  # fmt: skip
+            log.info("C=%g, fold %d of %d: VOC07 mAP %.4f on its %d images", C, f + 1, len(parts_of), m, len(held))
+            write_json(path, done)
+    rows = []
+    for C in sc.C_grid:
+        scores = [r["voc07_map"] for r in done if np.isclose(r["C"], C) and r["voc07_map"] is not None]
+        if scores:
+            rows.append({"C": float(C), "mean_voc07_map": round(float(np.mean(scores)), 4),
+                         "std_voc07_map": round(float(np.std(scores)), 4), "folds_scored": len(scores),
+                         "degenerate_classes": sorted({c for r in done if np.isclose(r["C"], C) for c in r["degenerate_classes"]})})  # fmt: skip
+    if not rows:
+        raise DatasetError(f"svm.C=null: no fold of the {len(ids)} train images has a ground-truth box to score C on; "
+                           "set svm.C (R-CNN: 0.001)")  # fmt: skip
+    sound = [r for r in rows if not r["degenerate_classes"]] or rows
+    best = max(sound, key=lambda r: (r["mean_voc07_map"], -r["C"]))
+    others = [r["mean_voc07_map"] for r in rows if r is not best]
+    record = {
+        "rule": f"{len(parts_of)}-fold cross-validation, VOC07 mAP (mean over the folds), Cs with degenerate classes "
+                "set aside when others have none",
+        "folds": len(parts_of), "per_C": rows, "per_fold": done, "chosen": best["C"],
+        # how sure: the winner's lead over the next C, against the spread of its own folds
+        "lead_over_next": round(best["mean_voc07_map"] - max(others), 4) if others else None,
+        "std_of_chosen": best["std_voc07_map"],
+    }  # fmt: skip
+    print("SVM C by cross-validation: " + ", ".join(
+        f"C={r['C']:g} {r['mean_voc07_map']:.3f}±{r['std_voc07_map']:.3f}" + (" (degenerate)" if r["degenerate_classes"] else "")
+        for r in rows) + f" -> C={best['C']:g}")  # fmt: skip
+    return best["C"], record
 
 
 def degenerate_classes(W: np.ndarray, b: np.ndarray, pos: list[np.ndarray]) -> list[int]:

@@ -276,13 +276,14 @@ def test_a_killed_svm_stage_resumes_to_the_same_detector(trained, tmp_path, monk
     shutil.rmtree(copy / "svm")
     calls = {"n": 0}
     original = HardNegativeMiner.add_image
-    # C is chosen first (each C of the grid mines the train images outside the held-out ones), then the
-    # final SVMs mine every train image: die at the final mining's third image.
+    # C is chosen first (each C of the grid, each fold: the train images of the other folds are mined), then
+    # the final SVMs mine every train image: die at the final mining's third image.
     from rcnn.config import load_config
-    from svm.stage import holdout_split
+    from svm.stage import folds_of
 
     cfg = load_config(args)
-    choosing = len(cfg.svm.C_grid) * len(holdout_split(list(range(cfg.dataset.train_images)), cfg.svm.holdout)[0])
+    n = cfg.dataset.train_images
+    choosing = len(cfg.svm.C_grid) * sum(n - len(f) for f in folds_of(list(range(n)), cfg.svm.folds))
 
     def dies_at_the_third_image(self, *a, **k):
         calls["n"] += 1

@@ -168,15 +168,16 @@ def test_degenerate_fits_are_detected():
     assert degenerate_classes(W, b, pos) == [0]
 
 
-def test_holdout_split_is_every_kth_image():
-    from svm.stage import holdout_split
+def test_folds_are_interleaved_and_cover_every_image_once():
+    from svm.stage import folds_of
 
-    fit, held = holdout_split(list(range(12)), 0.2)
-    assert held == [0, 5, 10] and fit == [1, 2, 3, 4, 6, 7, 8, 9, 11]
-    assert holdout_split(list(range(4)), 0.5) == ([1, 3], [0, 2])
+    assert folds_of(list(range(7)), 3) == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(i for f in folds_of(list(range(12)), 5) for i in f) == list(range(12))
 
 
-def test_C_is_chosen_on_held_out_train_images(tmp_path):
+def test_C_is_chosen_by_cross_validation_over_every_train_image(tmp_path):
+    """Issue #27: each C of the grid is scored on every fold by SVMs trained on the others; the best mean
+    wins; the record says each C's mean and spread and how far the winner leads."""
     import json
 
     from rcnn.run import main
@@ -185,14 +186,20 @@ def test_C_is_chosen_on_held_out_train_images(tmp_path):
 
     run = tmp_path / "run"
     args = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={run}", "dataset.train_images=6", "svm.C=null",
-            "svm.C_grid=[0.00001,1.0]", "svm.holdout=0.5", "stage=svm"]  # fmt: skip
+            "svm.C_grid=[0.00001,1.0]", "svm.folds=3", "stage=svm"]  # fmt: skip
     assert main(args) == 0
     m = json.loads((run / "svm" / "metrics.json").read_text())
     sel = m["C_selection"]
-    assert [r["C"] for r in sel] == [0.00001, 1.0] and all(r["heldout_voc07_map"] is not None for r in sel)
-    best = max(sel, key=lambda r: (r["heldout_voc07_map"], -r["C"]))
-    assert m["C"] == best["C"]
-    assert json.loads((run / "svm" / m["key"] / "c_selection.json").read_text()) == sel
+    assert sel["folds"] == 3 and [r["C"] for r in sel["per_C"]] == [0.00001, 1.0]
+    assert sorted((r["C"], r["fold"]) for r in sel["per_fold"]) == [(c, f) for c in (0.00001, 1.0) for f in range(3)]
+    assert all(r["images"] == 2 for r in sel["per_fold"])  # 6 images, 3 folds: every image scored once per C
+    for row in sel["per_C"]:
+        own = [r["voc07_map"] for r in sel["per_fold"] if r["C"] == row["C"] and r["voc07_map"] is not None]
+        assert row["mean_voc07_map"] == round(float(np.mean(own)), 4)
+    sound = [r for r in sel["per_C"] if not r["degenerate_classes"]] or sel["per_C"]
+    best = max(sound, key=lambda r: (r["mean_voc07_map"], -r["C"]))
+    assert m["C"] == sel["chosen"] == best["C"]
+    assert json.loads((run / "svm" / m["key"] / "c_selection.json").read_text()) == sel["per_fold"]
     assert isinstance(m["degenerate_classes"], list)
     assert all(0 <= v["positives_above_zero"] <= 1 for v in m["per_class"].values())
 
