@@ -15,7 +15,10 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-__all__ = ["Stage", "Config", "ConfigError", "load_config", "DATASET_PRESETS", "PRETRAIN_PRESETS", "usage"]
+__all__ = [
+    "Stage", "Config", "ConfigError", "load_config", "preset_recipe", "override_keys", "DATASET_PRESETS",
+    "PRETRAIN_PRESETS", "usage",
+]  # fmt: skip
 
 
 class Stage(Enum):
@@ -104,7 +107,7 @@ class DemoConfig(DatasetConfig):
     recipe: List[str] = field(default_factory=lambda: [
         "features.input_size=64", "features.padding=4", "finetune.enabled=true", "finetune.iterations=250",
         "finetune.lr=0.01", "finetune.step_size=200", "finetune.checkpoint_every=50",
-        "finetune.classifier_lr_mult=1", "finetune.bias_lr_mult=1",
+        "finetune.classifier_lr_mult=1", "finetune.bias_lr_mult=1", "auto=false",
     ])  # fmt: skip
     seed: int = 0  # generator seed: same seed, same images
     train_images: int = 64  # images in the train split
@@ -466,6 +469,10 @@ class BenchmarkConfig:
 class Config:
     defaults: List[Any] = field(default_factory=lambda: [{"dataset": "demo"}, "_self_"])
     stage: Stage = Stage.all  # which stage to run (see Stage); `all` runs the chain in order
+    # the default route: settings chosen from the device and the training data (rcnn/recipe.py), for every key
+    # that the command line and the dataset's recipe leave alone; said at the start and kept in metrics.json;
+    # false = the defaults below as they stand (R-CNN's published settings)
+    auto: bool = True
     dataset: Any = MISSING  # a dataset preset: dataset=<name>, then dataset.<key>=... to adjust it
     out: str = "data/runs/${dataset.name}"  # the run folder; each stage writes <out>/<stage>/
     seed: int = 0  # seeds Python's, numpy's and torch's generators
@@ -608,8 +615,10 @@ def usage(argv: list[str] | None = None) -> str:
     return head + body + tail + "\n"
 
 
-def load_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose the configuration from the defaults and ``key=value`` overrides.
+def load_config(overrides: list[str] | None = None, defaults: list[str] | None = None) -> DictConfig:
+    """Compose the configuration from the defaults and ``key=value`` overrides: ``defaults`` (the default
+    route's choices, rcnn/recipe.py) first, then the dataset's and pretraining preset's recipes, then
+    ``overrides`` (the command line), each winning over the ones before.
 
     Raises :class:`ConfigError` with a message that lists the valid keys or choices.
     """
@@ -617,12 +626,23 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
     from hydra import initialize
 
     overrides = [_parseable(ov) for ov in overrides or []]
+    defaults = list(defaults or [])
     with initialize(version_base="1.3", config_path=None, job_name="rcnn"):
         cfg = _compose(overrides)
-        recipe = list(cfg.dataset.get("recipe") or []) + PRETRAIN_PRESETS.get(cfg.pretrain.data, {}).get("recipe", [])
-        if recipe:  # the presets' own settings first, so that the command line's win
-            cfg = _compose(recipe + overrides)
+        recipe = preset_recipe(cfg)
+        if recipe or defaults:  # the presets' own settings first, so that the command line's win
+            cfg = _compose(defaults + recipe + overrides)
     return _validate(cfg)
+
+
+def preset_recipe(cfg: DictConfig) -> list[str]:
+    """The overrides the chosen dataset and pretraining presets bring (``dataset.recipe``, PRETRAIN_PRESETS)."""
+    return list(cfg.dataset.get("recipe") or []) + PRETRAIN_PRESETS.get(cfg.pretrain.data, {}).get("recipe", [])
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """The keys ``key=value`` overrides set (a section's key names every key under it)."""
+    return {o.partition("=")[0].lstrip("+~") for o in overrides}
 
 
 def _quote(value: str) -> str:

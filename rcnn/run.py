@@ -47,8 +47,26 @@ def main(argv: list[str] | None = None) -> int:
     from .store import StoreError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    dataset, recipe = None, None
+    if cfg.auto and cfg.stage.value != "pretrain":  # the default route: choices from the device and the data
+        from .datasets import build_dataset
+        from .recipe import log_route, route
+
+        try:
+            dataset = build_dataset(cfg.dataset)
+            chosen, recipe = route(cfg, argv, dataset)
+            cfg = load_config(argv, defaults=chosen)
+        except DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        log_route(recipe)
     seed_everything(cfg.seed)
-    ctx = RunContext(cfg)
+    ctx = RunContext(cfg, recipe=recipe)
+    if dataset is not None:
+        ctx.dataset = dataset  # (the dataset settings are the same: the route sets none of them)
     try:
         if distributed.init(str(resolve_device(cfg.device.value))):
             logging.getLogger("rcnn").info("torchrun: rank %d of %d", distributed.rank(), distributed.world_size())

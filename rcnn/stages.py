@@ -33,6 +33,7 @@ class RunContext:
     stack: list[str] = field(default_factory=list)  # the stages running now, outermost first
     peaks: list[float] = field(default_factory=list)  # their peak resident memory so far (MiB)
     built: dict[str, bool] = field(default_factory=dict)  # stages that computed here (not only read): resumed?
+    recipe: list[dict] | None = None  # what the default route chose (auto=true), kept in each stage's metrics.json
 
     @property
     def run_dir(self) -> Path:
@@ -155,13 +156,16 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
             "key": metrics.get("key"), "seconds": round(ctx.timings[stage], 1),
             "finished": time.strftime("%Y-%m-%d %H:%M"), "resumed": ctx.built[stage],
         })  # fmt: skip
-    if isinstance(metrics, dict) and peak:
-        metrics = {**metrics, "peak_rss_mb": round(peak, 1)}
+    extra = {"peak_rss_mb": round(peak, 1)} if peak else {}
+    if ctx.recipe is not None:
+        extra["recipe"] = ctx.recipe
+    if isinstance(metrics, dict) and extra:
+        metrics = {**metrics, **extra}
         path = stage_dir / "metrics.json"
         if path.exists():
             from .store import write_json
 
-            write_json(path, {**json.loads(path.read_text()), "peak_rss_mb": round(peak, 1)})
+            write_json(path, {**json.loads(path.read_text()), **extra})
     ctx.results[stage] = metrics
     return metrics
 

@@ -15,7 +15,7 @@ TINY = [
     "dataset.min_size=24", "dataset.max_size=60", "multibox.epochs=1", "multibox.input_size=64",
     "multibox.num_priors=6", "multibox.top_k=5", "multibox.batch_size=2", "backbone.weights=none", "workers=1",
     "proposals.top_n=40", "features.mode=roi", "features.input_size=64", "features.roi_image_size=96",
-    "svm.retrain_limit=20", "dataset.recipe=[]",
+    "svm.retrain_limit=20", "dataset.recipe=[]", "auto=false",
 ]  # fmt: skip
 
 

@@ -1,0 +1,166 @@
+"""The default route for a new dataset (``auto=true``): settings chosen from the device and the data.
+
+``python -m rcnn.run dataset=voc dataset.root=DIR`` and nothing else should give the best detector the machine
+can train in reasonable time. R-CNN's published settings (the config's defaults) were made for ImageNet
+features, a GPU and VOC's objects; on a 2-core CPU and a few hundred photos they cost hours or miss small
+objects. :func:`choose` looks at the training boxes (how many, how small, how large the images) and at the
+device, and returns one :class:`Choice` per setting with the reason. Only the keys that neither the command line
+nor the dataset's own recipe set are applied (``load_config(argv, defaults=...)``: the command line wins); what
+was chosen and why is logged at the start and stored in every stage's ``metrics.json`` (``recipe``).
+
+The rules, each measured on roadsigns (BENCHMARKS.md, "The default route"):
+
+* proposals: selective search alone on a CPU (MultiBox trains for minutes for a point or two of recall), with
+  MultiBox on a GPU; its smallest box side follows the small training boxes (the default 20 px drops road
+  signs of 12-20 px).
+* features: RoI pooling on a CPU (one pass of the network per image, not one per proposal), pooled at
+  inception4e (stride 16) into 4 x 4 cells; the image scaled so that the median object is about 80 px; R-CNN's
+  warped 224-px crops on a GPU.
+* fine-tuning: on, for a number of steps that grows with the training boxes (each foreground box seen about
+  ``FT_PASSES`` times), within [``FT_MIN``, ``FT_MAX``] on a CPU.
+* the SVMs' C: by cross-validation (``svm.C=null``, 3 folds) over a grid around the value found on roadsigns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "describe"]
+
+log = logging.getLogger("rcnn")
+
+FT_PASSES = 12  # fine-tuning steps x foreground windows a step ~ this many looks at each training box
+FT_MIN, FT_MAX_CPU, FT_MAX_GPU = 150, 600, 4000
+TARGET_OBJECT_PX = 80  # roi mode: the image is scaled so that the median object's side is about this
+ROI_IMAGE_MIN, ROI_IMAGE_MAX = 300, 800  # ... within these shorter sides
+
+
+@dataclass(frozen=True)
+class Choice:
+    key: str  # a dotted config key
+    value: Any
+    why: str
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the chooser reads of the training split."""
+
+    train_images: int
+    train_boxes: int
+    classes: int
+    median_object_side: float  # sqrt(w * h) of the training boxes, pixels
+    small_object_side: float  # its 5th percentile
+    median_short_side: float  # of the training images
+
+
+def data_facts(ds) -> DataFacts:
+    """:class:`DataFacts` of ``ds``'s train split (annotations only: no image is decoded)."""
+    from .datasets import gt_for_training
+
+    ids = ds.image_ids(ds.train_split)
+    boxes = [gt_for_training(ds, i)[0] for i in ids]
+    allb = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
+    side = np.sqrt(np.clip(allb[:, 2] - allb[:, 0], 0, None) * np.clip(allb[:, 3] - allb[:, 1], 0, None))
+    shorts = [min(ds.annotation(i).width, ds.annotation(i).height) for i in ids]
+    return DataFacts(
+        train_images=len(ids), train_boxes=int(len(allb)), classes=ds.num_classes,
+        median_object_side=float(np.median(side)) if len(side) else 0.0,
+        small_object_side=float(np.percentile(side, 5)) if len(side) else 0.0,
+        median_short_side=float(np.median(shorts)) if shorts else 0.0,
+    )  # fmt: skip
+
+
+def choose(facts: DataFacts, device: str) -> list[Choice]:
+    """The recipe for ``facts`` on ``device`` (``cpu`` or ``cuda``), one :class:`Choice` per key."""
+    gpu = device == "cuda"
+    out: list[Choice] = []
+
+    if gpu:
+        out.append(Choice("proposals.method", "ss_multibox", "a GPU trains MultiBox in minutes; it adds boxes selective search misses"))
+    else:
+        out.append(Choice("proposals.method", "ss", "on a CPU MultiBox's training costs minutes for a point or two of recall"))
+    min_side = int(np.clip(np.floor(0.8 * facts.small_object_side), 8, 20)) if facts.train_boxes else 20
+    out.append(Choice("proposals.ss.min_box_side", min_side,
+                      f"5% of the training objects are under {facts.small_object_side:.0f} px: boxes down to {min_side} px kept"))  # fmt: skip
+
+    if gpu:
+        out += [
+            Choice("features.mode", "warp", "R-CNN's warped crops: a GPU affords a pass per proposal"),
+            Choice("features.input_size", 224, "GoogLeNet's own input size"),
+        ]
+    else:
+        scale = TARGET_OBJECT_PX / max(facts.median_object_side, 1.0)
+        short = int(np.clip(round(facts.median_short_side * scale / 50) * 50, ROI_IMAGE_MIN, ROI_IMAGE_MAX))
+        out += [
+            Choice("features.mode", "roi", "one pass of the network per image instead of one per proposal (CPU)"),
+            Choice("features.roi_layer", "inception4e", "stride 16: small objects still cover a few cells"),
+            Choice("features.input_size", 64, "4 x 4 pooled cells at inception4e: the layers after it cost little per region"),
+            Choice("features.padding", 4, "R-CNN's 16 px of context at 224, scaled to 64"),
+            Choice("features.roi_image_size", short,
+                   f"median object {facts.median_object_side:.0f} px in images of {facts.median_short_side:.0f} px: "
+                   f"scaled to about {TARGET_OBJECT_PX} px"),
+        ]  # fmt: skip
+
+    steps = int(np.clip(round(FT_PASSES * facts.train_boxes / 32 / 10) * 10, FT_MIN, FT_MAX_GPU if gpu else FT_MAX_CPU))
+    out += [
+        Choice("finetune.enabled", True, "features from a 10-class (or ImageNet) backbone do not carry over by themselves"),
+        Choice("finetune.iterations", steps, f"{facts.train_boxes} training boxes, 32 foreground windows a step, "
+               f"each box seen about {FT_PASSES} times (within {FT_MIN}-{FT_MAX_GPU if gpu else FT_MAX_CPU} steps)"),
+        Choice("finetune.lr", 0.01, "a short run: 10x R-CNN's base rate, on every layer alike"),
+        Choice("finetune.classifier_lr_mult", 1.0, "(with the higher base rate)"),
+        Choice("finetune.bias_lr_mult", 1.0, "(with the higher base rate)"),
+        Choice("finetune.step_size", max(1, int(steps * 0.8)), "lr x 0.1 for the last fifth of the steps"),
+        Choice("svm.C", None, "chosen by cross-validation over the training images"),
+        Choice("svm.C_grid", [0.001, 0.01, 0.1], "around the C found on roadsigns' fine-tuned features"),
+    ]  # fmt: skip
+    return out
+
+
+def as_overrides(choices: list[Choice]) -> list[str]:
+    """``key=value`` overrides (Hydra's grammar) for ``choices``."""
+    from omegaconf import OmegaConf
+
+    out = []
+    for c in choices:
+        value = "null" if c.value is None else OmegaConf.to_yaml({"v": c.value}).split(":", 1)[1].strip().replace("\n", "")
+        if isinstance(c.value, list):
+            value = "[" + ",".join(str(v) for v in c.value) + "]"
+        out.append(f"{c.key}={value}")
+    return out
+
+
+def describe(choices: list[Choice], applied: set[str]) -> list[dict]:
+    """The choices as recorded in metrics.json: each key, value, reason and whether it was applied (a key the
+    command line or the dataset's recipe set is not)."""
+    return [{"key": c.key, "value": c.value, "why": c.why, "applied": c.key in applied} for c in choices]
+
+
+def route(cfg, argv: list[str], ds) -> tuple[list[str], list[dict]]:
+    """The default route for ``cfg``'s dataset ``ds``: ``(overrides to apply beneath the dataset's recipe and
+    the command line, the record for metrics.json)``. A choice is applied unless the command line or the
+    dataset's (or pretraining preset's) recipe sets its key or a section above it."""
+    import torch
+
+    from .config import override_keys, preset_recipe
+
+    device = "cuda" if cfg.device.value == "cuda" or (cfg.device.value == "auto" and torch.cuda.is_available()) else "cpu"
+    choices = choose(data_facts(ds), device)
+    given = override_keys(list(argv) + preset_recipe(cfg))
+    applied = [c for c in choices if not any(c.key == k or c.key.startswith(k + ".") for k in given)]
+    record = describe(choices, {c.key for c in applied})
+    return as_overrides(applied), record
+
+
+def log_route(record: list[dict]) -> None:
+    """What the default route chose and why, and what the command line or the dataset's recipe kept."""
+    chosen = [r for r in record if r["applied"]]
+    kept = [r["key"] for r in record if not r["applied"]]
+    lines = [f"  {r['key']}={r['value']}  ({r['why']})" for r in chosen]
+    log.info("auto: settings chosen from the device and the data (auto=false for R-CNN's defaults; any key=value "
+             "overrides one):\n%s%s", "\n".join(lines),
+             f"\n  kept as given: {', '.join(kept)}" if kept else "")  # fmt: skip

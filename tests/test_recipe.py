@@ -1,0 +1,80 @@
+"""The default route (auto=true): settings chosen from the device and the data, the command line winning."""
+
+import json
+
+import pytest
+
+from rcnn.config import load_config
+from rcnn.recipe import DataFacts, as_overrides, choose
+from rcnn.run import main
+
+from .fakes import write_voc
+
+SMALL = DataFacts(train_images=160, train_boxes=200, classes=1, median_object_side=150.0, small_object_side=60.0,
+                  median_short_side=375.0)  # fmt: skip
+LARGE = DataFacts(train_images=630, train_boxes=5000, classes=5, median_object_side=40.0, small_object_side=11.0,
+                  median_short_side=300.0)  # fmt: skip
+
+
+def by_key(choices) -> dict:
+    return {c.key: c.value for c in choices}
+
+
+def test_a_cpu_gets_roi_features_and_fine_tuning_scaled_to_its_boxes():
+    small, large = by_key(choose(SMALL, "cpu")), by_key(choose(LARGE, "cpu"))
+    for r in (small, large):
+        assert r["proposals.method"] == "ss" and r["features.mode"] == "roi" and r["finetune.enabled"] is True
+        assert r["svm.C"] is None and r["finetune.step_size"] < r["finetune.iterations"]
+    assert small["finetune.iterations"] == 150  # 200 boxes: the floor
+    assert large["finetune.iterations"] == 600  # 5000 boxes: the CPU's ceiling
+    mid = by_key(choose(DataFacts(614, 856, 4, 44.0, 14.0, 300.0), "cpu"))  # roadsigns' training split
+    assert 150 < mid["finetune.iterations"] < 600
+    # Small objects keep small proposals and enlarge the image; large ones neither.
+    assert large["proposals.ss.min_box_side"] == 8 and small["proposals.ss.min_box_side"] == 20
+    assert large["features.roi_image_size"] > 300 * 1.5 and small["features.roi_image_size"] == 300
+
+
+def test_a_gpu_gets_rcnns_warped_crops_and_multibox():
+    gpu = by_key(choose(LARGE, "cuda"))
+    assert gpu["features.mode"] == "warp" and gpu["features.input_size"] == 224
+    assert gpu["proposals.method"] == "ss_multibox"
+    assert gpu["finetune.iterations"] > by_key(choose(LARGE, "cpu"))["finetune.iterations"]
+
+
+def test_every_choice_is_a_valid_override():
+    for facts in (SMALL, LARGE):
+        for device in ("cpu", "cuda"):
+            cfg = load_config(["dataset.recipe=[]"], defaults=as_overrides(choose(facts, device)))
+            for c in choose(facts, device):
+                value = cfg
+                for part in c.key.split("."):
+                    value = value[part]
+                value = getattr(value, "value", value)
+                assert (list(value) if c.key == "svm.C_grid" else value) == c.value, c.key
+
+
+@pytest.fixture
+def voc(tmp_path):
+    images = {f"im{k}": [("sign", 4 + k, 4, 20 + k, 22)] for k in range(6)}
+    return write_voc(tmp_path / "voc", images, {"train": [f"im{k}" for k in range(4)], "test": ["im4", "im5"]})
+
+
+def test_the_route_is_said_recorded_and_the_command_line_wins(voc, tmp_path, caplog):
+    args = ["stage=data", "dataset=voc", f"dataset.root={voc}", "dataset.train_split=train", "progress=false",
+            f"out={tmp_path / 'run'}", "finetune.iterations=7"]  # fmt: skip
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    assert "auto: settings chosen from the device and the data" in caplog.text and "features.mode=roi" in caplog.text
+    recipe = {r["key"]: r for r in json.loads((tmp_path / "run" / "data" / "metrics.json").read_text())["recipe"]}
+    assert recipe["features.mode"]["applied"] and recipe["features.mode"]["why"]
+    assert not recipe["finetune.iterations"]["applied"]  # the command line set it
+    assert "kept as given: finetune.iterations" in caplog.text
+
+
+def test_auto_false_keeps_rcnns_defaults(voc, tmp_path, caplog):
+    args = ["stage=data", "dataset=voc", f"dataset.root={voc}", "dataset.train_split=train", "progress=false",
+            f"out={tmp_path / 'run'}", "auto=false"]  # fmt: skip
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    assert "auto:" not in caplog.text
+    assert "recipe" not in json.loads((tmp_path / "run" / "data" / "metrics.json").read_text())
