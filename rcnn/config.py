@@ -440,7 +440,7 @@ class DetectConfig:
 
 class CocoBackend(Enum):
     auto = "auto"  # faster where faster-coco-eval is installed (pip install -e ".[fast]"), else pycocotools
-    faster = "faster"  # faster-coco-eval's C++ COCOeval: the same twelve figures, about 10x faster
+    faster = "faster"  # faster-coco-eval's C++ COCOeval: the same twelve figures, 6.4x faster (BENCHMARKS.md)
     pycocotools = "pycocotools"  # the reference implementation
 
 
