@@ -14,11 +14,11 @@ The rules, each measured on roadsigns (BENCHMARKS.md, "The default route"):
   MultiBox on a GPU; its smallest box side follows the small training boxes (the default 20 px drops road
   signs of 12-20 px).
 * features: RoI pooling on a CPU (one pass of the network per image, not one per proposal), pooled at
-  inception4e (stride 16) into 4 x 4 cells; the image scaled so that the median object is about 80 px; R-CNN's
-  warped 224-px crops on a GPU.
+  inception4e (stride 16) into 7 x 7 cells, the geometry of a 112-px crop; the image scaled so that the median
+  object is about 64 px; R-CNN's warped 224-px crops on a GPU.
 * fine-tuning: on, for a number of steps that grows with the training boxes (each foreground box seen about
   ``FT_PASSES`` times), within [``FT_MIN``, ``FT_MAX``] on a CPU.
-* the SVMs' C: by cross-validation (``svm.C=null``, 3 folds) over a grid around the value found on roadsigns.
+* the SVMs' C: by cross-validation (``svm.C=null``; 2 folds and two Cs on a CPU, where each is a mining pass).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ __all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "descr
 
 log = logging.getLogger("rcnn")
 
-FT_PASSES = 12  # fine-tuning steps x foreground windows a step ~ this many looks at each training box
+FT_PASSES = 8  # fine-tuning steps x foreground windows a step ~ this many looks at each training box
 FT_MIN, FT_MAX_CPU, FT_MAX_GPU = 150, 600, 4000
-TARGET_OBJECT_PX = 80  # roi mode: the image is scaled so that the median object's side is about this
+TARGET_OBJECT_PX = 64  # roi mode: the image is scaled so that the median object's side is about this
 ROI_IMAGE_MIN, ROI_IMAGE_MAX = 300, 800  # ... within these shorter sides
 
 
@@ -99,8 +99,9 @@ def choose(facts: DataFacts, device: str) -> list[Choice]:
         out += [
             Choice("features.mode", "roi", "one pass of the network per image instead of one per proposal (CPU)"),
             Choice("features.roi_layer", "inception4e", "stride 16: small objects still cover a few cells"),
-            Choice("features.input_size", 64, "4 x 4 pooled cells at inception4e: the layers after it cost little per region"),
-            Choice("features.padding", 4, "R-CNN's 16 px of context at 224, scaled to 64"),
+            Choice("features.input_size", 112, "7 x 7 pooled cells at inception4e, so inception5a/5b see the 4 x 4 maps "
+                   "of a 112-px crop, the imagenette backbone's training size (at 64 px they would see 2 x 2)"),
+            Choice("features.padding", 8, "R-CNN's 16 px of context at 224, scaled to 112"),
             Choice("features.roi_image_size", short,
                    f"median object {facts.median_object_side:.0f} px in images of {facts.median_short_side:.0f} px: "
                    f"scaled to about {TARGET_OBJECT_PX} px"),
@@ -116,8 +117,14 @@ def choose(facts: DataFacts, device: str) -> list[Choice]:
         Choice("finetune.bias_lr_mult", 1.0, "(with the higher base rate)"),
         Choice("finetune.step_size", max(1, int(steps * 0.8)), "lr x 0.1 for the last fifth of the steps"),
         Choice("svm.C", None, "chosen by cross-validation over the training images"),
-        Choice("svm.C_grid", [0.001, 0.01, 0.1], "around the C found on roadsigns' fine-tuned features"),
     ]  # fmt: skip
+    if gpu:
+        out.append(Choice("svm.C_grid", [0.001, 0.01, 0.1], "around R-CNN's 0.001: fine-tuned features want a larger C"))
+    else:
+        out += [
+            Choice("svm.C_grid", [0.01, 0.1], "fine-tuned roi features left every class degenerate below 0.01 (roadsigns)"),
+            Choice("svm.folds", 2, "each (C, fold) is a mining pass of minutes on a CPU"),
+        ]  # fmt: skip
     return out
 
 

@@ -26,6 +26,7 @@ def test_a_cpu_gets_roi_features_and_fine_tuning_scaled_to_its_boxes():
         assert r["proposals.method"] == "ss" and r["features.mode"] == "roi" and r["finetune.enabled"] is True
         assert r["svm.C"] is None and r["finetune.step_size"] < r["finetune.iterations"]
     assert small["finetune.iterations"] == 150  # 200 boxes: the floor
+    assert small["features.input_size"] == 112 and small["svm.folds"] == 2
     assert large["finetune.iterations"] == 600  # 5000 boxes: the CPU's ceiling
     mid = by_key(choose(DataFacts(614, 856, 4, 44.0, 14.0, 300.0), "cpu"))  # roadsigns' training split
     assert 150 < mid["finetune.iterations"] < 600
