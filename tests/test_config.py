@@ -18,7 +18,7 @@ def test_dataset_preset_and_its_keys():
     "override, message",
     [
         ("stage=train", "unknown stage 'train'. Valid stages: data, pretrain, proposals, multibox, finetune"),
-        ("nonsense=1", "unknown key 'nonsense' at the top level. Valid keys: dataset, stage, out, seed"),
+        ("nonsense=1", "unknown key 'nonsense' at the top level. Valid keys: dataset, stage, auto, out, seed"),
         ("dataset.nonsense=1", "unknown key 'dataset.nonsense' at 'dataset'. Valid keys: name, "),
         ("dataset=imagenet", "unknown dataset 'imagenet'. Valid choices: demo, voc, coco, ilsvrc, coco128"),
         ("seed=abc", "bad value for 'seed': Value 'abc' of type 'str' could not be converted to Integer"),
