@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "describe"]
+__all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "describe", "route", "log_route"]
 
 log = logging.getLogger("rcnn")
 
@@ -128,17 +128,20 @@ def choose(facts: DataFacts, device: str) -> list[Choice]:
     return out
 
 
+def _hydra(value) -> str:
+    """``value`` (None, a bool, a number, a string or a list of them) in Hydra's override grammar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra(v) for v in value) + "]"
+    return str(value)
+
+
 def as_overrides(choices: list[Choice]) -> list[str]:
     """``key=value`` overrides (Hydra's grammar) for ``choices``."""
-    from omegaconf import OmegaConf
-
-    out = []
-    for c in choices:
-        value = "null" if c.value is None else OmegaConf.to_yaml({"v": c.value}).split(":", 1)[1].strip().replace("\n", "")
-        if isinstance(c.value, list):
-            value = "[" + ",".join(str(v) for v in c.value) + "]"
-        out.append(f"{c.key}={value}")
-    return out
+    return [f"{c.key}={_hydra(c.value)}" for c in choices]
 
 
 def describe(choices: list[Choice], applied: set[str]) -> list[dict]:
