@@ -57,8 +57,8 @@ def report_markdown(r: dict) -> str:
         f"Features: {f['mode']} mode on {f['device']}, {f['bytes_per_image'] / 1024:.0f} KiB per image"
         + (f", {f['crops_per_second']} crops/s" if f.get("crops_per_second") else " (cached)")
         + f"; backbone weights: {f['backbone_weights']}"
-        + (" (RANDOM INITIALISATION: untrained features)" if f["backbone_weights"] == "none" else "")
-        + (f"; SVM C = {r['svm']['C']:g}" + (" (chosen on held-out train images)" if r["svm"].get("C_selection") else "")
+        + {"none": " (RANDOM INITIALISATION: untrained features)", "imagenette": " (the repository's imagenette backbone)"}.get(f["backbone_weights"], "")
+        + (f"; SVM C = {r['svm']['C']:g}" + (" (chosen by cross-validation over the train images)" if r["svm"].get("C_selection") else "")
            if r.get("svm", {}).get("C") is not None else "") + ".",
         "",
         "| stage | seconds | images | seconds / image | peak memory (MiB) |",

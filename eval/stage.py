@@ -168,6 +168,9 @@ def _backbone_notes(ctx) -> list[str]:
     if svm.get("backbone_weights") == "none":
         return ["The detector's features come from a randomly initialised GoogLeNet (backbone_weights: none): "
                 "no ImageNet or pretrained weights. Expect far lower figures than R-CNN's."]  # fmt: skip
+    if svm.get("backbone_weights") == "imagenette":
+        return [("The detector's features come from the repository's own GoogLeNet, trained on imagenette's 10 "
+                 "classes (backbone_weights: imagenette), not ImageNet's 1000: expect lower figures than R-CNN's.")]  # fmt: skip
     return []
 
 

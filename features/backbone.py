@@ -3,8 +3,12 @@
 ``weights``:
   * ``imagenet``: torchvision's ImageNet weights, from torch's hub cache. Downloaded on a machine with
     internet; offline and not cached, a clear error says which file to fetch and where to put it.
-  * ``auto``: ImageNet weights when they are in the cache, else random initialisation (logged, and
-    recorded as what was actually loaded, so caches keyed on it never mix the two).
+  * ``auto``: ImageNet weights when they are cached or can be downloaded; offline, the backbone shipped
+    in the repository (``imagenette``), said loudly and recorded as what was actually loaded, so caches
+    keyed on it never mix the two.
+  * ``imagenette``: the repository's own GoogLeNet, trained on imagenette by stage=pretrain
+    (``features/weights/googlenet-imagenette.pt``, float16; :mod:`features.shipped`). It knows 10
+    classes, not 1000: weaker features than ImageNet's, far stronger than random ones.
   * ``none``: random initialisation (seeded by ``seed``).
   * a path: a state dict, or a weights file of this project holding one under ``"backbone"``/``"model"``.
 
@@ -37,6 +41,7 @@ __all__ = [
     "resolve_device",
     "NORMALIZATIONS",
     "NORMALIZATION_IMAGENET",
+    "SHIPPED_PATH",
     "WEIGHTS_FORMAT",
 ]
 
@@ -122,11 +127,14 @@ def resolve_weights(weights: str) -> LoadedWeights:
     """Decide what ``weights`` means here, without building the network.
 
     ``imagenet`` and ``auto`` download the ImageNet weights here when they are not cached yet, so that every
-    stage of a run sees the same file; offline, ``imagenet`` is an error and ``auto`` falls back to random
-    initialisation, said loudly (a warning now; ``backbone_weights: none`` in every report).
+    stage of a run sees the same file; offline, ``imagenet`` is an error and ``auto`` falls back to the
+    shipped imagenette backbone, said loudly (a warning now; ``backbone_weights: imagenette`` in every
+    report), or to random initialisation in a checkout without that file.
     """
     if weights == "none":
         return LoadedWeights("none", None, RANDOM_INIT)
+    if weights == "imagenette":
+        return _imagenette()
     if weights in ("imagenet", "auto"):
         path = imagenet_weights_path()
         if not path.exists() and weights == "imagenet":
@@ -135,19 +143,47 @@ def resolve_weights(weights: str) -> LoadedWeights:
             try:
                 _download_imagenet()
             except BackboneError as e:
+                why = str(e.__cause__ or e).splitlines()[0][:200]
+                fetch = f"Fetch {GoogLeNet_Weights.IMAGENET1K_V1.url} to {path} for ImageNet's features."
+                if _shipped_path().is_file():
+                    _warn_once(
+                        "backbone.weights=auto: GoogLeNet's ImageNet weights are not cached and could not be downloaded "
+                        "(%s).\nUsing the backbone shipped in the repository instead (backbone.weights=imagenette: trained "
+                        "on imagenette's 10 classes by stage=pretrain, %s): weaker features than ImageNet's. %s",
+                        why, _shipped_path().name, fetch,
+                    )
+                    return _imagenette()
                 _warn_once(
                     "\n" + "!" * 100 + "\nbackbone.weights=auto: GoogLeNet's ImageNet weights are not cached and could not "
-                    "be downloaded (%s).\nUSING RANDOM INITIALISATION: features will be far weaker than R-CNN's. Fetch %s "
-                    "to %s, or train a backbone here (stage=pretrain) and pass backbone.weights=PATH.\n" + "!" * 100,
-                    str(e.__cause__ or e).splitlines()[0][:200], GoogLeNet_Weights.IMAGENET1K_V1.url, path,
+                    "be downloaded (%s), and this checkout has no %s.\nUSING RANDOM INITIALISATION: features will be far "
+                    "weaker than R-CNN's. %s Or train a backbone here (stage=pretrain) and pass backbone.weights=PATH.\n"
+                    + "!" * 100,
+                    why, _shipped_path(), fetch,
                 )
                 return LoadedWeights("none", None, RANDOM_INIT)
         return LoadedWeights("imagenet", str(path), IMAGENET_STAMP, NORMALIZATION_INCEPTION)
     path = Path(weights)
     if not path.is_file():
-        raise BackboneError(f"{path}: backbone weights file not found (backbone.weights=imagenet|auto|none|PATH)")
+        raise BackboneError(f"{path}: backbone weights file not found (backbone.weights=imagenet|imagenette|auto|none|PATH)")
     stamp = _stamp(path)
     return LoadedWeights("file", str(path.resolve()), stamp, _file_normalization(str(path.resolve()), stamp))
+
+
+# The backbone shipped in the repository (backbone.weights=imagenette; how it is made: features/shipped.py)
+SHIPPED_PATH = Path(__file__).resolve().parent / "weights" / "googlenet-imagenette.pt"
+
+
+def _shipped_path() -> Path:
+    return SHIPPED_PATH
+
+
+def _imagenette() -> LoadedWeights:
+    """The shipped imagenette backbone (an error naming the file when this checkout lacks it)."""
+    path = _shipped_path()
+    if not path.is_file():
+        raise BackboneError(f"{path}: the shipped imagenette backbone is missing from this checkout (git lfs? a partial copy?)")
+    stamp = _stamp(path)
+    return LoadedWeights("imagenette", str(path), stamp, _file_normalization(str(path), stamp))
 
 
 @functools.lru_cache(maxsize=32)
@@ -226,7 +262,7 @@ def build_googlenet(weights: str | LoadedWeights = "none") -> tuple[GoogLeNet, L
         path = Path(loaded.path)
         state = read_weights_file(str(path))[0] if path.exists() else _download_imagenet()
         _load(model, state, str(path))
-    elif loaded.kind == "file":
+    elif loaded.kind in ("file", "imagenette"):
         _load(model, read_weights_file(loaded.path)[0], loaded.path)
     set_normalization(model, loaded.normalization)
     return model.eval(), loaded

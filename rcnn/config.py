@@ -208,7 +208,9 @@ PRETRAIN_PRESETS: dict[str, dict] = {
 @dataclass
 class BackboneConfig:
     # imagenet: torchvision's ImageNet weights (downloaded once, on a machine with internet);
-    # auto: imagenet, downloaded if not cached; offline, random initialisation, said loudly and recorded;
+    # imagenette: the repository's own GoogLeNet, trained on imagenette's 10 classes by stage=pretrain
+    # (features/weights/googlenet-imagenette.pt, float16);
+    # auto: imagenet, downloaded if not cached; offline, imagenette, said loudly and recorded;
     # none: random initialisation; or a PATH to a state dict / checkpoint.
     weights: str = "auto"
 
@@ -729,7 +731,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     checks = [
-        ("svm.C", cfg.svm.C is None or cfg.svm.C > 0, "> 0 or null (chosen on held-out train images)"),
+        ("svm.C", cfg.svm.C is None or cfg.svm.C > 0, "> 0 or null (chosen by cross-validation over the train images)"),
         ("svm.C_grid", cfg.svm.C is not None or (bool(cfg.svm.C_grid) and min(cfg.svm.C_grid) > 0), "a list of values > 0"),
         ("svm.folds", cfg.svm.folds >= 2, ">= 2"),
         ("svm.neg_iou", 0 < cfg.svm.neg_iou <= 1, "in (0, 1]"),

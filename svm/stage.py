@@ -286,7 +286,7 @@ def run_svm(ctx) -> dict:
     if degenerate:
         log.warning(
             "%d SVMs are degenerate (they score most of their own training positives below 0: w ~ 0): %s. C=%g is "
-            "too small for these features; svm.C=null chooses C on held-out train images", len(degenerate),
+            "too small for these features; svm.C=null chooses C by cross-validation over the train images", len(degenerate),
             ", ".join(degenerate[:10]) + (" ..." if len(degenerate) > 10 else ""), chosen,
         )  # fmt: skip
 

@@ -66,8 +66,10 @@ def test_a_renamed_plain_state_dict_is_taken_as_imagenet_normalised(imagenet_hub
         resolve_weights(str(renamed))
 
 
-def test_auto_offline_falls_back_to_random_loudly(tmp_path, monkeypatch, caplog):
+def test_auto_offline_without_the_shipped_backbone_falls_back_to_random_loudly(tmp_path, monkeypatch, caplog):
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(BB, "SHIPPED_PATH", tmp_path / "no-shipped-backbone.pt")
     monkeypatch.setattr(BB, "_warned", set())
     with caplog.at_level("WARNING"):
         w = resolve_weights("auto")
