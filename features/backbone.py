@@ -39,6 +39,8 @@ __all__ = [
     "imagenet_weights_path",
     "resolve_weights",
     "resolve_device",
+    "googlenet_gflop_per_crop",
+    "weights_used",
     "NORMALIZATIONS",
     "NORMALIZATION_IMAGENET",
     "SHIPPED_PATH",
@@ -247,6 +249,20 @@ def read_weights_file(path: str) -> tuple[dict, str]:
     return obj, normalization
 
 
+def weights_used(record: dict, path: str | None) -> LoadedWeights:
+    """The weights a stage recorded in its manifest (``record``: :meth:`LoadedWeights.describe`), read from
+    ``path`` where it found them, after checking the file there is still those weights."""
+    loaded = LoadedWeights(record["kind"], path, record["stamp"], record["normalization"])
+    if loaded.kind == "none":
+        return loaded
+    if not path or not Path(path).is_file():
+        raise BackboneError(f"{path}: the backbone weights the features were computed with are no longer there; rerun stage=features")
+    if loaded.kind != "imagenet" and _stamp(Path(path)) != loaded.stamp:
+        raise BackboneError(f"{path}: these backbone weights changed since the features were computed with them "
+                            f"({loaded.stamp}); rerun stage=features")  # fmt: skip
+    return loaded
+
+
 def build_googlenet(weights: str | LoadedWeights = "none") -> tuple[GoogLeNet, LoadedWeights]:
     """GoogLeNet without auxiliary heads; ``model.fc`` maps the 1024-d pooled feature to its logits.
 
@@ -327,6 +343,15 @@ def fold_batchnorm(model: GoogLeNet) -> GoogLeNet:
             fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
             module.conv, module.bn = fused, nn.Identity()
     return folded
+
+
+def googlenet_gflop_per_crop(model: torch.nn.Module, size: int = 224) -> float:
+    """GFLOPs of one ``size x size`` forward pass of ``model`` (torch's counter: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
 
 
 def resolve_device(name: str) -> torch.device:

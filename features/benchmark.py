@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from .backbone import build_googlenet, fold_batchnorm
+from .backbone import build_googlenet, fold_batchnorm, googlenet_gflop_per_crop
 from .extract import SPLITS, RegionFeatures, features_roi, features_warp
 
 
@@ -47,15 +47,6 @@ def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def googlenet_gflop_per_crop(model: torch.nn.Module, size: int = 224) -> float:
-    """GFLOPs of one ``size x size`` forward pass of ``model`` (torch's counter: 2 per multiply-add)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(torch.randn(1, 3, size, size))
-    return counter.get_total_flops() / 1e9
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ from torchvision.ops import roi_align
 
 from .warp import context_boxes, normalize_image, warp_crops
 
-__all__ = ["RegionFeatures", "features_warp", "features_roi", "warp_batch", "FEATURE_DIM"]
+__all__ = ["RegionFeatures", "region_features", "features_warp", "features_roi", "warp_batch", "FEATURE_DIM"]
 
 FEATURE_DIM = 1024
 
@@ -129,3 +129,16 @@ def features_roi(
         pooled = roi_align(fmap, rois, (cells, cells), spatial_scale=1 / stride, sampling_ratio=2, aligned=True)
         out.append(model.head(pooled))
     return _to_numpy16(out)
+
+
+def region_features(model: RegionFeatures, rgb: np.ndarray, boxes: np.ndarray, fc, device) -> np.ndarray:
+    """``[N, 1024]`` float16 features of ``boxes`` in ``fc``'s mode, the one place warp and roi part ways:
+    ``fc`` is the ``features`` settings, a config node (the stage) or a plain dict (a detector file's, whose
+    older versions may lack ``channels_last``, ``batch_size`` or ``roi_max_size``: their defaults then)."""
+    get = fc.get if isinstance(fc, dict) else lambda k, default=None: getattr(fc, k, default)
+    mode = getattr(get("mode"), "value", get("mode"))
+    channels_last = get("channels_last", True)
+    if mode == "warp":
+        return features_warp(model, rgb, boxes, get("input_size"), get("padding"), get("batch_size"), channels_last, device)
+    return features_roi(model, rgb, boxes, get("input_size"), get("padding"), get("roi_image_size"),
+                        channels_last=channels_last, device=device, max_size=get("roi_max_size"))  # fmt: skip

@@ -44,7 +44,14 @@ from rcnn.store import StageStore, atomic_write, torch_save
 from rcnn.viz import png
 
 from .backbone import (
-    NORMALIZATION_IMAGENET, WEIGHTS_FORMAT, amp_dtype, autocast, fold_batchnorm, precision_name, random_init, resolve_device,
+    NORMALIZATION_IMAGENET,
+    WEIGHTS_FORMAT,
+    amp_dtype,
+    autocast,
+    fold_batchnorm,
+    precision_name,
+    random_init,
+    resolve_device,
 )
 from .pretrain_data import ClassificationTree, TrainCrops, scheme_crops, to_input
 
@@ -356,7 +363,7 @@ def pretrain_root(pc) -> Path:
 
 def _forward_flops(num_classes: int, size: int) -> float:
     """FLOPs of one inference forward pass at ``size``."""
-    from .benchmark import googlenet_gflop_per_crop
+    from .backbone import googlenet_gflop_per_crop
 
     net = googlenet(weights=None, num_classes=num_classes, aux_logits=False, init_weights=False).eval()
     return googlenet_gflop_per_crop(net, size) * 1e9

@@ -22,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
+
+from rcnn.config import INTERPOLATIONS as INTERPOLATION_NAMES
+from rcnn.config import TEST_SCHEMES
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
 
@@ -44,7 +46,6 @@ log = logging.getLogger("features.pretrain")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 CENTER_FRACTION = 0.875  # the centre crop covers 87.5% of the shorter side (224 of 256)
 SCALES_144 = (256, 288, 320, 352)  # the paper's shorter sides for a 224 network (scaled to S)
-TEST_SCHEMES = ("center", "10crop", "144crop")
 
 
 class PretrainDataError(ValueError):
@@ -141,6 +142,7 @@ INTERPOLATIONS = {
     "nearest": (InterpolationMode.NEAREST, False),
     "cubic": (InterpolationMode.BICUBIC, False),
 }
+assert tuple(INTERPOLATIONS) == INTERPOLATION_NAMES  # the config names them, this module implements them
 
 
 class TrainCrops:

@@ -26,9 +26,16 @@ from rcnn.store import StageStore, torch_save
 from rcnn.viz import plot_history
 
 from .backbone import (
-    LoadedWeights, amp_dtype, autocast, build_googlenet, fold_batchnorm, precision_name, resolve_device, resolve_weights,
+    LoadedWeights,
+    amp_dtype,
+    autocast,
+    build_googlenet,
+    fold_batchnorm,
+    precision_name,
+    resolve_device,
+    resolve_weights,
 )
-from .extract import RegionFeatures, features_roi, features_warp
+from .extract import RegionFeatures, region_features
 
 log = logging.getLogger("features")
 
@@ -156,10 +163,7 @@ def _images(ds, ids: list, workers: int):
 def compute_features(model: RegionFeatures, fc, precision: str, rgb: np.ndarray, boxes: np.ndarray, device) -> np.ndarray:
     """``[N, 1024]`` float16 features of ``boxes`` of one image, in ``fc.mode``, at ``precision``."""
     with autocast(amp_dtype(precision, device), device):
-        if fc.mode.value == "warp":
-            return features_warp(model, rgb, boxes, fc.input_size, fc.padding, fc.batch_size, fc.channels_last, device)
-        return features_roi(model, rgb, boxes, fc.input_size, fc.padding, fc.roi_image_size,
-                            channels_last=fc.channels_last, device=device, max_size=fc.roi_max_size)  # fmt: skip
+        return region_features(model, rgb, boxes, fc, device)
 
 
 class FeatureActor:
@@ -212,14 +216,14 @@ def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, pro
 
 def run_features(ctx) -> dict:
     from rcnn.datasets import split_names
-
     from rcnn.stages import run_stage
 
     cfg, ds, fc = ctx.cfg, ctx.dataset, ctx.cfg.features
     proposals = _proposals_store(ctx)
     if cfg.finetune.enabled:  # the features come from the fine-tuned network, whichever stage asked for them
         run_stage(ctx, "finetune")
-    model, weights, device = build_model(cfg, backbone_weights(ctx, proposals))
+    loaded = backbone_weights(ctx, proposals)
+    model, weights, device = build_model(cfg, loaded)
     settings = resolved_feature_settings(fc, device)
     if fc.mode.value == "warp":
         settings.pop("roi_layer"), settings.pop("roi_image_size"), settings.pop("roi_max_size")
@@ -232,7 +236,7 @@ def run_features(ctx) -> dict:
     todo = store.missing(mine(cfg, ids))  # (a shard's images: rcnn/shard.py)
     if not todo and store.complete and (store.dir / "metrics.json").exists():
         computed = json.loads((store.dir / "metrics.json").read_text())  # the figures of the run that computed them
-        metrics = {**computed, "images_computed_now": 0, "crops_computed_now": 0}
+        metrics = {**computed, "backbone_path": loaded.path, "images_computed_now": 0, "crops_computed_now": 0}
         store.finish(metrics)
         print(f"features ({fc.mode.value}): {len(ids)} images, all cached ({metrics['crops_per_second']} crops/s when computed)")
         return metrics
@@ -265,6 +269,7 @@ def run_features(ctx) -> dict:
         "mode": fc.mode.value,
         "device": where,
         "backbone_weights": weights["kind"],
+        "backbone_path": loaded.path,  # where those weights were read (the SVM stage's detector file takes them)
         "images": len(ids),
         "images_computed_now": images_now,
         "crops_computed_now": crops_now,

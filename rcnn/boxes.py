@@ -6,7 +6,9 @@ the image spans ``[0, W] x [0, H]``, a box's width is ``x2 - x1`` and a one-pixe
 ``xywh``) and evaluators convert back for their pixel-inclusive rules.
 
 Arrays are numpy ``float32``/``float64`` of shape ``[N, 4]``; IoU and NMS run in
-``torchvision.ops`` and accept numpy arrays or tensors (numpy in, numpy out).
+``torchvision.ops`` and accept numpy arrays or tensors (numpy in, numpy out). Also here: R-CNN's box
+coder (``encode``/``decode``: the box regressors' targets) and the test-time rule (``postprocess``: per-class
+best boxes, NMS), which the SVM stage's choice of C and detection share.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ __all__ = [
     "is_valid",
     "iou",
     "ioa",
+    "encode",
+    "decode",
+    "postprocess",
     "nms",
     "batched_nms",
     "top_per_label",
@@ -156,3 +161,64 @@ def top_per_label(scores, labels, k: int) -> np.ndarray:
     sorted_labels = lab[order]
     rank = np.arange(len(order)) - np.searchsorted(sorted_labels, sorted_labels)  # rank within its label
     return np.sort(order[rank < k])
+
+
+# -- the box coder (R-CNN's box regression targets) ------------------------------------------------
+
+def _centres(boxes: np.ndarray) -> tuple[np.ndarray, ...]:
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h, w, h
+
+
+def encode(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """``[N, 4]`` targets ``(dx, dy, dw, dh)`` that take each proposal onto its ground-truth box."""
+    px, py, pw, ph = _centres(proposals)
+    gx, gy, gw, gh = _centres(gt)
+    return np.stack([(gx - px) / pw, (gy - py) / ph, np.log(gw / pw), np.log(gh / ph)], axis=1)
+
+
+def decode(proposals: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """The boxes that ``deltas [..., 4]`` make of ``proposals [N, 4]``; ``deltas`` may be ``[N, C, 4]``
+    (one set per class), giving ``[N, C, 4]``. Size offsets are capped at log(1000/16), as detectron2 does,
+    so a wild prediction cannot overflow."""
+    px, py, pw, ph = _centres(proposals)
+    d = np.asarray(deltas, np.float64)
+    extra = (slice(None),) + (None,) * (d.ndim - 2)  # broadcast proposals over the class axis
+    cap = np.log(1000.0 / 16)
+    cx = px[extra] + d[..., 0] * pw[extra]
+    cy = py[extra] + d[..., 1] * ph[extra]
+    w = pw[extra] * np.exp(np.minimum(d[..., 2], cap))
+    h = ph[extra] * np.exp(np.minimum(d[..., 3], cap))
+    return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1).astype(np.float32)
+
+
+# -- the test-time rule -------------------------------------------------------------------------------
+
+def postprocess(
+    boxes: np.ndarray, scores: np.ndarray, deltas: np.ndarray | None, width: int, height: int,
+    nms_iou: float = 0.3, max_per_image: int | None = None, score_threshold: float | None = None,
+    max_per_class: int | None = 100,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Proposals ``[N, 4]`` with class scores ``[N, C]`` (and regression deltas ``[N, C, 4]``) ->
+    ``(boxes, scores, labels)``, best first: regressed, clipped; per class its ``max_per_class`` best
+    boxes, then NMS (as ``rcnn_test.m``: classes are never ranked against each other by their
+    uncalibrated margins); then, only when ``max_per_image`` is set, the image's best over all classes."""
+    n, c = scores.shape
+    if deltas is not None:
+        cand = decode(boxes, deltas)  # [N, C, 4]
+    else:
+        cand = np.broadcast_to(as_boxes(boxes)[:, None, :], (n, c, 4))
+    cand = clip(cand.reshape(-1, 4), width, height)
+    flat = scores.reshape(-1)
+    labels = np.tile(np.arange(c), n)
+    keep = np.isfinite(flat) & is_valid(cand)
+    if score_threshold is not None:
+        keep &= flat >= score_threshold
+    idx = np.flatnonzero(keep)
+    if max_per_class is not None:
+        idx = idx[top_per_label(flat[idx], labels[idx], max_per_class)]
+    order = batched_nms(cand[idx], flat[idx], labels[idx], nms_iou)[:max_per_image]
+    idx = idx[order]
+    return cand[idx].astype(np.float32), flat[idx].astype(np.float64), labels[idx].astype(np.int64)

@@ -264,6 +264,11 @@ class PretrainConfig:
     cache_images: Optional[bool] = None  # keep decoded images in memory; null = when they fit in 6 GiB
 
 
+# stage=pretrain's vocabulary (features/pretrain_data.py implements each name)
+INTERPOLATIONS = ("bilinear", "area", "nearest", "cubic")  # pretrain.interpolations: how a training crop is resized
+TEST_SCHEMES = ("center", "10crop", "144crop")  # pretrain.test_schemes: the paper's test crops
+
+
 class SSBackend(Enum):
     opencv = "opencv"  # OpenCV ximgproc building blocks (fast, C++)
     selectivesearch = "selectivesearch"  # the `selectivesearch` package (Python; HSV + all similarities)
@@ -724,7 +729,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
     bad_roles = [r for r in cfg.proposals.splits if r not in ("train", "test")]
     if bad_roles or not cfg.proposals.splits:
         raise ConfigError(f"proposals.splits takes train and/or test (the dataset's roles), got {list(cfg.proposals.splits)}")
-    from proposals.selective_search import resolve_params
+    from .ss_settings import resolve_params
 
     try:
         resolve_params(cfg.proposals.ss)
@@ -747,8 +752,6 @@ def _validate(cfg: DictConfig) -> DictConfig:
         ("detect.max_per_class_split", cfg.detect.max_per_class_split is None or cfg.detect.max_per_class_split > 0,
          "> 0 or null"),
     ]
-    from features.pretrain_data import INTERPOLATIONS, TEST_SCHEMES
-
     pc = cfg.pretrain
     pchecks = [
         ("pretrain.crop_scale", len(pc.crop_scale) == 2 and 0 < pc.crop_scale[0] <= pc.crop_scale[1] <= 1, "[min, max] in (0, 1]"),

@@ -1,19 +1,5 @@
-"""The trained detector: one file holding everything needed to detect objects in a new image.
-
-A detector file (``torch.save`` of plain tensors, lists and strings; read with ``weights_only=True``)::
-
-    format            "rcnn-googlenet-detector", version
-    classes           class names, in label order; category_ids: the dataset's category ids
-    backbone          GoogLeNet state dict (BatchNorm unfolded)
-    normalization     the input normalisation the backbone expects (features/backbone.py)
-    features          the feature settings (mode, input_size, padding, roi_layer, roi_image_size, ...)
-    feature_scale     R-CNN's factor bringing the mean feature norm to 20 (already folded into the weights)
-    svm_w, svm_b      [C, D], [C]: score = raw feature @ svm_w.T + svm_b; untrained classes have b = -inf
-    reg_w, reg_b      [C, D, 4], [C, 4] box regression deltas from the raw feature (or absent)
-    proposals         how to propose boxes in a new image: method, selective search settings, top_n,
-                      merge_iou, and the MultiBox model (state dict + priors) when the method uses it
-    features_key      the features stage key the SVMs were trained on (detect reuses that cache)
-    config            the YAML of the configuration that made it
+"""The trained detector: one file holding everything needed to detect objects in a new image
+(its format and reading/writing: :mod:`rcnn.detector_file`).
 
 Use::
 
@@ -32,15 +18,10 @@ import numpy as np
 import torch
 
 from . import boxes as B
+from .boxes import postprocess
+from .detector_file import FORMAT, VERSION, DetectorError, check_parts, read_detector, write_detector
 
-__all__ = ["Detector", "ImageDetections", "postprocess", "FORMAT", "DetectorError"]
-
-FORMAT = "rcnn-googlenet-detector"
-VERSION = 2  # 2: the backbone's input normalisation stored (it was lost for non-ImageNet-named weights)
-
-
-class DetectorError(RuntimeError):
-    """A detector file that is missing, unreadable or not a detector."""
+__all__ = ["Detector", "ImageDetections", "postprocess", "FORMAT", "VERSION", "DetectorError"]
 
 
 @dataclass(frozen=True)
@@ -57,45 +38,11 @@ class ImageDetections:
         return len(self.scores)
 
 
-def postprocess(
-    boxes: np.ndarray, scores: np.ndarray, deltas: np.ndarray | None, width: int, height: int,
-    nms_iou: float = 0.3, max_per_image: int | None = None, score_threshold: float | None = None,
-    max_per_class: int | None = 100,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """Proposals ``[N, 4]`` with class scores ``[N, C]`` (and regression deltas ``[N, C, 4]``) ->
-    ``(boxes, scores, labels)``, best first: regressed, clipped; per class its ``max_per_class`` best
-    boxes, then NMS (as ``rcnn_test.m``: classes are never ranked against each other by their
-    uncalibrated margins); then, only when ``max_per_image`` is set, the image's best over all classes."""
-    from svm.box_regression import decode
-
-    n, c = scores.shape
-    if deltas is not None:
-        cand = decode(boxes, deltas)  # [N, C, 4]
-    else:
-        cand = np.broadcast_to(B.as_boxes(boxes)[:, None, :], (n, c, 4))
-    cand = B.clip(cand.reshape(-1, 4), width, height)
-    flat = scores.reshape(-1)
-    labels = np.tile(np.arange(c), n)
-    keep = np.isfinite(flat) & B.is_valid(cand)
-    if score_threshold is not None:
-        keep &= flat >= score_threshold
-    idx = np.flatnonzero(keep)
-    if max_per_class is not None:
-        idx = idx[B.top_per_label(flat[idx], labels[idx], max_per_class)]
-    order = B.batched_nms(cand[idx], flat[idx], labels[idx], nms_iou)[:max_per_image]
-    idx = idx[order]
-    return cand[idx].astype(np.float32), flat[idx].astype(np.float64), labels[idx].astype(np.int64)
-
-
 class Detector:
     """A loaded detector file; call it on an image (path or RGB uint8 array)."""
 
     def __init__(self, parts: dict, device: str = "auto", scores: str = "svm"):
-        if parts.get("format") != FORMAT:
-            raise DetectorError(f"not a detector file (format {parts.get('format')!r}, expected {FORMAT!r})")
-        if parts.get("version") != VERSION:
-            raise DetectorError(f"detector file version {parts.get('version')}, this toolkit reads {VERSION}: "
-                                "train it again with stage=svm")  # fmt: skip
+        check_parts(parts)
         self.parts = parts
         self.classes: list[str] = list(parts["classes"])
         self.svm_w = parts["svm_w"].numpy().astype(np.float32)
@@ -125,29 +72,16 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", scores: str = "svm") -> "Detector":
-        path = Path(path)
-        if not path.is_file():
-            raise DetectorError(f"{path}: no such detector file (stage=svm writes <out>/svm/detector.pt)")
-        try:
-            parts = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch's own message advises weights_only=False: not for a file of unknown origin
-            raise DetectorError(
-                f"{path}: not a detector file of this project (loading it as one failed: {type(e).__name__}). "
-                "Detector files are written by stage=svm as <out>/svm/detector.pt"
-            ) from None
-        if not isinstance(parts, dict):
-            raise DetectorError(f"{path}: not a detector file")
+        parts = read_detector(path)
         try:
             det = cls(parts, device, scores)
         except DetectorError as e:
             raise DetectorError(f"{path}: {e}") from None
-        det.path = path
+        det.path = Path(path)
         return det
 
     def save(self, path: str | Path) -> Path:
-        from .store import torch_save
-
-        return torch_save(path, self.parts)
+        return write_detector(path, self.parts)
 
     @property
     def num_classes(self) -> int:
@@ -183,18 +117,12 @@ class Detector:
 
     def features(self, rgb: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """``[N, 1024]`` float16 features of ``boxes`` in ``rgb``, computed as the training features were."""
-        from features.extract import features_roi, features_warp
+        from features.backbone import amp_dtype, autocast
+        from features.extract import region_features
 
         fc, model, device = self.features_cfg, self._network(), self.device
-        from features.backbone import amp_dtype, autocast
-
         with autocast(amp_dtype(fc.get("precision", "fp32"), device), device):
-            if fc["mode"] == "warp":
-                return features_warp(model, rgb, boxes, fc["input_size"], fc["padding"], fc.get("batch_size"),
-                                     fc.get("channels_last", True), device)  # fmt: skip
-            return features_roi(model, rgb, boxes, fc["input_size"], fc["padding"], fc["roi_image_size"],
-                                channels_last=fc.get("channels_last", True), device=device,
-                                max_size=fc.get("roi_max_size"))  # fmt: skip  (files from before the cap: none)
+            return region_features(model, rgb, boxes, fc, device)
 
     def proposals(self, rgb: np.ndarray, seed: int = 0) -> np.ndarray:
         """Boxes proposed in ``rgb`` the way the training proposals were made."""

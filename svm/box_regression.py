@@ -1,7 +1,7 @@
 """R-CNN's class-specific bounding-box regression: ridge regression from a proposal's feature to the
 offsets that move it onto its ground-truth box.
 
-Targets (continuous xyxy boxes, centres and sizes): ``dx = (gx - px) / pw``, ``dy = (gy - py) / ph``,
+Targets (``rcnn.boxes.encode``) (continuous xyxy boxes, centres and sizes): ``dx = (gx - px) / pw``, ``dy = (gy - py) / ph``,
 ``dw = log(gw / pw)``, ``dh = log(gh / ph)``; centred and whitened per class (as R-CNN's
 ``rcnn_train_bbox_regressor.m``), then one ridge fit (scikit-learn) per class. The fitted model is folded
 back to raw targets: ``t = x @ W + b``.
@@ -12,36 +12,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn.linear_model import Ridge
 
+from rcnn.boxes import decode, encode  # the box coder (the ground: detection decodes with it too)
+
 __all__ = ["encode", "decode", "Whitening", "fit_regressor"]
-
-
-def _centres(boxes: np.ndarray) -> tuple[np.ndarray, ...]:
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    return boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h, w, h
-
-
-def encode(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """``[N, 4]`` targets ``(dx, dy, dw, dh)`` that take each proposal onto its ground-truth box."""
-    px, py, pw, ph = _centres(proposals)
-    gx, gy, gw, gh = _centres(gt)
-    return np.stack([(gx - px) / pw, (gy - py) / ph, np.log(gw / pw), np.log(gh / ph)], axis=1)
-
-
-def decode(proposals: np.ndarray, deltas: np.ndarray) -> np.ndarray:
-    """The boxes that ``deltas [..., 4]`` make of ``proposals [N, 4]``; ``deltas`` may be ``[N, C, 4]``
-    (one set per class), giving ``[N, C, 4]``. Size offsets are capped at log(1000/16), as detectron2 does,
-    so a wild prediction cannot overflow."""
-    px, py, pw, ph = _centres(proposals)
-    d = np.asarray(deltas, np.float64)
-    extra = (slice(None),) + (None,) * (d.ndim - 2)  # broadcast proposals over the class axis
-    cap = np.log(1000.0 / 16)
-    cx = px[extra] + d[..., 0] * pw[extra]
-    cy = py[extra] + d[..., 1] * ph[extra]
-    w = pw[extra] * np.exp(np.minimum(d[..., 2], cap))
-    h = ph[extra] * np.exp(np.minimum(d[..., 3], cap))
-    return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1).astype(np.float32)
 
 
 class Whitening:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from rcnn import boxes as B
 from rcnn.config import to_dict
-from rcnn.detector import FORMAT, VERSION
+from rcnn.detector_file import write_detector
 from rcnn.store import StageStore, temporary_path, torch_save, write_json
 
 from .box_regression import encode, fit_regressor
@@ -154,8 +154,8 @@ def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStor
     result is saved as it completes, so a killed run resumes. Returns ``(C, the selection's record)``."""
     from eval.detections import Detections
     from eval.voc import voc_eval
+    from rcnn.boxes import postprocess
     from rcnn.datasets import DatasetError, gt_for_recall
-    from rcnn.detector import postprocess
 
     cfg, ds, sc = ctx.cfg, ctx.dataset, ctx.cfg.svm
     path = store.dir / "c_selection.json"
@@ -232,14 +232,14 @@ def degenerate_classes(W: np.ndarray, b: np.ndarray, pos: list[np.ndarray]) -> l
 
 
 def run_svm(ctx) -> dict:
-    from features.backbone import build_googlenet
-    from features.stage import backbone_weights
+    from features.backbone import build_googlenet, weights_used
     from rcnn.stages import run_stage
 
     cfg, ds = ctx.cfg, ctx.dataset
     if ctx.cfg.proposals.splits and "train" not in ctx.cfg.proposals.splits:
         raise ValueError("stage=svm trains on the train split: proposals.splits must include train")
-    features = StageStore.open(ctx.run_dir, "features", run_stage(ctx, "features")["key"])
+    features_metrics = run_stage(ctx, "features")
+    features = StageStore.open(ctx.run_dir, "features", features_metrics["key"])
     proposals = StageStore.open(ctx.run_dir, "proposals", features.identity["inputs"]["proposals"])
     store = StageStore(
         ctx.run_dir, "svm", {"svm": {k: v for k, v in to_dict(cfg.svm).items() if k != "checkpoint_seconds"}, "seed": cfg.seed},
@@ -301,12 +301,9 @@ def run_svm(ctx) -> dict:
             reg_w[c], reg_b[c] = Wc * scale, bc  # folded: deltas from the raw features
     regression_seconds = time.perf_counter() - t
 
-    weights = backbone_weights(ctx, proposals)
-    if weights.describe() != features.identity["config"]["backbone"]:
-        raise RuntimeError(f"the backbone weights changed since {features.dir} was computed; rerun stage=features")
+    weights = weights_used(features.identity["config"]["backbone"], features_metrics.get("backbone_path"))
     net, _ = build_googlenet(weights)
     parts = {
-        "format": FORMAT, "version": VERSION,
         "classes": list(ds.classes), "category_ids": [int(x) if isinstance(x, (int, np.integer)) else str(x) for x in ds.category_ids],
         "backbone": net.state_dict(), "normalization": weights.normalization,
         "backbone_weights": weights.kind,
@@ -319,7 +316,7 @@ def run_svm(ctx) -> dict:
         "proposals": _proposal_parts(ctx), "features_key": features.key,
         "config": OmegaConf.to_yaml(cfg),
     }  # fmt: skip
-    torch_save(path, parts)
+    write_detector(path, parts)
     _link(path, store.stage_dir / "detector.pt")
     checkpoint.unlink(missing_ok=True)
     write_json(store.dir / "history.json", miner.history)
