@@ -41,6 +41,7 @@ from torchvision.models import GoogLeNet, googlenet
 
 from rcnn import distributed
 from rcnn.store import StageStore, atomic_write, torch_save
+from rcnn.training import check_loss
 from rcnn.viz import png
 
 from .backbone import (
@@ -439,11 +440,7 @@ def run_pretrain(ctx) -> dict:
         for batch in trainer.loader(epoch, first):
             rec = trainer.train_step(*batch)
             if rec is not None:
-                if not math.isfinite(rec["loss"]):
-                    raise FloatingPointError(
-                        f"pretraining diverged at step {trainer.step} (loss {rec['loss']}); lower pretrain.lr "
-                        f"(now {pc.lr}). The last good checkpoint is kept in {checkpoint}"
-                    )
+                check_loss(rec["loss"], "pretraining", f"step {trainer.step}", "pretrain.lr", pc.lr, checkpoint)
                 sums += (rec["loss"], rec["main"], rec["accuracy"])
                 count += 1
                 bar.update(pc.batch_size)

@@ -23,6 +23,7 @@ from rcnn.config import to_dict
 from rcnn.shard import mine, pending
 from rcnn.stages import found
 from rcnn.store import StageStore, torch_save
+from rcnn.training import check_loss
 from rcnn.viz import plot_history
 
 from .backbone import (
@@ -330,11 +331,7 @@ def run_finetune(ctx) -> dict:
                disable=not cfg.progress or not lead)  # fmt: skip
     while tuner.iteration < cfg.finetune.iterations:
         rec = tuner.step()
-        if not np.isfinite(rec["loss"]):
-            raise FloatingPointError(
-                f"fine-tuning diverged at iteration {tuner.iteration} (loss {rec['loss']}); lower finetune.lr "
-                f"(now {cfg.finetune.lr}). The last good checkpoint is kept in {checkpoint}"
-            )
+        check_loss(rec["loss"], "fine-tuning", f"iteration {tuner.iteration}", "finetune.lr", cfg.finetune.lr, checkpoint)
         bar.update()
         bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['accuracy']:.2f}")
         if lead and (tuner.iteration % cfg.finetune.checkpoint_every == 0 or tuner.iteration == cfg.finetune.iterations):

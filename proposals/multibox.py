@@ -17,6 +17,7 @@ images' share of the batch's mean; rank 0 writes the checkpoints.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from features.backbone import (
 from features.pretrain_data import to_input
 from rcnn import distributed
 from rcnn.store import torch_save
+from rcnn.training import check_loss
 from rcnn.viz import plot_history
 
 __all__ = [
@@ -221,6 +223,9 @@ def train_multibox(
                 targets = [_flip_boxes(t) if f else t for t, f in zip(targets, flip.tolist())]
             mine = distributed.part(len(idx))  # this rank's images of the batch (all in one process)
             boxes, logits = forward(_to_input(batch[mine].to(device)))
+            if not (torch.isfinite(boxes).all() and torch.isfinite(logits).all()):  # the matching would fail on them
+                check_loss(math.nan, "MultiBox training", f"epoch {state.epoch + 1} (predictions no longer finite)",
+                           "multibox.lr", cfg.lr, checkpoint)  # fmt: skip
             # This rank's share of the batch's mean loss, times the ranks: DDP averages their gradients.
             loss, loc, conf = multibox_loss(boxes, logits, targets[mine], cfg.alpha, count=len(idx))
             opt.zero_grad(set_to_none=True)
@@ -232,6 +237,7 @@ def train_multibox(
         state.epoch += 1
         state.seconds += time.perf_counter() - epoch_start
         mean = sums / len(data)
+        check_loss(float(mean[0]), "MultiBox training", f"epoch {state.epoch}", "multibox.lr", cfg.lr, checkpoint)
         state.history.append({"epoch": state.epoch, "loss": mean[0], "loc": mean[1], "conf": mean[2]})
         if lead:
             _save(checkpoint, model, opt, sched, state, {"priors": priors, "normalization": weights.normalization})
