@@ -13,6 +13,7 @@ Make one from a stage=pretrain run::
 (writes ``features/weights/googlenet-imagenette.pt``; ``--out PATH`` elsewhere). Check one::
 
     python -m features.shipped --check [PATH]
+    python -m features.shipped --top1 112,128            # its accuracy on imagenette (where it is)
 """
 
 from __future__ import annotations
@@ -133,6 +134,34 @@ def check(path: str | Path | None = None) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
+def top1(path: str | Path | None = None, data: str | Path = "../shared/datasets/imagenette",
+         sizes: tuple[int, ...] = (112,), scheme: str = "center") -> dict[int, dict]:  # fmt: skip
+    """The shipped file's accuracy on imagenette's val split, tested at each of ``sizes`` (its training size
+    and above: after random-resized-crop training a network sees objects larger than a centre crop shows them,
+    so a test crop somewhat larger than the training one scores higher: Touvron et al., "FixRes", 2019)."""
+    from torchvision.models import googlenet
+
+    from .backbone import fold_batchnorm
+    from .pretrain import evaluate
+    from .pretrain_data import ClassificationTree
+
+    obj = torch.load(path or backbone.SHIPPED_PATH, map_location="cpu", weights_only=True)
+    net = googlenet(
+        weights=None,
+        num_classes=len(obj["classes"]),
+        aux_logits=False,
+        init_weights=False,
+        transform_input=False,
+    )
+    net.load_state_dict({k: v.float() for k, v in obj["backbone"].items()})
+    net = fold_batchnorm(net.eval())
+    train = ClassificationTree(data, "train")
+    if train.classes != list(obj["classes"]):
+        raise ValueError(f"{data}: its classes are not the backbone's ({obj['classes'][:3]}...)")
+    val = ClassificationTree(data, "val", classes=train.classes)
+    return {size: evaluate(net, val, scheme, size, torch.device("cpu")) for size in sizes}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m features.shipped", description=__doc__.split("\n\n")[0])
     p.add_argument("src", nargs="?", help="a stage=pretrain model.pt to compact")
@@ -143,7 +172,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--check", nargs="?", const=str(SHIPPED_PATH), help="check a compact file against its reference"
     )
+    p.add_argument(
+        "--top1",
+        metavar="SIZES",
+        help="test the file on imagenette's val split at these sizes (e.g. 112,128)",
+    )
+    p.add_argument(
+        "--data", default="../shared/datasets/imagenette", help="the classification tree for --top1"
+    )
     a = p.parse_args(argv)
+    if a.top1:
+        from rcnn.machine import gemm_rates
+
+        path = a.check or str(SHIPPED_PATH)
+        for size, r in top1(path, a.data, tuple(int(x) for x in a.top1.split(","))).items():
+            print(
+                f"{path}: centre crop at {size} px: top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f} ({r['images']} images, {r['seconds']:.0f} s)"
+            )
+        print(f"fp32 matrix multiply: {gemm_rates()['fp32']} GFLOP/s")
+        return 0
     if a.check:
         dev = check(a.check)
         print(
