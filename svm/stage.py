@@ -324,6 +324,10 @@ def run_svm(ctx) -> dict:
     last = {}
     for rec in miner.history:
         last[rec["class"]] = rec
+    if unconverged := [r for r in miner.history if not r.get("converged", True)]:
+        log.warning("liblinear stopped at svm.max_iter=%d before converging in %d of %d SVM fits (classes %s): those "
+                    "SVMs are approximate; a smaller C converges faster", sc.max_iter, len(unconverged), len(miner.history),
+                    ", ".join(sorted({ds.classes[r["class"]] for r in unconverged})))  # fmt: skip
     metrics = {
         "stage": "svm",
         "key": store.key,
@@ -338,6 +342,8 @@ def run_svm(ctx) -> dict:
         "max_negatives": sc.max_negatives,
         "classes_at_negative_bound": [ds.classes[c] for c in range(C) if miner.classes[c].capped],
         "retrains": len(miner.history),
+        # liblinear stopped at svm.max_iter (the final SVMs; said once in a warning, not once per fit)
+        "retrains_not_converged": sum(not r.get("converged", True) for r in miner.history),
         "positives": int(sum(len(p) for p in pos)),
         "regression_pairs": int(sum(reg_pairs)),
         "regressors_trained": int(sum(n >= MIN_REGRESSION_PAIRS for n in reg_pairs)) if sc.regression else 0,

@@ -20,10 +20,12 @@ number of workers.
 from __future__ import annotations
 
 import logging
+import warnings
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
 __all__ = ["SvmParams", "HardNegativeMiner", "fit_svm", "objective", "mean_norm_scale"]
@@ -56,14 +58,23 @@ class SvmParams:
 
 def fit_svm(pos: np.ndarray, neg: np.ndarray, p: SvmParams) -> tuple[np.ndarray, float]:
     """One LinearSVC on positives (+1) and negatives (-1): ``(w [D], b)``."""
+    return _fit(pos, neg, p)[:2]
+
+
+def _fit(pos: np.ndarray, neg: np.ndarray, p: SvmParams) -> tuple[np.ndarray, float, bool]:
+    """``fit_svm`` and whether liblinear converged within ``max_iter`` (its warning, one per fit, is
+    counted instead: the miner's history keeps it and the stage reports the total once)."""
     X = np.concatenate([pos, neg]).astype(np.float64, copy=False)
     y = np.concatenate([np.ones(len(pos)), -np.ones(len(neg))])
     svc = LinearSVC(
         C=p.C, loss="hinge", dual=True, class_weight={1: p.pos_weight, -1: 1.0},
         intercept_scaling=p.bias_multiplier, max_iter=p.max_iter, random_state=p.seed,
     )  # fmt: skip
-    svc.fit(X, y)
-    return svc.coef_[0].astype(np.float32), float(svc.intercept_[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        svc.fit(X, y)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return svc.coef_[0].astype(np.float32), float(svc.intercept_[0]), converged
 
 
 def objective(w: np.ndarray, b: float, pos: np.ndarray, neg: np.ndarray, p: SvmParams) -> dict:
@@ -159,12 +170,12 @@ class HardNegativeMiner:
                 W[c], b[c] = cache.w, cache.b
         return W, b
 
-    def _fits(self, due: list[int]) -> dict[int, tuple[np.ndarray, float]]:
+    def _fits(self, due: list[int]) -> dict[int, tuple[np.ndarray, float, bool]]:
         """``fit_svm`` of each class in ``due`` (whose negatives are one block each); with workers and
         enough work (see ``PARALLEL_MIN_NEGATIVES``), at most ``workers`` fits in flight at a time."""
         rows = sum(len(self.classes[c].neg[0]) for c in due)
         if self.workers <= 1 or len(due) <= 1 or rows <= self.parallel_min_negatives:
-            return {c: fit_svm(self.classes[c].pos, self.classes[c].neg[0], self.p) for c in due}
+            return {c: _fit(self.classes[c].pos, self.classes[c].neg[0], self.p) for c in due}
         if self._pool is None:
             from rcnn.parallel import process_pool
 
@@ -174,7 +185,7 @@ class HardNegativeMiner:
             if len(pending) >= self.workers:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 out.update((pending.pop(f), f.result()) for f in done)
-            pending[self._pool.submit(fit_svm, self.classes[c].pos, self.classes[c].neg[0], self.p)] = c
+            pending[self._pool.submit(_fit, self.classes[c].pos, self.classes[c].neg[0], self.p)] = c
         out.update((c, f.result()) for f, c in pending.items())
         return out
 
@@ -184,9 +195,9 @@ class HardNegativeMiner:
             self.classes[c].neg = [self.classes[c].negatives()]  # one block: concatenated once per retrain
         fits = self._fits(due)
         for c in due:
-            self._update(c, *fits[c], image)
+            self._update(c, *fits[c], image=image)
 
-    def _update(self, c: int, w: np.ndarray, b: float, image: int) -> None:
+    def _update(self, c: int, w: np.ndarray, b: float, converged: bool, image: int) -> None:
         cache = self.classes[c]
         neg = cache.neg[0]
         cache.w, cache.b = w, b
@@ -208,7 +219,7 @@ class HardNegativeMiner:
         cache.neg = [neg[keep]]
         record = {"class": c, "image": image, **{k: round(v, 6) for k, v in obj.items()},
                   "positives": len(cache.pos), "negatives": len(neg), "evicted": int(easy.sum()),
-                  "capped": max(over, 0)}  # fmt: skip
+                  "capped": max(over, 0), "converged": converged}  # fmt: skip
         self.history.append(record)
         log.info(
             "class %d, image %d: objective %.4f = %.4f (reg) + %.4f (pos) + %.4f (neg); %d negatives, %d evicted",

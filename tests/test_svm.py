@@ -304,3 +304,18 @@ def test_crowd_regions_and_the_proposals_inside_them_are_left_out_of_training():
     np.testing.assert_allclose(max_iou[:, 0], [1, 0, 100 / 120])  # the half-in proposal is a candidate negative
     windows = training_windows(ds, ["a"], proposals, fg_iou=0.5)
     assert windows.boxes.tolist() == boxes.tolist() and windows.labels.tolist() == [1, 0, 1]
+
+
+def test_unconverged_fits_are_counted_not_warned_once_each(recwarn):
+    """liblinear's ConvergenceWarning came once per fit (pages of them on a real run); the miner records
+    ``converged`` per retrain instead, and the stage says it once."""
+    import dataclasses
+
+    pos, imgs = problem(1)
+    capped, _ = mine(pos, imgs, p=dataclasses.replace(P, max_iter=2))
+    assert capped.history and not any(r["converged"] for r in capped.history)
+    free, _ = mine(pos, imgs)
+    assert all(r["converged"] for r in free.history)
+    from sklearn.exceptions import ConvergenceWarning
+
+    assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]
