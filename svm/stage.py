@@ -284,10 +284,13 @@ def run_svm(ctx) -> dict:
     W, b, trained = miner.model()
     degenerate = [ds.classes[c] for c in degenerate_classes(W, b, pos)]
     if degenerate:
+        advice = ("svm.C=null chooses C by cross-validation over the train images" if sc.C is not None else
+                  f"it was the best of svm.C_grid={list(sc.C_grid)} by cross-validation: the features do not separate "
+                  "these classes well (fine-tune them longer, or add larger Cs to the grid)")  # fmt: skip
         log.warning(
             "%d SVMs are degenerate (they score most of their own training positives below 0: w ~ 0): %s. C=%g is "
-            "too small for these features; svm.C=null chooses C by cross-validation over the train images", len(degenerate),
-            ", ".join(degenerate[:10]) + (" ..." if len(degenerate) > 10 else ""), chosen,
+            "too small for these features; %s", len(degenerate),
+            ", ".join(degenerate[:10]) + (" ..." if len(degenerate) > 10 else ""), chosen, advice,
         )  # fmt: skip
 
     t = time.perf_counter()
