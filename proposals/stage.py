@@ -277,14 +277,22 @@ def run_proposals(ctx) -> dict:
     compute = 0.0
     for split in splits:
         ids = ds.image_ids(split)
-        seconds, props = [], {}
+        seconds, props, sources = [], {}, {}
         for image_id in ids:
             ss = ss_store.get(image_id) if ss_store else no_boxes
             mb = mb_store.get(image_id) if mb_store else no_boxes
             seconds.append(float(ss["seconds"]) + float(mb["seconds"]))
-            props[image_id] = store.get(image_id)["boxes"]
+            entry = store.get(image_id)
+            props[image_id], sources[image_id] = entry["boxes"], entry["source"]
         items = [(*gt_for_recall(ds, i), props[i]) for i in ids]
         summary = R.recall_summary(items, ds.num_classes)
+        if ss_store is not None and mb_store is not None:  # what each source recalls alone: is MultiBox worth it?
+            summary["alone"] = {
+                name: {k: v for k, v in R.recall_summary(
+                    [(gt, lab, p[sources[i] == code]) for i, (gt, lab, p) in zip(ids, items)], ds.num_classes
+                ).items() if k in ("recall_50", "recall_70", "mabo", "boxes_per_image")}
+                for name, code in (("selective_search", SOURCE_SS), ("multibox", SOURCE_MULTIBOX))
+            }  # fmt: skip
         summary["seconds_per_image"] = float(np.mean(seconds)) if seconds else 0.0
         compute += float(np.sum(seconds))
         metrics[split] = summary
@@ -305,5 +313,8 @@ def format_summary(metrics: dict, splits: list[str]) -> str:
         m = metrics[s]
         rows.append((s, f"{m['boxes_per_image']:.0f}", f"{m['recall_50']:.3f}", f"{m['recall_70']:.3f}",
                      f"{m['mabo']:.3f}", f"{m['seconds_per_image']:.2f}"))  # fmt: skip
+        for name, a in m.get("alone", {}).items():
+            rows.append((f"  {name} alone", f"{a['boxes_per_image']:.0f}", f"{a['recall_50']:.3f}", f"{a['recall_70']:.3f}",
+                         f"{a['mabo']:.3f}", ""))  # fmt: skip
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     return "\n".join("  ".join(v.rjust(w) if k else v.ljust(w) for k, (v, w) in enumerate(zip(r, widths))) for r in rows)

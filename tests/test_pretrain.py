@@ -170,7 +170,7 @@ def test_a_missing_tree_is_a_clear_error(tmp_path, capsys):
 
 def test_presets_carry_their_recipe_and_the_command_line_wins():
     cfg = load_config(["pretrain.data=imagenette"])
-    assert cfg.pretrain.input_size == 128 and cfg.pretrain.schedule.value == "onecycle"
+    assert cfg.pretrain.input_size == 112 and cfg.pretrain.schedule.value == "onecycle" and cfg.pretrain.ema_decay is None
     assert load_config(["pretrain.data=imagenette", "pretrain.epochs=3"]).pretrain.epochs == 3
     plain = load_config(["pretrain.data=/some/tree"]).pretrain
     assert plain.input_size == 224 and plain.schedule.value == "step" and plain.lr_decay == 0.96

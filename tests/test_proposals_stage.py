@@ -41,6 +41,23 @@ def test_proposals_stage_with_multibox(tiny):
     assert mb["epochs"] == 2 and mb["num_priors"] == 6 and len(mb["history"]) == 2
     assert mb["epochs_computed_now"] == 2 and mb["train_seconds"] > 0
     assert m["images_computed_now"] == {"selective_search": 7, "multibox": 7} and m["compute_seconds"] > 0
+    # each source's recall alone, in the same run (is MultiBox worth its minutes?), against a brute-force count
+    from proposals.recall import recall_summary
+    from rcnn.config import load_config
+    from rcnn.datasets import build_dataset, gt_for_recall
+    from rcnn.store import entry_name
+
+    ds = build_dataset(load_config(["stage=proposals", *args]).dataset)
+    for split in ("train", "test"):
+        alone = m[split]["alone"]
+        assert set(alone) == {"selective_search", "multibox"}
+        assert max(a["recall_50"] for a in alone.values()) <= m[split]["recall_50"]
+        ids = ds.image_ids(ds.train_split if split == "train" else ds.test_split)
+        with_mb = []
+        for i in ids:
+            with np.load(out / "proposals" / m["key"] / "entries" / f"{entry_name(i)}.npz") as z:
+                with_mb.append((*gt_for_recall(ds, i), z["boxes"][z["source"] == 1]))
+        assert recall_summary(with_mb, ds.num_classes)["recall_50"] == alone["multibox"]["recall_50"]
 
     entries = sorted((out / "proposals" / m["key"] / "entries").glob("*.npz"))
     assert len(entries) == 7
