@@ -94,6 +94,9 @@ def _stamp(path: Path) -> str:
     return "sha256:" + content_hash(path)[:16]
 
 
+# The backbone shipped in the repository (backbone.weights=imagenette; how it is made: features/shipped.py)
+SHIPPED_PATH = Path(__file__).resolve().parent / "weights" / "googlenet-imagenette.pt"
+
 # torchvision's ImageNet file is named by the first hex digits of its sha256 (googlenet-1378be20.pth): its
 # identity, the same before and after the download and on every machine.
 IMAGENET_STAMP = "torchvision:" + os.path.basename(GoogLeNet_Weights.IMAGENET1K_V1.url)
@@ -147,12 +150,12 @@ def resolve_weights(weights: str) -> LoadedWeights:
             except BackboneError as e:
                 why = str(e.__cause__ or e).splitlines()[0][:200]
                 fetch = f"Fetch {GoogLeNet_Weights.IMAGENET1K_V1.url} to {path} for ImageNet's features."
-                if _shipped_path().is_file():
+                if SHIPPED_PATH.is_file():
                     _warn_once(
                         "backbone.weights=auto: GoogLeNet's ImageNet weights are not cached and could not be downloaded "
                         "(%s).\nUsing the backbone shipped in the repository instead (backbone.weights=imagenette: trained "
                         "on imagenette's 10 classes by stage=pretrain, %s): weaker features than ImageNet's. %s",
-                        why, _shipped_path().name, fetch,
+                        why, SHIPPED_PATH.name, fetch,
                     )
                     return _imagenette()
                 _warn_once(
@@ -160,7 +163,7 @@ def resolve_weights(weights: str) -> LoadedWeights:
                     "be downloaded (%s), and this checkout has no %s.\nUSING RANDOM INITIALISATION: features will be far "
                     "weaker than R-CNN's. %s Or train a backbone here (stage=pretrain) and pass backbone.weights=PATH.\n"
                     + "!" * 100,
-                    why, _shipped_path(), fetch,
+                    why, SHIPPED_PATH, fetch,
                 )
                 return LoadedWeights("none", None, RANDOM_INIT)
         return LoadedWeights("imagenet", str(path), IMAGENET_STAMP, NORMALIZATION_INCEPTION)
@@ -171,17 +174,9 @@ def resolve_weights(weights: str) -> LoadedWeights:
     return LoadedWeights("file", str(path.resolve()), stamp, _file_normalization(str(path.resolve()), stamp))
 
 
-# The backbone shipped in the repository (backbone.weights=imagenette; how it is made: features/shipped.py)
-SHIPPED_PATH = Path(__file__).resolve().parent / "weights" / "googlenet-imagenette.pt"
-
-
-def _shipped_path() -> Path:
-    return SHIPPED_PATH
-
-
 def _imagenette() -> LoadedWeights:
     """The shipped imagenette backbone (an error naming the file when this checkout lacks it)."""
-    path = _shipped_path()
+    path = SHIPPED_PATH
     if not path.is_file():
         raise BackboneError(f"{path}: the shipped imagenette backbone is missing from this checkout (git lfs? a partial copy?)")
     stamp = _stamp(path)
