@@ -60,6 +60,22 @@ def test_every_rcnn_run_command_parses(where, args):
     load_config(args)  # a bad key, value or preset raises ConfigError naming it
 
 
+def test_the_fast_commands_run(capsys):
+    """The commands that take seconds run as written: every `--help` form and the shipped backbone's check."""
+    from rcnn.run import main
+
+    helps = [args for _, args in RUNS if "--help" in args]
+    assert helps
+    for args in helps:
+        assert main(args) == 0
+        assert capsys.readouterr().out.startswith("usage: python -m rcnn.run")
+    from features import shipped
+    from features.backbone import SHIPPED_PATH
+
+    if SHIPPED_PATH.is_file():
+        assert shipped.main(["--check"]) == 0
+
+
 def test_every_module_named_exists():
     missing = []
     for page in PAGES:
