@@ -68,4 +68,4 @@ def write_detector(path: str | Path, parts: dict) -> Path:
     """Write ``parts`` (with this format's name and version) atomically to ``path``."""
     from .store import torch_save
 
-    return torch_save(path, check_parts({**parts, "format": FORMAT, "version": VERSION}))
+    return torch_save(path, {**parts, "format": FORMAT, "version": VERSION})
