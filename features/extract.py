@@ -19,12 +19,12 @@ from torchvision.ops import roi_align
 
 from .warp import context_boxes, normalize_image, warp_crops
 
-__all__ = ["RegionFeatures", "region_features", "features_warp", "features_roi", "warp_batch", "FEATURE_DIM"]
+__all__ = ["RegionFeatures", "region_features", "features_warp", "features_roi", "warp_batch", "FEATURE_DIM", "LAYERS"]
 
 FEATURE_DIM = 1024
 
 
-_LAYERS = [
+LAYERS = [
     "conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
     "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
     "inception5a", "inception5b",
@@ -42,8 +42,8 @@ class RegionFeatures(nn.Module):
             raise ValueError(f"features.roi_layer must be one of {', '.join(SPLITS)}, got {split!r}")
         self.net = net.eval()
         self.split = split
-        cut = _LAYERS.index(split) + 1
-        self._stem, self._head = _LAYERS[:cut], _LAYERS[cut:]
+        cut = LAYERS.index(split) + 1
+        self._stem, self._head = LAYERS[:cut], LAYERS[cut:]
 
     @property
     def stride(self) -> int:

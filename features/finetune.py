@@ -35,10 +35,10 @@ from rcnn import distributed
 from rcnn.store import torch_save
 
 from .backbone import amp_dtype, autocast
-from .extract import RegionFeatures, roi_scale
+from .extract import LAYERS, RegionFeatures, roi_scale
 from .warp import context_boxes, normalize_image, warp_crops
 
-__all__ = ["Windows", "label_windows", "FineTuner"]
+__all__ = ["Windows", "label_windows", "freeze_through", "FineTuner"]
 
 log = logging.getLogger("features.finetune")
 
@@ -102,6 +102,21 @@ def flip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
 
 
+def freeze_through(net: nn.Module, layer: str | None) -> list[nn.Module]:
+    """Keep the weights of ``net``'s layers up to and including ``layer`` (``finetune.freeze``; None: none) as
+    they are, as Fast R-CNN kept VGG's conv1-2 and detectron2 keeps its stem: the first layers' filters are
+    generic, and their backward pass is the costliest part of a step at large spatial sizes. Returns the frozen
+    layers; their BatchNorm statistics are frozen too (:meth:`FineTuner.step` keeps them in eval mode)."""
+    if layer is None:
+        return []
+    if layer not in LAYERS:
+        raise ValueError(f"finetune.freeze must be null or one of GoogLeNet's layers ({', '.join(LAYERS)}); got {layer!r}")
+    frozen = [getattr(net, name) for name in LAYERS[: LAYERS.index(layer) + 1]]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
+
+
 def param_groups(net: nn.Module, cfg) -> list[dict]:
     """SGD groups as R-CNN's fine-tuning prototxt: the new classifier (``net.fc``) at
     ``classifier_lr_mult`` x the base rate, every bias at ``bias_lr_mult`` x its layer's rate without
@@ -152,6 +167,7 @@ class FineTuner:
         if fcfg.mode.value == "warp":  # under torchrun: the whole batch's statistics on every rank
             self.model = distributed.sync_batchnorm(self.model, self.device)
         self.model.to(self.device)
+        self.frozen = freeze_through(self.model.net, cfg.freeze)
         self.logits = distributed.data_parallel(_Logits(self), self.device)
         self.windows = windows
         self.images = _ImageCache(load_image, cfg.image_cache, self.device)
@@ -262,6 +278,8 @@ class FineTuner:
                     # image at a time, whose own statistics would train a network the features never see.
                     # (Warp mode's batches are crops of many images: BatchNorm trains as on ImageNet.)
                     m.eval()
+        for m in self.frozen:
+            m.eval()
         idx = self.sample()
         flips = np.zeros(len(idx), bool)
         if self.cfg.flip and self.fcfg.mode.value == "roi":  # one flip per image: the image is flipped

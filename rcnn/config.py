@@ -392,6 +392,9 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0005  # on weights only: not on biases nor BatchNorm parameters
     dropout: float = 0.4  # before the classifier, as GoogLeNet's head (paper section 5)
+    # layers up to and including this one keep their weights and BatchNorm statistics (conv3: the stem, as Fast
+    # R-CNN kept VGG's conv1-2); null: every layer learns, as R-CNN fine-tuned
+    freeze: Optional[str] = None
     batch_size: int = 128  # windows per step
     fg_per_batch: int = 32  # foreground windows per step; the rest are background
     fg_iou: float = 0.5  # a window overlapping a ground-truth box this much takes its class

@@ -166,3 +166,29 @@ def test_fp16_fine_tuning_scales_its_loss_so_small_gradients_still_update(tmp_pa
     again = make()
     again.load(tmp_path / "ck.pt")
     assert again.scaler.get_scale() == t.scaler.get_scale()  # the scale resumes with the run
+
+
+@pytest.mark.parametrize("mode", ["warp", "roi"])
+def test_frozen_layers_keep_their_weights_and_statistics_and_the_rest_learn(tmp_path, mode):
+    make, cfg = tiny(tmp_path, mode, iterations=2)
+    cfg.finetune.freeze = "conv3"
+    t = make()
+    net = t.model.net
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for _ in range(2):
+        t.step()
+    after = net.state_dict()
+    frozen = ("conv1.", "conv2.", "conv3.")  # weights, BatchNorm scale/shift and running statistics
+    changed = {k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
+    assert not {k for k in changed if k.startswith(frozen)}
+    assert {k for k in changed if k.startswith("inception3a.")} and "fc.weight" in changed
+    assert all(not p.requires_grad for n, p in net.named_parameters() if n.startswith(frozen))
+    grouped = {id(p) for g in t.opt.param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in net.parameters() if p.requires_grad}
+
+
+def test_freezing_an_unknown_layer_names_the_choices(tmp_path):
+    make, cfg = tiny(tmp_path)
+    cfg.finetune.freeze = "conv9"
+    with pytest.raises(ValueError, match="finetune.freeze .*conv1.*'conv9'"):
+        make()

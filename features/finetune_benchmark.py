@@ -1,0 +1,148 @@
+"""One fine-tuning step by part, against what this machine's matrix-multiply rate allows.
+
+    python -m features.finetune_benchmark [--size 64] [--steps 6] [--weights imagenette]
+
+A warp-mode step as the features stage's fine-tuning runs it (``features.finetune.FineTuner``, 128 windows: 32
+foreground, 96 background, half flipped, dropout before the classifier) on synthetic 320 x 240 images, timed in
+parts: drawing the batch (data), cropping and warping the windows (warp), the network and the loss (forward),
+the gradients (backward) and SGD (optimiser). The limit is the step's arithmetic at the fp32 GEMM rate measured
+in the same run:
+
+    limit (s) = 3 x forward FLOPs of one crop (``torch.utils.flop_counter``) x 128 / GEMM rate
+
+(backward costs about twice the forward), and the fraction of the limit is limit / the median step.
+Warp-mode feature extraction (batch 64, BatchNorm folded, as the features stage) is measured beside it the same
+way: crops/s against GEMM rate / forward FLOPs per crop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbone import build_googlenet, fold_batchnorm, googlenet_gflop_per_crop
+from .benchmark import matmul_gflops, median_time
+from .extract import RegionFeatures, features_warp
+from .finetune import FineTuner, Windows
+from .warp import warp_crops
+
+PARTS = ("data", "warp", "forward", "backward", "optimiser")
+
+
+def synthetic_windows(images: int, per_image: int, width: int, height: int, seed: int = 0) -> Windows:
+    """``per_image`` random boxes of 16-160 px in each of ``images`` images, a quarter of them foreground."""
+    rng = np.random.default_rng(seed)
+    n = images * per_image
+    wh = rng.uniform(16, 160, (n, 2))
+    xy = rng.uniform(0, 1, (n, 2)) * (np.array([width, height]) - wh)
+    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    labels = np.where(rng.random(n) < 0.25, rng.integers(1, 4, n), 0)
+    return Windows(np.repeat(np.arange(images), per_image), boxes, labels)
+
+
+def finetune_settings(size: int, padding: int, freeze: str | None = None, channels_last: bool = True):
+    """The finetune and features sections of a config as the demo sets them (plain namespaces)."""
+    cfg = SimpleNamespace(
+        lr=0.01, momentum=0.9, weight_decay=0.0005, classifier_lr_mult=1.0, bias_lr_mult=1.0, step_size=10**6,
+        dropout=0.4, freeze=freeze, batch_size=128, fg_per_batch=32, flip=True, image_cache=256, roi_images_per_batch=2,
+    )  # fmt: skip
+    fcfg = SimpleNamespace(
+        mode=SimpleNamespace(value="warp"), roi_layer=SimpleNamespace(value="inception4e"), input_size=size,
+        padding=padding, precision="fp32", channels_last=channels_last,
+    )  # fmt: skip
+    return cfg, fcfg
+
+
+def timed_step(tuner: FineTuner) -> dict[str, float]:
+    """One training step of ``tuner`` (warp mode, one process), each part timed."""
+    t = {}
+    start = time.perf_counter()
+    tuner.model.train()
+    for m in tuner.frozen:
+        m.eval()
+    idx = tuner.sample()
+    flips = tuner.rng.random(len(idx)) < 0.5
+    keep = tuner._dropout(len(idx))
+    target = torch.from_numpy(tuner.windows.labels[idx])
+    t["data"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    w, f = tuner.windows, tuner.fcfg
+    batch = torch.empty((len(idx), 3, f.input_size, f.input_size))
+    for i in np.unique(w.image[idx]):
+        sel = np.flatnonzero(w.image[idx] == i)
+        batch[torch.from_numpy(sel)] = warp_crops(tuner.images(int(i)), torch.from_numpy(w.boxes[idx[sel]]), f.input_size, f.padding)
+    batch = torch.where(torch.from_numpy(flips).view(-1, 1, 1, 1), batch.flip(3), batch)
+    batch = batch.contiguous(memory_format=torch.channels_last)
+    t["warp"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    logits = tuner.model.net.fc(tuner.model(batch) * keep)
+    loss = F.cross_entropy(logits, target)
+    t["forward"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tuner.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t["backward"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tuner.opt.step()
+    tuner.sched.step()
+    t["optimiser"] = time.perf_counter() - start
+    return t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, nargs="+", default=[64], help="crop sizes to measure (px)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per size (after 2 warm-up steps)")
+    ap.add_argument("--freeze", nargs="+", default=["none"], help="finetune.freeze values to measure (none: every layer learns)")
+    ap.add_argument("--weights", default="imagenette", help="backbone.weights (the times do not depend on it)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(64)]
+    windows = synthetic_windows(len(images), 300, 320, 240)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rate_before = matmul_gflops()
+    rows = []
+    for size in args.size:
+        padding = max(1, round(size * 16 / 224))
+        steps_by_freeze = {}
+        for freeze in args.freeze:
+            net, _ = build_googlenet(args.weights)
+            cfg, fcfg = finetune_settings(size, padding, None if freeze == "none" else freeze)
+            tuner = FineTuner(net, 3, windows, lambda k: images[k], cfg, fcfg)
+            gflop = googlenet_gflop_per_crop(tuner.model, size)
+            for _ in range(2):
+                timed_step(tuner)
+            steps_by_freeze[freeze] = [timed_step(tuner) for _ in range(args.steps)]
+        folded = RegionFeatures(fold_batchnorm(build_googlenet(args.weights)[0])).to(memory_format=torch.channels_last)
+        boxes = windows.boxes[:512]
+        crops_s = len(boxes) / median_time(lambda: features_warp(folded, images[0], boxes, size, padding, 64), 3)
+        rows.append((size, gflop, steps_by_freeze, crops_s))
+    rate = max(rate_before, matmul_gflops())
+    print(f"fp32 matmul {rate:.1f} GFLOP/s (best of 20, before {rate_before:.1f})")
+    for size, gflop, steps_by_freeze, crops_s in rows:
+        limit = 3 * gflop * 128 / rate
+        print(f"\n{size} px: {gflop:.3f} GFLOP forward per crop; a step's limit (whole network) {limit:.3f} s")
+        for freeze, steps in steps_by_freeze.items():
+            parts = {p: statistics.median(s[p] for s in steps) for p in PARTS}
+            total = statistics.median(sum(s.values()) for s in steps)
+            share = "  ".join(f"{p} {parts[p]:.3f} ({parts[p] / total:.0%})" for p in PARTS)
+            print(f"  fine-tuning, freeze={freeze}: median step {total:.3f} s -> {limit / total:.0%} of the limit")
+            print(f"    {share}")
+        print(f"  features (warp, batch 64, BatchNorm folded): {crops_s:.0f} crops/s; limit {rate / gflop:.0f} "
+              f"-> {crops_s * gflop / rate:.0%} of it")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
