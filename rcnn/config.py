@@ -101,14 +101,15 @@ class DemoConfig(DatasetConfig):
 
     name: str = "demo"
     root: str = "data/demo"  # where it is generated (regenerated if the settings below change)
-    # The demo runs end to end in minutes on a CPU without ImageNet weights: small warped crops (its
-    # objects are 32-120 px) through a GoogLeNet (offline: the shipped imagenette one) fine-tuned for 250
-    # steps, every layer at 10x R-CNN's base rate (R-CNN's 10x/2x multipliers on top of it cost 17 points
-    # from random weights: BENCHMARKS.md).
+    # The demo runs end to end in 2-3 minutes on a 2-core CPU: selective search alone (MultiBox's minutes bought
+    # nothing on the test images), 200 boxes an image, small warped crops (its objects are 32-120 px) through a
+    # GoogLeNet (offline: the shipped imagenette one) fine-tuned for 150 steps of 64 windows, half of them
+    # foreground (R-CNN's quarter: 11 points fewer here), every layer at 10x R-CNN's base rate (BENCHMARKS.md).
     recipe: List[str] = field(default_factory=lambda: [
-        "features.input_size=64", "features.padding=4", "finetune.enabled=true", "finetune.iterations=250",
-        "finetune.lr=0.01", "finetune.step_size=200", "finetune.checkpoint_every=50",
-        "finetune.classifier_lr_mult=1", "finetune.bias_lr_mult=1", "auto=false",
+        "proposals.method=ss", "proposals.top_n=200", "features.input_size=64", "features.padding=4",
+        "finetune.enabled=true", "finetune.iterations=150", "finetune.step_size=120", "finetune.batch_size=64",
+        "finetune.lr=0.01", "finetune.checkpoint_every=50", "finetune.classifier_lr_mult=1", "finetune.bias_lr_mult=1",
+        "auto=false",
     ])  # fmt: skip
     seed: int = 0  # generator seed: same seed, same images
     train_images: int = 64  # images in the train split

@@ -24,3 +24,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: one torch thread a worker (the workers share the cores)
+    import torch
+
+    torch.set_num_threads(1)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = ["rcnn", "features", "proposals", "eval", "svm"]
 TOP = {
     "rcnn/run.py", "rcnn/stages.py", "rcnn/detector.py", "rcnn/detect.py",  # the entry, the stage table, the API
-    "features/benchmark.py", "features/pretrain_benchmark.py", "features/gpu_benchmark.py",  # tools
+    "features/benchmark.py", "features/finetune_benchmark.py", "features/pretrain_benchmark.py", "features/gpu_benchmark.py",  # tools
     "proposals/benchmark.py", "eval/benchmark.py", "eval/chain.py", "eval/peer.py",
 }  # fmt: skip
 

@@ -13,6 +13,7 @@ TINY = [
     "dataset.height=120",
     "dataset.min_size=24",
     "dataset.max_size=60",
+    "proposals.method=ss_multibox",  # (the demo's recipe proposes with selective search alone)
     "multibox.epochs=2",
     "multibox.input_size=64",
     "multibox.num_priors=6",
@@ -85,7 +86,7 @@ def test_proposals_stage_with_multibox(tiny):
 
 def test_selective_search_alone_and_top_n(tiny):
     args, out = tiny
-    assert main(["stage=proposals", "proposals.method=ss", "proposals.top_n=10", "proposals.splits=[test]", *args]) == 0
+    assert main(["stage=proposals", *args, "proposals.method=ss", "proposals.top_n=10", "proposals.splits=[test]"]) == 0
     m = json.loads((out / "proposals" / "metrics.json").read_text())
     assert "train" not in m and m["test"]["boxes_per_image"] <= 10
     assert not (out / "multibox").exists()

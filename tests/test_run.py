@@ -78,7 +78,7 @@ def test_help(capsys):
     # Issue #15: the defaults, not the demo recipe's values, each with its comment; the recipe apart.
     assert "  input_size: 224  # warped crop size (GoogLeNet's input)" in out
     assert "  enabled: false  # stage=all fine-tunes first" in out
-    assert "recipe, applied before your overrides (dataset.recipe=[] drops it):\n  features.input_size=64" in out
+    assert "recipe, applied before your overrides (dataset.recipe=[] drops it):\n  proposals.method=ss proposals.top_n=200" in out
     assert main(["--help", "dataset=coco128"]) == 0
     assert "root: ../shared/datasets/coco128" in capsys.readouterr().out
 
