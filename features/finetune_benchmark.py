@@ -36,10 +36,12 @@ PARTS = ("data", "warp", "forward", "backward", "optimiser")
 
 
 def synthetic_windows(images: int, per_image: int, width: int, height: int, seed: int = 0) -> Windows:
-    """``per_image`` random boxes of 16-160 px in each of ``images`` images, a quarter of them foreground."""
+    """``per_image`` random boxes (16-160 px, within the image) in each of ``images`` images, a quarter of them
+    foreground."""
     rng = np.random.default_rng(seed)
     n = images * per_image
-    wh = rng.uniform(16, 160, (n, 2))
+    largest = min(160, width, height)
+    wh = rng.uniform(min(16, largest / 2), largest, (n, 2))
     xy = rng.uniform(0, 1, (n, 2)) * (np.array([width, height]) - wh)
     boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
     labels = np.where(rng.random(n) < 0.25, rng.integers(1, 4, n), 0)

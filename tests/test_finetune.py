@@ -192,3 +192,20 @@ def test_freezing_an_unknown_layer_names_the_choices(tmp_path):
     cfg.finetune.freeze = "conv9"
     with pytest.raises(ValueError, match="finetune.freeze .*conv1.*'conv9'"):
         make()
+
+
+def test_the_step_benchmark_times_each_part_of_a_real_step():
+    from features.finetune_benchmark import PARTS, finetune_settings, synthetic_windows, timed_step
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (60, 80, 3), dtype=np.uint8) for _ in range(3)]
+    windows = synthetic_windows(3, 20, 80, 60)
+    assert windows.boxes[:, 2:].max() <= 80 and (windows.labels > 0).any() and (windows.labels == 0).any()
+    cfg, fcfg = finetune_settings(32, 2, freeze="conv3")
+    cfg.batch_size, cfg.fg_per_batch = 8, 2
+    torch.manual_seed(0)
+    t = FineTuner(build_googlenet("none")[0], 3, windows, lambda k: images[k], cfg, fcfg)
+    before = t.model.net.fc.weight.clone()
+    parts = timed_step(t)
+    assert set(parts) == set(PARTS) and all(v > 0 for v in parts.values())
+    assert not torch.equal(before, t.model.net.fc.weight)  # the optimiser's step happened
