@@ -20,19 +20,22 @@ def by_key(choices) -> dict:
     return {c.key: c.value for c in choices}
 
 
-def test_a_cpu_gets_roi_features_and_fine_tuning_scaled_to_its_boxes():
+def test_a_cpu_gets_small_warped_crops_and_fine_tuning_scaled_to_its_boxes():
     small, large = by_key(choose(SMALL, "cpu")), by_key(choose(LARGE, "cpu"))
     for r in (small, large):
-        assert r["proposals.method"] == "ss" and r["features.mode"] == "roi" and r["finetune.enabled"] is True
+        assert r["proposals.method"] == "ss" and r["features.mode"] == "warp" and r["finetune.enabled"] is True
+        assert r["features.input_size"] == 64 and r["finetune.batch_size"] == 64 and r["svm.folds"] == 2
         assert r["svm.C"] is None and r["finetune.step_size"] < r["finetune.iterations"]
-    assert small["finetune.iterations"] == 150  # 200 boxes: the floor
-    assert small["features.input_size"] == 112 and small["svm.folds"] == 2
+    assert small["finetune.iterations"] == 150  # 200 boxes x 24 looks / 32 a step = 150: the floor
     assert large["finetune.iterations"] == 600  # 5000 boxes: the CPU's ceiling
-    mid = by_key(choose(DataFacts(614, 856, 4, 44.0, 14.0, 300.0), "cpu"))  # roadsigns' training split
-    assert 150 < mid["finetune.iterations"] < 600
-    # Small objects keep small proposals and enlarge the image; large ones neither.
+    roadsigns = by_key(choose(DataFacts(614, 856, 4, 44.0, 14.0, 300.0), "cpu"))  # roadsigns' training split
+    assert roadsigns["finetune.iterations"] == 600 and roadsigns["proposals.top_n"] == 400  # as measured there
+    assert by_key(choose(DataFacts(100, 150, 1, 40.0, 20.0, 300.0), "cpu"))["finetune.iterations"] == 150
+    # Fewer training images afford more boxes an image (about 250k crops in all, within 200-1000).
+    assert small["proposals.top_n"] == 1000 and large["proposals.top_n"] == 400
+    assert by_key(choose(DataFacts(5000, 9000, 5, 40.0, 11.0, 300.0), "cpu"))["proposals.top_n"] == 200
+    # Small objects keep small proposals; large ones do not.
     assert large["proposals.ss.min_box_side"] == 8 and small["proposals.ss.min_box_side"] == 20
-    assert large["features.roi_image_size"] > 300 * 1.5 and small["features.roi_image_size"] == 300
 
 
 def test_a_gpu_gets_rcnns_warped_crops_and_multibox():
@@ -65,7 +68,7 @@ def test_the_route_is_said_recorded_and_the_command_line_wins(voc, tmp_path, cap
             f"out={tmp_path / 'run'}", "finetune.iterations=7"]  # fmt: skip
     with caplog.at_level("INFO"):
         assert main(args) == 0
-    assert "auto: settings chosen from the device and the data" in caplog.text and "features.mode=roi" in caplog.text
+    assert "auto: settings chosen from the device and the data" in caplog.text and "features.mode=warp" in caplog.text
     recipe = {r["key"]: r for r in json.loads((tmp_path / "run" / "data" / "metrics.json").read_text())["recipe"]}
     assert recipe["features.mode"]["applied"] and recipe["features.mode"]["why"]
     assert not recipe["finetune.iterations"]["applied"]  # the command line set it
