@@ -204,21 +204,24 @@ class FineTuner:
             fg, bg = self.fg, self.bg
         return np.concatenate([self._draw(fg, c.fg_per_batch), self._draw(bg, c.batch_size - c.fg_per_batch)])
 
+    def crops(self, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        """Warp mode: the context-padded crops ``[n, 3, size, size]`` (channels_last) of windows ``idx``, each
+        flipped where ``flips``."""
+        w, f, dev = self.windows, self.fcfg, self.device
+        batch = torch.empty((len(idx), 3, f.input_size, f.input_size), device=dev)
+        for i in np.unique(w.image[idx]):
+            sel = np.flatnonzero(w.image[idx] == i)
+            batch[torch.from_numpy(sel).to(dev)] = warp_crops(
+                self.images(int(i)), torch.from_numpy(w.boxes[idx[sel]]).to(dev), f.input_size, f.padding
+            )
+        batch = torch.where(torch.from_numpy(flips).to(dev).view(-1, 1, 1, 1), batch.flip(3), batch)
+        return batch.contiguous(memory_format=torch.channels_last)
+
     def _features(self, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
         """The pooled 1024-d features of windows ``idx`` (each flipped where ``flips``)."""
         w, f, dev = self.windows, self.fcfg, self.device
-        flip = torch.from_numpy(flips).to(dev).view(-1, 1, 1, 1)
         if f.mode.value == "warp":
-            crops = []
-            for i in np.unique(w.image[idx]):
-                sel = np.flatnonzero(w.image[idx] == i)
-                c = warp_crops(self.images(int(i)), torch.from_numpy(w.boxes[idx[sel]]).to(dev), f.input_size, f.padding)
-                crops.append((sel, c))
-            batch = torch.empty((len(idx), 3, f.input_size, f.input_size), device=dev)
-            for sel, c in crops:
-                batch[torch.from_numpy(sel).to(dev)] = c
-            batch = torch.where(flip, batch.flip(3), batch)
-            return self.model(batch.contiguous(memory_format=torch.channels_last))
+            return self.model(self.crops(idx, flips))
         feats = torch.empty((len(idx), 1024), device=dev)
         cells = f.input_size // self.model.stride
         for i in np.unique(w.image[idx]):

@@ -30,7 +30,6 @@ from .backbone import build_googlenet, fold_batchnorm, googlenet_gflop_per_crop
 from .benchmark import matmul_gflops, median_time
 from .extract import RegionFeatures, features_warp
 from .finetune import FineTuner, Windows
-from .warp import warp_crops
 
 PARTS = ("data", "warp", "forward", "backward", "optimiser")
 
@@ -75,13 +74,7 @@ def timed_step(tuner: FineTuner) -> dict[str, float]:
     t["data"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    w, f = tuner.windows, tuner.fcfg
-    batch = torch.empty((len(idx), 3, f.input_size, f.input_size))
-    for i in np.unique(w.image[idx]):
-        sel = np.flatnonzero(w.image[idx] == i)
-        batch[torch.from_numpy(sel)] = warp_crops(tuner.images(int(i)), torch.from_numpy(w.boxes[idx[sel]]), f.input_size, f.padding)
-    batch = torch.where(torch.from_numpy(flips).view(-1, 1, 1, 1), batch.flip(3), batch)
-    batch = batch.contiguous(memory_format=torch.channels_last)
+    batch = tuner.crops(idx, flips)
     t["warp"] = time.perf_counter() - start
 
     start = time.perf_counter()
