@@ -17,18 +17,13 @@ from torch import nn
 from torchvision.models import GoogLeNet
 from torchvision.ops import roi_align
 
+from rcnn.config import GOOGLENET_LAYERS
+
 from .warp import context_boxes, normalize_image, warp_crops
 
-__all__ = ["RegionFeatures", "region_features", "features_warp", "features_roi", "warp_batch", "FEATURE_DIM", "LAYERS"]
+__all__ = ["RegionFeatures", "region_features", "features_warp", "features_roi", "warp_batch", "FEATURE_DIM"]
 
 FEATURE_DIM = 1024
-
-
-LAYERS = [
-    "conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
-    "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
-    "inception5a", "inception5b",
-]  # fmt: skip
 SPLITS = {"inception4e": 16, "inception5a": 32, "inception5b": 32}  # split layer -> its stride
 
 
@@ -42,8 +37,8 @@ class RegionFeatures(nn.Module):
             raise ValueError(f"features.roi_layer must be one of {', '.join(SPLITS)}, got {split!r}")
         self.net = net.eval()
         self.split = split
-        cut = LAYERS.index(split) + 1
-        self._stem, self._head = LAYERS[:cut], LAYERS[cut:]
+        cut = GOOGLENET_LAYERS.index(split) + 1
+        self._stem, self._head = GOOGLENET_LAYERS[:cut], GOOGLENET_LAYERS[cut:]
 
     @property
     def stride(self) -> int:

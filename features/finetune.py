@@ -32,10 +32,11 @@ from torchvision.ops import roi_align
 
 from rcnn import boxes as B
 from rcnn import distributed
+from rcnn.config import GOOGLENET_LAYERS
 from rcnn.store import torch_save
 
 from .backbone import amp_dtype, autocast
-from .extract import LAYERS, RegionFeatures, roi_scale
+from .extract import RegionFeatures, roi_scale
 from .warp import context_boxes, normalize_image, warp_crops
 
 __all__ = ["Windows", "label_windows", "freeze_through", "FineTuner"]
@@ -109,9 +110,9 @@ def freeze_through(net: nn.Module, layer: str | None) -> list[nn.Module]:
     layers; their BatchNorm statistics are frozen too (:meth:`FineTuner.step` keeps them in eval mode)."""
     if layer is None:
         return []
-    if layer not in LAYERS:
-        raise ValueError(f"finetune.freeze must be null or one of GoogLeNet's layers ({', '.join(LAYERS)}); got {layer!r}")
-    frozen = [getattr(net, name) for name in LAYERS[: LAYERS.index(layer) + 1]]
+    if layer not in GOOGLENET_LAYERS:  # (the config says so before any work; this is for direct callers)
+        raise ValueError(f"finetune.freeze must be null or one of GoogLeNet's layers ({', '.join(GOOGLENET_LAYERS)}); got {layer!r}")
+    frozen = [getattr(net, name) for name in GOOGLENET_LAYERS[: GOOGLENET_LAYERS.index(layer) + 1]]
     for module in frozen:
         module.requires_grad_(False)
     return frozen

@@ -273,6 +273,14 @@ class PretrainConfig:
 INTERPOLATIONS = ("bilinear", "area", "nearest", "cubic")  # pretrain.interpolations: how a training crop is resized
 TEST_SCHEMES = ("center", "10crop", "144crop")  # pretrain.test_schemes: the paper's test crops
 
+# GoogLeNet's layers in forward order: features/extract.py splits the network by these names, finetune.freeze
+# takes one of them
+GOOGLENET_LAYERS = (
+    "conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
+    "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
+    "inception5a", "inception5b",
+)  # fmt: skip
+
 
 class SSBackend(Enum):
     opencv = "opencv"  # OpenCV ximgproc building blocks (fast, C++)
@@ -752,6 +760,8 @@ def _validate(cfg: DictConfig) -> DictConfig:
         ("svm.target_norm", cfg.svm.target_norm > 0, "> 0"),
         ("svm.retrain_limit", cfg.svm.retrain_limit >= 0, ">= 0"),
         ("svm.max_negatives", cfg.svm.max_negatives is None or cfg.svm.max_negatives >= 1, ">= 1 or null"),
+        ("finetune.freeze", cfg.finetune.freeze is None or cfg.finetune.freeze in GOOGLENET_LAYERS,
+         f"null or one of GoogLeNet's layers ({', '.join(GOOGLENET_LAYERS)})"),
         ("detect.nms_iou", 0 < cfg.detect.nms_iou <= 1, "in (0, 1]"),
         ("eval.top_multiple", cfg.eval.top_multiple > 0, "> 0"),
         ("eval.gallery_size", cfg.eval.gallery_size >= 0, ">= 0"),
