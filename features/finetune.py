@@ -272,8 +272,8 @@ class FineTuner:
         self.rng = rng
         self.model.eval()
 
-    def step(self) -> dict:
-        start = time.perf_counter()
+    def train_mode(self) -> None:
+        """The network as a step trains it: training mode, but BatchNorm frozen in roi mode and in frozen layers."""
         self.model.train()
         if self.fcfg.mode.value == "roi":
             for m in self.model.modules():
@@ -284,6 +284,10 @@ class FineTuner:
                     m.eval()
         for m in self.frozen:
             m.eval()
+
+    def step(self) -> dict:
+        start = time.perf_counter()
+        self.train_mode()
         idx = self.sample()
         flips = np.zeros(len(idx), bool)
         if self.cfg.flip and self.fcfg.mode.value == "roi":  # one flip per image: the image is flipped

@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from rcnn.config import load_config
 
 from .backbone import build_googlenet, fold_batchnorm, googlenet_gflop_per_crop
 from .benchmark import matmul_gflops, median_time
@@ -47,26 +48,22 @@ def synthetic_windows(images: int, per_image: int, width: int, height: int, seed
     return Windows(np.repeat(np.arange(images), per_image), boxes, labels)
 
 
-def finetune_settings(size: int, padding: int, freeze: str | None = None, channels_last: bool = True):
-    """The finetune and features sections of a config as the demo sets them (plain namespaces)."""
-    cfg = SimpleNamespace(
-        lr=0.01, momentum=0.9, weight_decay=0.0005, classifier_lr_mult=1.0, bias_lr_mult=1.0, step_size=10**6,
-        dropout=0.4, freeze=freeze, batch_size=128, fg_per_batch=32, flip=True, image_cache=256, roi_images_per_batch=2,
-    )  # fmt: skip
-    fcfg = SimpleNamespace(
-        mode=SimpleNamespace(value="warp"), roi_layer=SimpleNamespace(value="inception4e"), input_size=size,
-        padding=padding, precision="fp32", channels_last=channels_last,
-    )  # fmt: skip
-    return cfg, fcfg
+def finetune_settings(size: int, padding: int, freeze: str | None = None):
+    """The finetune and features sections of the config for a warp-mode step of R-CNN's 128 windows (32
+    foreground) at ``size`` px, fp32, with the demo's rates."""
+    cfg = load_config([
+        "dataset.recipe=[]", "auto=false", "features.mode=warp", f"features.input_size={size}",
+        f"features.padding={padding}", "features.precision=fp32", "finetune.lr=0.01", "finetune.classifier_lr_mult=1",
+        "finetune.bias_lr_mult=1", f"finetune.freeze={freeze or 'null'}",
+    ])  # fmt: skip
+    return cfg.finetune, cfg.features
 
 
 def timed_step(tuner: FineTuner) -> dict[str, float]:
     """One training step of ``tuner`` (warp mode, one process), each part timed."""
     t = {}
     start = time.perf_counter()
-    tuner.model.train()
-    for m in tuner.frozen:
-        m.eval()
+    tuner.train_mode()
     idx = tuner.sample()
     flips = tuner.rng.random(len(idx)) < 0.5
     keep = tuner._dropout(len(idx))
