@@ -189,8 +189,18 @@ class FineTuner:
 
     # -- batches -----------------------------------------------------------------------------------
 
-    def _draw(self, pool: np.ndarray, n: int) -> np.ndarray:
-        return self.rng.choice(pool, size=n, replace=len(pool) < n)
+    def _draw(self, pool: np.ndarray, n: int, p: np.ndarray | None = None) -> np.ndarray:
+        # weighted draws are with replacement: without, a rare class could fill no more than its windows
+        return self.rng.choice(pool, size=n, replace=len(pool) < n or p is not None, p=p)
+
+    def _class_weights(self, fg: np.ndarray) -> np.ndarray | None:
+        """Probabilities of drawing each of the foreground windows ``fg``: ``n_c ** -fg_balance`` normalised
+        (``n_c``: the windows of its class in ``fg``); None (uniform) when ``fg_balance`` is 0."""
+        if not self.cfg.fg_balance:
+            return None
+        labels = self.windows.labels[fg]
+        w = np.bincount(labels)[labels].astype(np.float64) ** -float(self.cfg.fg_balance)
+        return w / w.sum()
 
     def sample(self) -> np.ndarray:
         """Window indices of one batch: ``fg_per_batch`` foreground then the rest background."""
@@ -203,7 +213,9 @@ class FineTuner:
             bg = bg if len(bg) else self.bg
         else:
             fg, bg = self.fg, self.bg
-        return np.concatenate([self._draw(fg, c.fg_per_batch), self._draw(bg, c.batch_size - c.fg_per_batch)])
+        return np.concatenate(
+            [self._draw(fg, c.fg_per_batch, self._class_weights(fg)), self._draw(bg, c.batch_size - c.fg_per_batch)]
+        )
 
     def crops(self, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
         """Warp mode: the context-padded crops ``[n, 3, size, size]`` (channels_last) of windows ``idx``, each

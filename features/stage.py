@@ -100,9 +100,12 @@ def build_model(cfg, weights: LoadedWeights) -> tuple[RegionFeatures, dict, torc
 
 
 def resolved_feature_settings(fc, device: torch.device) -> dict:
-    """The feature settings that shape the features (precision resolved for this machine)."""
+    """The feature settings that shape the features (precision resolved for this machine; the roi-only ones
+    left out in warp mode, where they shape nothing)."""
     settings = {k: v for k, v in to_dict(fc).items() if k not in ("batch_size", "loader_workers")}
     settings["precision"] = precision_name(amp_dtype(fc.precision, device))
+    if fc.mode.value == "warp":
+        settings.pop("roi_layer"), settings.pop("roi_image_size"), settings.pop("roi_max_size")
     return settings
 
 
@@ -226,8 +229,6 @@ def run_features(ctx) -> dict:
     loaded = backbone_weights(ctx, proposals)
     model, weights, device = build_model(cfg, loaded)
     settings = resolved_feature_settings(fc, device)
-    if fc.mode.value == "warp":
-        settings.pop("roi_layer"), settings.pop("roi_image_size"), settings.pop("roi_max_size")
     store = StageStore(
         ctx.run_dir, "features", {"features": settings, "backbone": weights},
         inputs={"proposals": proposals.key}, version=FORMAT_VERSION,

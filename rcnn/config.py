@@ -406,6 +406,10 @@ class FinetuneConfig:
     freeze: Optional[str] = None
     batch_size: int = 128  # windows per step
     fg_per_batch: int = 32  # foreground windows per step; the rest are background
+    # how evenly the classes share those: a foreground window is drawn with weight n_c ** -fg_balance (n_c: its
+    # class's foreground windows): 0 = uniform over windows, as R-CNN (a frequent class fills most batches),
+    # 1 = every class equally often
+    fg_balance: float = 0.0
     fg_iou: float = 0.5  # a window overlapping a ground-truth box this much takes its class
     flip: bool = True  # random horizontal flips (roi mode: of the whole image and its boxes)
     checkpoint_every: int = 200  # steps between checkpoints (and a last one at the end)
@@ -762,6 +766,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
         ("svm.max_negatives", cfg.svm.max_negatives is None or cfg.svm.max_negatives >= 1, ">= 1 or null"),
         ("finetune.freeze", cfg.finetune.freeze is None or cfg.finetune.freeze in GOOGLENET_LAYERS,
          f"null or one of GoogLeNet's layers ({', '.join(GOOGLENET_LAYERS)})"),
+        ("finetune.fg_balance", cfg.finetune.fg_balance >= 0, ">= 0 (0 uniform over windows, 1 every class alike)"),
         ("detect.nms_iou", 0 < cfg.detect.nms_iou <= 1, "in (0, 1]"),
         ("eval.top_multiple", cfg.eval.top_multiple > 0, "> 0"),
         ("eval.gallery_size", cfg.eval.gallery_size >= 0, ">= 0"),

@@ -186,10 +186,12 @@ def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStor
                 parts.append((np.full(len(scores), k), labels, scores, boxes))
                 gts.append((a.boxes, a.labels, a.difficult))
             dets = Detections(*(np.concatenate([p[j] for p in parts]) for j in range(4)))
-            m = voc_eval(dets, gts, ds.num_classes, use_07_metric=True)["map"]
+            scored = voc_eval(dets, gts, ds.num_classes, use_07_metric=True)
+            m = scored["map"]
             objects = sum(len(gt_for_recall(ds, i)[0]) for i in held)
             done.append({"C": float(C), "fold": f, "images": len(held), "objects": objects,
                          "voc07_map": None if np.isnan(m) else round(float(m), 4),
+                         "per_class": {ds.classes[c]: round(float(a), 4) for c, a in enumerate(scored["ap"]) if not np.isnan(a)},
                          "degenerate_classes": [ds.classes[c] for c in degenerate_classes(W, b, pos)],
                          "seconds": round(time.perf_counter() - t, 1)})  # fmt: skip
             log.info("C=%g, fold %d of %d: VOC07 mAP %.4f on its %d images", C, f + 1, len(parts_of), m, len(held))

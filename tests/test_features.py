@@ -8,8 +8,9 @@ import torch
 from features import backbone as BB
 from features.backbone import BackboneError, build_googlenet, trunk
 from features.extract import RegionFeatures, features_roi, features_warp
-from features.stage import gt_entry
+from features.stage import gt_entry, resolved_feature_settings
 from features.warp import context_boxes, warp_crops
+from rcnn.config import load_config
 from rcnn.run import main
 from rcnn.store import StageStore
 
@@ -219,3 +220,15 @@ def test_roi_mode_caps_the_longer_side_so_a_panorama_fits():
     rgb = np.random.default_rng(0).integers(0, 256, (600, 6000, 3), dtype=np.uint8)
     feats = features_roi(model, rgb, np.array([[0, 0, 300, 300], [5000, 100, 6000, 600]], np.float32), 64, 4)
     assert seen == [(100, 1000)] and feats.shape == (2, 1024)
+
+
+def test_roi_only_settings_shape_no_warp_key():
+    """The features' and the fine-tuned network's keys read these settings: in warp mode the roi pooling's layer
+    and image size shape nothing, so they must not split the cache (the route leaves them at any value)."""
+    def settings(*overrides):
+        return resolved_feature_settings(load_config(["dataset.recipe=[]", *overrides]).features, torch.device("cpu"))
+
+    assert settings("features.mode=warp") == settings("features.mode=warp", "features.roi_image_size=400",
+                                                      "features.roi_layer=inception4e")  # fmt: skip
+    assert settings("features.mode=roi") != settings("features.mode=roi", "features.roi_image_size=400")
+    assert settings("features.mode=warp") != settings("features.mode=warp", "features.input_size=112")

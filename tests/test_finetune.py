@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from features.backbone import build_googlenet
-from features.finetune import FineTuner, label_windows
+from features.finetune import FineTuner, Windows, label_windows
 from rcnn.config import load_config
 from rcnn.run import main
 
@@ -45,6 +45,20 @@ def test_batches_have_the_asked_foreground_share(tmp_path):
     idx = t.sample()
     assert len(idx) == 8
     assert (t.windows.labels[idx[:2]] > 0).all() and (t.windows.labels[idx[2:]] == 0).all()
+
+
+@pytest.mark.parametrize("balance, share", [(0.0, 0.9), (0.5, 0.75), (1.0, 0.5)])
+def test_foreground_classes_share_batches_as_fg_balance_asks(balance, share):
+    # 90 windows of class 1, 10 of class 2, 100 background: class 1's share of the foreground draws is
+    # 90 * 90**-b / (90 * 90**-b + 10 * 10**-b): 0.9 uniform, 0.75 at b = 0.5, 0.5 balanced
+    labels = np.array([1] * 90 + [2] * 10 + [0] * 100)
+    windows = Windows(np.zeros(200, np.int64), np.tile([0, 0, 10, 10], (200, 1)).astype(np.float32), labels)
+    cfg = load_config(["dataset.recipe=[]", "finetune.batch_size=64", "finetune.fg_per_batch=32", f"finetune.fg_balance={balance}"])
+    t = FineTuner(build_googlenet("none")[0], 2, windows, lambda k: None, cfg.finetune, cfg.features, seed=0)
+    drawn = np.concatenate([t.sample() for _ in range(200)])
+    fg = labels[drawn][labels[drawn] > 0]
+    assert len(fg) == 200 * 32 and (labels[drawn] == 0).sum() == 200 * 32
+    assert abs(np.mean(fg == 1) - share) < 0.02
 
 
 @pytest.mark.parametrize("mode", ["warp", "roi"])

@@ -30,6 +30,7 @@ def test_a_cpu_gets_small_warped_crops_and_fine_tuning_scaled_to_its_boxes():
     assert large["finetune.iterations"] == 600  # 5000 boxes: the CPU's ceiling
     roadsigns = by_key(choose(DataFacts(614, 856, 4, 44.0, 14.0, 300.0), "cpu"))  # roadsigns' training split
     assert roadsigns["finetune.iterations"] == 600 and roadsigns["proposals.top_n"] == 400  # as measured there
+    assert roadsigns["proposals.ss.merge_iou"] == 0.7 and "proposals.ss.merge_iou" not in by_key(choose(LARGE, "cuda"))
     assert by_key(choose(DataFacts(100, 150, 1, 40.0, 20.0, 300.0), "cpu"))["finetune.iterations"] == 150
     # Fewer training images afford more boxes an image (about 250k crops in all, within 200-1000).
     assert small["proposals.top_n"] == 1000 and large["proposals.top_n"] == 400
