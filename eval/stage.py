@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import math
 import shutil
 import time
@@ -13,9 +13,9 @@ from pathlib import Path
 from rcnn.datasets.stage import data_store
 from rcnn.store import StageStore, atomic_write
 
+from .analyze import ANALYSIS_VERSION, MULTIPLES, findings
 from .coco import coco_eval
 from .detections import ground_truth, load_detections
-from .analyze import ANALYSIS_VERSION, MULTIPLES, findings
 from .report import markdown, plot_errors, plot_pr, plot_pr_breakdown, plot_sensitivity
 from .voc import ilsvrc_eval, voc_eval
 

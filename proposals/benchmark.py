@@ -18,8 +18,8 @@ import platform
 import sys
 import time
 
-from rcnn.datasets import split_names
 from rcnn.config import load_config
+from rcnn.datasets import split_names
 from rcnn.stages import RunContext, run_stage
 
 METHODS = {

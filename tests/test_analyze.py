@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from eval.analyze import (
-    ERRORS, class_groups, classify_errors, error_curve, error_shares, percentile_bins, pr_breakdown, sensitivity,
+    ERRORS,
+    class_groups,
+    classify_errors,
+    error_curve,
+    error_shares,
+    percentile_bins,
+    pr_breakdown,
+    sensitivity,
 )  # fmt: skip
 from eval.detections import ground_truth
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rcnn.parallel import process_images
 from rcnn import store as store_module
+from rcnn.parallel import process_images
 from rcnn.store import StageStore, StoreError, atomic_write, entry_name
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,12 @@ import torch
 from torchvision.models import googlenet
 
 from features import backbone as BB
-from features.backbone import NORMALIZATION_IMAGENET, NORMALIZATION_INCEPTION, build_googlenet, resolve_weights
+from features.backbone import (
+    NORMALIZATION_IMAGENET,
+    NORMALIZATION_INCEPTION,
+    build_googlenet,
+    resolve_weights,
+)
 from features.extract import RegionFeatures, features_warp
 from proposals.multibox import cluster_priors, export_model, load_model, predict, train_multibox
 from rcnn.detector import Detector
