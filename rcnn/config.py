@@ -453,7 +453,9 @@ class Scores(Enum):
 
 @dataclass
 class DetectConfig:
-    scores: Scores = Scores.svm  # what scores a region: svm | softmax (needs a detector trained after fine-tuning)
+    # what scores a region: svm | softmax (needs a detector trained after fine-tuning); null = the detector's own
+    # default, what its training run scored with (detector files from before it: svm)
+    scores: Optional[Scores] = None
     box_regression: bool = True  # apply the detector's box regressors (when it has them)
     nms_iou: float = 0.3  # per-class greedy NMS
     max_per_class: Optional[int] = 100  # per image and class, its best boxes before NMS (rcnn_test.m); null = all
@@ -462,7 +464,8 @@ class DetectConfig:
     max_per_class_split: Optional[float] = 40  # per class over the test split, in detections per test image:
     # the best kept (rcnn_test.m: 100,000 per 2,500 images = 40; its ILSVRC runs 30,000 over 20k = 1.5); null = all
     score_threshold: Optional[float] = None  # drop detections scoring below this; null = keep all (for mAP)
-    draw_threshold: float = 0.0  # image=PATH: boxes drawn in the PNGs score above this (SVM margin)
+    # image=PATH: boxes drawn in the PNGs score above this; null = 0 with SVM scores (the margin), 0.5 with softmax
+    draw_threshold: Optional[float] = None
 
 
 class CocoBackend(Enum):

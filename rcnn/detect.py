@@ -53,16 +53,23 @@ def detector_files(ctx) -> list[Path]:
 
 
 def load_members(ctx, files: list[Path]) -> list[Detector]:
-    members = [Detector.load(p, ctx.cfg.device.value, ctx.cfg.detect.scores.value) for p in files]
+    scores = ctx.cfg.detect.scores.value if ctx.cfg.detect.scores else None  # None: each detector's own
+    members = [Detector.load(p, ctx.cfg.device.value, scores) for p in files]
     check_ensemble(members)  # before any work
     return members
 
 
-def _settings(ctx) -> dict:
+def _settings(ctx, members: list[Detector]) -> dict:
     d = ctx.cfg.detect
     return {"nms_iou": d.nms_iou, "max_per_image": d.max_per_image, "max_per_class": d.max_per_class,
             "max_per_class_split": d.max_per_class_split, "box_regression": d.box_regression,
-            "score_threshold": d.score_threshold, "scores": d.scores.value}  # fmt: skip
+            "score_threshold": d.score_threshold, "scores": members[0].scores}  # fmt: skip
+
+
+def draw_threshold(ctx, members: list[Detector]) -> float:
+    """``detect.draw_threshold``, or by the kind of the scores: the SVM margin 0, or a probability of 0.5."""
+    t = ctx.cfg.detect.draw_threshold
+    return float(t) if t is not None else (0.5 if members[0].scores == "softmax" else 0.0)
 
 
 def run_detect(ctx) -> dict:
@@ -94,7 +101,7 @@ def detect_split(ctx) -> dict:
     proposals = StageStore.open(ctx.run_dir, "proposals", run_stage(ctx, "proposals")["key"])
     caches = [_cached_features(ctx, m, proposals.key) for m in members]
     store = StageStore(
-        ctx.run_dir, "detect", {"detect": _settings(ctx), "detectors": [_file_hash(p) for p in files]},
+        ctx.run_dir, "detect", {"detect": _settings(ctx, members), "detectors": [_file_hash(p) for p in files]},
         inputs={"proposals": proposals.key}, version=FORMAT_VERSION,
     )  # fmt: skip
     split = ds.test_split
@@ -243,6 +250,7 @@ def detect_files(ctx) -> dict:
     listed = image_files(cfg.image)
     files = _readable(listed)
     members = load_members(ctx, detector_files(ctx))
+    threshold = draw_threshold(ctx, members)
     category_ids = list(members[0].parts["category_ids"])
     out_dir = ctx.run_dir / "detect" / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +268,7 @@ def detect_files(ctx) -> dict:
         det = detect_image(members, rgb, None, d.nms_iou, d.max_per_image, d.box_regression, d.score_threshold,
                            d.max_per_class)  # fmt: skip
         seconds.append(time.perf_counter() - t)
-        shown = det.scores > d.draw_threshold
+        shown = det.scores > threshold
         names = [n for n, keep in zip(det.names, shown) if keep]
         write_png(out_dir / f"{path.stem}.png", draw_detections(rgb, det.boxes[shown], names, det.scores[shown]))
         drawn[path.name] = {"drawn": int(shown.sum()), "best_score": round(float(det.scores.max()), 4) if len(det.scores) else None}
@@ -276,6 +284,8 @@ def detect_files(ctx) -> dict:
         "skipped": [p.name for p in listed if p not in files] + skipped,
         "detections": len(results),
         "drawn_per_image": drawn,
+        "scores": members[0].scores,
+        "draw_threshold": threshold,
         "seconds_per_image": round(float(np.median(seconds)), 3) if seconds else None,
         "output": str(out_dir),
     }
@@ -286,6 +296,6 @@ def detect_files(ctx) -> dict:
     if len(drawn) > 20:
         print(f"  ... and {len(drawn) - 20} more (metrics.json: drawn_per_image)")
     empty = sum(not r["drawn"] for r in drawn.values())
-    print(f"detect: {len(drawn)} image(s), {len(results)} detections; boxes scoring above {d.draw_threshold} drawn in "
+    print(f"detect: {len(drawn)} image(s), {len(results)} detections; boxes scoring above {threshold} drawn in "
           f"{out_dir}" + (f"; {empty} image(s) with none drawn: lower detect.draw_threshold to see weaker ones" if empty else ""))  # fmt: skip
     return metrics

@@ -41,7 +41,7 @@ class ImageDetections:
 class Detector:
     """A loaded detector file; call it on an image (path or RGB uint8 array)."""
 
-    def __init__(self, parts: dict, device: str = "auto", scores: str = "svm"):
+    def __init__(self, parts: dict, device: str = "auto", scores: str | None = None):
         check_parts(parts)
         self.parts = parts
         self.classes: list[str] = list(parts["classes"])
@@ -55,6 +55,7 @@ class Detector:
             self.reg_w.transpose(1, 0, 2).reshape(self.reg_w.shape[1], -1))  # fmt: skip
         self.features_cfg: dict = dict(parts["features"])
         classifier = parts.get("classifier")  # the fine-tuned network's (N+1)-way softmax, when it had one
+        scores = scores or parts.get("scores", "svm")  # (None: what its training run scored with)
         if scores not in ("svm", "softmax"):
             raise DetectorError(f"scores must be svm or softmax, got {scores!r}")
         if scores == "softmax" and classifier is None:
@@ -71,7 +72,7 @@ class Detector:
     # -- file -----------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", scores: str = "svm") -> "Detector":
+    def load(cls, path: str | Path, device: str = "auto", scores: str | None = None) -> "Detector":
         parts = read_detector(path)
         try:
             det = cls(parts, device, scores)
@@ -190,10 +191,13 @@ def _as_rgb(image) -> np.ndarray:
 
 
 def check_ensemble(members: Sequence[Detector]) -> None:
-    """Detectors whose scores are averaged must share their classes."""
+    """Detectors whose scores are averaged must share their classes and the kind of their scores."""
     for m in members[1:]:
         if m.classes != members[0].classes:
             raise DetectorError(f"{m.path or 'a detector'}: its classes differ from the ensemble's first detector's")
+        if m.scores != members[0].scores:
+            raise DetectorError(f"{m.path or 'a detector'}: scores with {m.scores}, the ensemble's first detector with "
+                                f"{members[0].scores}: set detect.scores for all of them")  # fmt: skip
 
 
 def ensemble_outputs(

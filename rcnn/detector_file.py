@@ -13,6 +13,8 @@ A detector file (``torch.save`` of plain tensors, lists and strings; read with `
     proposals         how to propose boxes in a new image: method, selective search settings, top_n,
                       merge_iou, and the MultiBox model (state dict + priors) when the method uses it
     features_key      the features stage key the SVMs were trained on (detect reuses that cache)
+    classifier        the fine-tuned network's (N+1)-way classifier (weight, bias), or None
+    scores            how it scores where ``detect.scores`` is null: "svm" or "softmax" (absent: svm)
     config            the YAML of the configuration that made it
 
 ``svm/stage.py`` assembles the parts and writes them here; :class:`rcnn.detector.Detector` reads them here.

@@ -243,8 +243,10 @@ def run_svm(ctx) -> dict:
     features_metrics = run_stage(ctx, "features")
     features = StageStore.open(ctx.run_dir, "features", features_metrics["key"])
     proposals = StageStore.open(ctx.run_dir, "proposals", features.identity["inputs"]["proposals"])
+    asked_scores = cfg.detect.scores.value if cfg.detect.scores else None  # the detector's default, below
     store = StageStore(
-        ctx.run_dir, "svm", {"svm": {k: v for k, v in to_dict(cfg.svm).items() if k != "checkpoint_seconds"}, "seed": cfg.seed},
+        ctx.run_dir, "svm", {"svm": {k: v for k, v in to_dict(cfg.svm).items() if k != "checkpoint_seconds"}, "seed": cfg.seed,
+                             "scores": asked_scores},
         inputs={"features": features.key},
         version=FORMAT_VERSION,
     )  # fmt: skip
@@ -308,6 +310,7 @@ def run_svm(ctx) -> dict:
 
     weights = weights_used(features.identity["config"]["backbone"], features_metrics.get("backbone_path"))
     net, _ = build_googlenet(weights)
+    classifier = _classifier(weights, C)
     parts = {
         "classes": list(ds.classes), "category_ids": [int(x) if isinstance(x, (int, np.integer)) else str(x) for x in ds.category_ids],
         "backbone": net.state_dict(), "normalization": weights.normalization,
@@ -317,7 +320,9 @@ def run_svm(ctx) -> dict:
         "svm_w": torch.from_numpy(W * scale), "svm_b": torch.from_numpy(b),
         "reg_w": torch.from_numpy(reg_w) if sc.regression else None,
         "reg_b": torch.from_numpy(reg_b) if sc.regression else None,
-        "classifier": _classifier(weights, C),
+        "classifier": classifier,
+        # how the detector scores where detect.scores is null: as this run asked, where it has the classifier
+        "scores": asked_scores if asked_scores and classifier is not None else "svm",
         "proposals": _proposal_parts(ctx), "features_key": features.key,
         "config": OmegaConf.to_yaml(cfg),
     }  # fmt: skip

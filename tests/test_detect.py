@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rcnn import boxes as B
-from rcnn.detector import Detector, DetectorError, postprocess
+from rcnn.detector import Detector, DetectorError, check_ensemble, postprocess
 from rcnn.run import main
 from rcnn.store import StageStore
 from svm.box_regression import decode
@@ -136,6 +136,19 @@ def test_a_later_stage_builds_the_chain_stage_all_would_fine_tuning_included(tmp
     ref = torch.softmax(torch.from_numpy(feats) @ torch.from_numpy(det.cls_w).T + torch.from_numpy(det.cls_b).float(), 1)
     np.testing.assert_allclose(det.score(feats), ref[:, 1:].numpy(), rtol=1e-4, atol=1e-6)
     assert det.score(feats).shape == (7, det.num_classes)
+
+    # That run trained its detector to score with softmax: the file says so, and a detection with it scores so
+    # where detect.scores is not given, drawing the boxes above a probability of 0.5 rather than the SVM margin 0.
+    from tests.fakes import write_image
+
+    path = run / "svm" / "detector.pt"
+    assert Detector.load(path).scores == "softmax" and Detector.load(path, scores="svm").scores == "svm"
+    write_image(tmp_path / "photo.jpg", 120, 90, seed=1)
+    assert main([*args, "stage=detect", f"out={tmp_path / 'img'}", f"image={tmp_path / 'photo.jpg'}", f"detector={path}"]) == 0
+    m = json.loads((tmp_path / "img" / "detect" / "images" / "metrics.json").read_text())
+    assert m["scores"] == "softmax" and m["draw_threshold"] == 0.5
+    with pytest.raises(DetectorError, match="scores with svm"):  # probabilities are not averaged with margins
+        check_ensemble([Detector.load(path), Detector.load(path, scores="svm")])
 
 
 def test_box_regression_deltas_match_a_loop_over_classes(trained):

@@ -31,6 +31,7 @@ def test_a_cpu_gets_small_warped_crops_and_fine_tuning_scaled_to_its_boxes():
     roadsigns = by_key(choose(DataFacts(614, 856, 4, 44.0, 14.0, 300.0), "cpu"))  # roadsigns' training split
     assert roadsigns["finetune.iterations"] == 600 and roadsigns["proposals.top_n"] == 400  # as measured there
     assert roadsigns["proposals.ss.merge_iou"] == 0.7 and "proposals.ss.merge_iou" not in by_key(choose(LARGE, "cuda"))
+    assert roadsigns["detect.scores"] == "softmax" and "detect.scores" not in by_key(choose(LARGE, "cuda"))
     assert by_key(choose(DataFacts(100, 150, 1, 40.0, 20.0, 300.0), "cpu"))["finetune.iterations"] == 150
     # Fewer training images afford more boxes an image (about 250k crops in all, within 200-1000).
     assert small["proposals.top_n"] == 1000 and large["proposals.top_n"] == 400
@@ -74,6 +75,22 @@ def test_the_route_is_said_recorded_and_the_command_line_wins(voc, tmp_path, cap
     assert recipe["features.mode"]["applied"] and recipe["features.mode"]["why"]
     assert not recipe["finetune.iterations"]["applied"]  # the command line set it
     assert "kept as given: finetune.iterations" in caplog.text
+
+
+def test_detecting_with_a_trained_detector_leaves_its_scoring_to_the_detector(voc, tmp_path):
+    """The route's detect.* choices are for a run that trains its own detector; with detector=, ensemble= or
+    image= the detector file's own scoring applies (a detector trained without fine-tuning has no softmax)."""
+    from rcnn.datasets import build_dataset
+    from rcnn.recipe import route
+
+    base = ["dataset=voc", f"dataset.root={voc}", "dataset.train_split=train", "device=cpu"]
+    ds = build_dataset(load_config(base).dataset)
+    trains, _ = route(load_config(base), base, ds)
+    assert "detect.scores=softmax" in trains
+    for given in ("detector=a/detector.pt", "image=photo.jpg", "ensemble=[a.pt,b.pt]"):
+        detects, record = route(load_config([*base, given]), [*base, given], ds)
+        assert not [o for o in detects if o.startswith("detect.")] and "features.mode=warp" in detects
+        assert "detect.scores" not in {r["key"] for r in record}
 
 
 def test_auto_false_keeps_rcnns_defaults(voc, tmp_path, caplog):
