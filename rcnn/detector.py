@@ -27,7 +27,8 @@ __all__ = ["Detector", "ImageDetections", "postprocess", "FORMAT", "VERSION", "D
 @dataclass(frozen=True)
 class ImageDetections:
     """One image's detections, best score first: boxes float32 ``[K, 4]`` (continuous xyxy pixels),
-    scores ``[K]`` (SVM margins), labels int64 ``[K]`` and their class names."""
+    scores ``[K]`` (SVM margins, or probabilities from a detector that scores with its fine-tuned classifier),
+    labels int64 ``[K]`` and their class names."""
 
     boxes: np.ndarray
     scores: np.ndarray
