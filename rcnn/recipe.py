@@ -179,6 +179,8 @@ def route(cfg, argv: list[str], ds) -> tuple[list[str], list[dict]]:
     if cfg.image or cfg.detector or cfg.ensemble:  # detecting with a trained detector: it scores as it was trained
         choices = [c for c in choices if not c.key.startswith("detect.")]
     given = override_keys(list(argv) + preset_recipe(cfg))
+    if "finetune.enabled" in given and not cfg.finetune.enabled:  # no fine-tuned classifier to score with
+        choices = [c for c in choices if c.key != "detect.scores"]
     applied = [c for c in choices if not any(c.key == k or c.key.startswith(k + ".") for k in given)]
     record = describe(choices, {c.key for c in applied})
     return as_overrides(applied), record

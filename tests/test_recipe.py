@@ -87,6 +87,8 @@ def test_detecting_with_a_trained_detector_leaves_its_scoring_to_the_detector(vo
     ds = build_dataset(load_config(base).dataset)
     trains, _ = route(load_config(base), base, ds)
     assert "detect.scores=softmax" in trains
+    off = [*base, "finetune.enabled=false"]  # no fine-tuning, no classifier: the SVMs score
+    assert not [o for o in route(load_config(off), off, ds)[0] if o.startswith("detect.")]
     for given in ("detector=a/detector.pt", "image=photo.jpg", "ensemble=[a.pt,b.pt]"):
         detects, record = route(load_config([*base, given]), [*base, given], ds)
         assert not [o for o in detects if o.startswith("detect.")] and "features.mode=warp" in detects
