@@ -22,4 +22,7 @@ def test_the_peer_trains_for_its_budget_is_evaluated_and_resumes(tmp_path, capsy
     assert main(args) == 0  # the budget is spent: resumed, no step more
     assert "resuming at step" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "peer" / "metrics.json").read_text())["steps"] == m["steps"]
+    assert main([*args, "lr=0.02"]) == 2  # another recipe: its checkpoint is not resumed
+    assert "was trained with" in capsys.readouterr().err
+    assert main([*args, "optimizer=adam"]) == 2
     assert main([*args, "dataset.root=/nonexistent"]) == 1
