@@ -393,40 +393,58 @@ def pretrain_store(ctx) -> StageStore:
 
     pc = ctx.cfg.pretrain
     shaping = {k: v for k, v in to_dict(pc).items()
-               if k not in ("checkpoint_every", "loader_workers", "cache_images", "eval_every", "test_schemes", "test_limit")}  # fmt: skip
+               if k not in ("checkpoint_every", "loader_workers", "cache_images", "eval_every", "test_schemes", "test_limit",
+                            "test_size")}  # fmt: skip
     return StageStore(ctx.run_dir, "pretrain", {"pretrain": shaping, "root": str(pretrain_root(pc).resolve()), "seed": ctx.cfg.seed},
                       version=FORMAT_VERSION)  # fmt: skip
 
 
 def run_pretrain(ctx) -> dict:
     """Train (or resume), test with each scheme, write ``<out>/pretrain/model.pt`` and its metrics."""
-    from tqdm import tqdm
-
-
-    cfg, pc = ctx.cfg, ctx.cfg.pretrain
+    pc = ctx.cfg.pretrain
     store = pretrain_store(ctx)
     model_path = store.dir / "model.pt"
+    test_size = pc.test_size or pc.input_size
     if store.complete and model_path.exists():
         metrics = json.loads((store.dir / "metrics.json").read_text())
+        if not _tested_as_asked(metrics, test_size, pc.test_schemes):
+            log.info("the cached model was tested at %s px (%s), not at %d px (%s): testing it again",
+                     metrics.get("test_size", metrics.get("input_size")), ", ".join(metrics.get("test_images", {})),
+                     test_size, ", ".join(pc.test_schemes))  # fmt: skip
+            return _build_pretrain(ctx, store, model_path, test_size)
         _publish(store, model_path)
         store.finish(metrics)
         print(f"pretrained model cached: {store.stage_dir / 'model.pt'} (top-1 {metrics['top1_center']:.3f}, centre crop)")
         return metrics
+    return _build_pretrain(ctx, store, model_path, test_size)
+
+
+def _tested_as_asked(metrics: dict, test_size: int, schemes: list) -> bool:
+    """Whether a finished run's metrics hold the tests asked for now (their crop size, every scheme). The tests
+    do not shape the weights, so they are not in the stage's key: other tests rerun on the cached model."""
+    return metrics.get("test_size", metrics.get("input_size")) == test_size and set(schemes) <= set(metrics.get("test_images", {}))
+
+
+def _build_pretrain(ctx, store, model_path: Path, test_size: int) -> dict:
+    """Train (or resume from the key's checkpoint; a finished one only retests), test, write the model."""
+    from tqdm import tqdm
+
+    cfg, pc = ctx.cfg, ctx.cfg.pretrain
     ctx.building(store)
     root = pretrain_root(pc)
     train = ClassificationTree(root, "train")
     val = ClassificationTree(root, "val", classes=train.classes)
     device = resolve_device(cfg.device.value)
-    cache = pc.cache_images if pc.cache_images is not None else train.cached_bytes_estimate() * 1.5 < 6 * 2**30
-    if cache:
-        train.cache(cfg.progress)
-        val.cache(cfg.progress)
     trainer = Pretrainer(pc, train, device, cfg.seed, pc.loader_workers)
     lead = distributed.rank() == 0  # under torchrun rank 0 writes the checkpoints, tests and writes the model
     checkpoint = store.dir / "checkpoint.pt"
     if checkpoint.exists():
         trainer.load(checkpoint)
         log.info("resuming pretraining at step %d of %d (epoch %d)", trainer.step + 1, trainer.total_steps, trainer.epoch + 1)
+    cache = pc.cache_images if pc.cache_images is not None else train.cached_bytes_estimate() * 1.5 < 6 * 2**30
+    if cache and trainer.step < trainer.total_steps:  # a finished run only tests: val is read once
+        train.cache(cfg.progress)
+        val.cache(cfg.progress)
     distributed.barrier()  # every rank has read the checkpoint before rank 0 writes the next
     log.info("pretraining on %s: %d train / %d val images, %d classes, %d px, %s, %d epochs of %d steps",
              root, len(train), len(val), len(train.classes), pc.input_size, trainer.amp or "fp32", pc.epochs,
@@ -456,7 +474,7 @@ def run_pretrain(ctx) -> dict:
                   "lr": trainer.sched.get_last_lr()[0], "seconds": round(trainer.seconds, 1)}  # fmt: skip
         record["train_accuracy"] = sums[2] / max(count, 1)  # batch accuracy, augmented crops, dropout on
         if lead and pc.eval_every and ((epoch + 1) % pc.eval_every == 0 or epoch + 1 == pc.epochs):
-            r = evaluate(trainer.model, val, "center", pc.input_size, device, trainer.amp)
+            r = evaluate(trainer.model, val, "center", test_size, device, trainer.amp)
             record.update(top1_center=r["top1"], top5_center=r["top5"], eval_seconds=r["seconds"])
             bar.write(f"epoch {epoch + 1}: loss {record['loss']:.3f}, val top-1 {r['top1']:.3f} (centre crop), "
                       f"{trainer.seconds / 60:.1f} min of training")  # fmt: skip
@@ -476,13 +494,13 @@ def run_pretrain(ctx) -> dict:
     results = {}
     for scheme in pc.test_schemes:
         limit = pc.test_limit if scheme == "144crop" else None
-        results[scheme] = evaluate(folded, val, scheme, pc.input_size, device, trainer.amp, limit=limit, progress=cfg.progress)
+        results[scheme] = evaluate(folded, val, scheme, test_size, device, trainer.amp, limit=limit, progress=cfg.progress)
         r = results[scheme]
         print(f"val {scheme}: top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f} ({r['images']} images, {r['seconds']:.0f} s)")
     if pc.test_limit and "144crop" in results and pc.test_limit < len(val):  # the centre crop on the same images
-        results["center_144subset"] = evaluate(folded, val, "center", pc.input_size, device, trainer.amp, limit=pc.test_limit)
+        results["center_144subset"] = evaluate(folded, val, "center", test_size, device, trainer.amp, limit=pc.test_limit)
     test_seconds = time.perf_counter() - t
-    raw_center = evaluate(fold_batchnorm(trainer.model), val, "center", pc.input_size, device, trainer.amp) if trainer.ema is not None else None
+    raw_center = evaluate(fold_batchnorm(trainer.model), val, "center", test_size, device, trainer.amp) if trainer.ema is not None else None
 
     state = {k: v.detach().cpu() for k, v in final.state_dict().items() if not k.startswith("aux")}
     torch_save(model_path, {
@@ -512,6 +530,7 @@ def run_pretrain(ctx) -> dict:
         "bad_images": len(train.bad) + len(val.bad),
         "bad_image_list": (train.bad + val.bad)[:100],
         "input_size": pc.input_size,
+        "test_size": test_size,
         "epochs": trainer.epoch,
         "steps": trainer.step,
         "precision": precision,

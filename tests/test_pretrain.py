@@ -123,6 +123,11 @@ def test_a_few_steps_learn_a_two_class_tree(tmp_path):
     assert resolve_weights(str(out / "pretrain" / "model.pt")).describe()["normalization"] == "imagenet"
     # A second run finds it complete.
     assert main(tiny_args(root, out, "pretrain.epochs=6", "pretrain.test_schemes=[center,10crop,144crop]")) == 0
+    # Another test size is not another model: the cached one is tested again, not trained again.
+    assert main(tiny_args(root, out, "pretrain.epochs=6", "pretrain.test_schemes=[center]", "pretrain.test_size=40")) == 0
+    again = json.loads((out / "pretrain" / "metrics.json").read_text())
+    assert again["test_size"] == 40 and m["test_size"] == 32 and again["key"] == m["key"]
+    assert again["steps"] == m["steps"] and again["history"] == m["history"]
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
@@ -171,6 +176,7 @@ def test_a_missing_tree_is_a_clear_error(tmp_path, capsys):
 def test_presets_carry_their_recipe_and_the_command_line_wins():
     cfg = load_config(["pretrain.data=imagenette"])
     assert cfg.pretrain.input_size == 112 and cfg.pretrain.schedule.value == "onecycle" and cfg.pretrain.ema_decay is None
+    assert cfg.pretrain.test_size == 128
     assert load_config(["pretrain.data=imagenette", "pretrain.epochs=3"]).pretrain.epochs == 3
     plain = load_config(["pretrain.data=/some/tree"]).pretrain
     assert plain.input_size == 224 and plain.schedule.value == "step" and plain.lr_decay == 0.96
@@ -178,6 +184,8 @@ def test_presets_carry_their_recipe_and_the_command_line_wins():
         load_config(["pretrain.crop_scale=[0.5,0.1]"])
     with pytest.raises(ConfigError, match="pretrain.interpolations"):
         load_config(["pretrain.interpolations=[lanczos]"])
+    with pytest.raises(ConfigError, match="pretrain.test_size"):
+        load_config(["pretrain.test_size=8"])
 
 
 def _update_difference(a: dict, b: dict, start: dict) -> float:
