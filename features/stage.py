@@ -4,8 +4,11 @@ Store ``features/<key>``: one ``<image id>.npy`` per image, float16 ``[N, 1024]`
 of proposal ``i`` of that image's ``proposals`` entry; read it memory-mapped with
 ``StageStore.get_array``. Images of the train split also get the features of their
 ground-truth boxes (difficult ones included, as R-CNN), the SVMs' positives, under the entry id :func:`gt_entry` ``(image id)``, rows in
-the order of :func:`rcnn.datasets.gt_for_training`. The key covers the feature settings, the backbone weights actually loaded
-and the proposals' key, so a new proposal setting or other weights never reuse these features.
+the order of :func:`rcnn.datasets.gt_for_training`. With ``svm.classifiers=false`` (no SVMs to mine negatives for) an
+image only of the train split gets only the proposals its box regressors learn from (IoU above ``svm.regression_iou``
+with a training box; none without regression): their indices in the proposals entry under :func:`rows_entry`
+``(image id)``. The key covers the feature settings, the backbone weights actually loaded, those rows' rule and the
+proposals' key, so a new proposal setting or other weights never reuse these features.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +53,32 @@ FINETUNE_VERSION = 5  # 2: BatchNorm statistics frozen (calibrated on the data f
 def gt_entry(image_id) -> tuple:
     """The store id of an image's ground-truth box features."""
     return ("gt", image_id)
+
+
+def rows_entry(image_id) -> tuple:
+    """The store id of the proposal indices an image's features hold, where they hold only some (int64 ``[R]``)."""
+    return ("rows", image_id)
+
+
+def train_rows_rule(svm) -> dict | None:
+    """Which of a train image's proposals get features: None for all of them (the SVMs mine their negatives
+    there), else the rule for the box regressors' rows (``svm.classifiers=false``)."""
+    if svm.classifiers:
+        return None
+    return {"regression_iou": float(svm.regression_iou) if svm.regression else None}
+
+
+def regression_rows(ds, boxes: np.ndarray, image_id, iou: float | None) -> np.ndarray:
+    """Indices of the proposals ``boxes`` a box regressor learns from: above ``iou`` with a training box of the
+    image (none when ``iou`` is None), proposals inside a crowd region left out as the SVM stage leaves them."""
+    from rcnn import boxes as B
+    from rcnn.datasets import gt_for_training, in_crowd
+
+    gt = gt_for_training(ds, image_id)[0]
+    if iou is None or not len(gt) or not len(boxes):
+        return np.zeros(0, np.int64)
+    hit = (B.iou(B.as_boxes(boxes), B.as_boxes(gt)).max(axis=1) > iou) & ~in_crowd(ds, image_id, B.as_boxes(boxes))
+    return np.flatnonzero(hit).astype(np.int64)
 
 
 def _proposals_store(ctx) -> StageStore:
@@ -109,26 +139,44 @@ def resolved_feature_settings(fc, device: torch.device) -> dict:
     return settings
 
 
-def image_boxes(ds, proposals: StageStore, image_id, with_gt: bool) -> tuple[np.ndarray, int]:
-    """The boxes to compute features for: ``(ground truth + proposals [G + N, 4], G)``, G = 0 without."""
+class ImageBoxes(NamedTuple):
+    """The boxes to compute an image's features for: ground truth (``n_gt`` rows; None where the image takes
+    none: not a train image) then proposals; ``rows`` the proposals' indices where only some are taken (None: all)."""
+
+    boxes: np.ndarray
+    n_gt: int | None
+    rows: np.ndarray | None
+
+
+def image_boxes(ds, proposals: StageStore, image_id, with_gt: bool, rule: dict | None = None) -> ImageBoxes:
+    """What to compute for ``image_id``: its ground truth when ``with_gt`` (a train image), and its proposals:
+    all of them, or those :func:`regression_rows` picks under ``rule`` (:func:`train_rows_rule`)."""
     from rcnn.datasets import gt_for_training
 
     boxes = proposals.get(image_id)["boxes"]
+    rows = None
+    if rule is not None:
+        rows = regression_rows(ds, boxes, image_id, rule["regression_iou"])
+        boxes = boxes[rows]
     if not with_gt:
-        return boxes, 0
+        return ImageBoxes(boxes, None, rows)
     gt = gt_for_training(ds, image_id)[0].astype(np.float32)
-    return np.concatenate([gt, boxes]), len(gt)
+    return ImageBoxes(np.concatenate([gt, boxes]), len(gt), rows)
 
 
-def put_features(store: StageStore, image_id, feats: np.ndarray, n_gt: int, with_gt: bool) -> None:
-    """The ground truth's rows first (so an image with a proposals entry is complete), then the proposals'."""
+def put_features(store: StageStore, image_id, feats: np.ndarray, planned: ImageBoxes) -> None:
+    """The ground truth's rows and the proposal indices first (so an image with a proposals entry is
+    complete), then the proposals' features."""
     if not np.isfinite(feats).all():
         raise FloatingPointError(
             f"image {image_id!r}: non-finite features (NaN or inf); the backbone weights are broken "
             "(a diverged fine-tuning?) or overflow float16"
         )
-    if with_gt:
+    n_gt = planned.n_gt or 0
+    if planned.n_gt is not None:
         store.put_array(gt_entry(image_id), feats[:n_gt])
+    if planned.rows is not None:
+        store.put_array(rows_entry(image_id), planned.rows)
     store.put_array(image_id, feats[n_gt:])
 
 
@@ -187,32 +235,31 @@ class FeatureActor:
         return image_id, feats, time.perf_counter() - t
 
 
-def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, proposals, train: set, bar) -> tuple[float, str]:
+def _ray_features(ctx, model, precision: str, store: StageStore, todo: list, plan, bar) -> tuple[float, str]:
     """The features of ``todo`` computed by Ray actors (:func:`rcnn.parallel.ray_actors`: one per GPU of the
     cluster, else one per ``ray.cpus_per_task`` CPUs), written here as they arrive. The precision is the one
     resolved here (it is part of the cache key): on a CPU driver with GPU actors, say
     ``features.precision=fp16`` or ``bf16``. A task that fails on bad data stops the stage with the local
-    error; an actor whose worker died is restarted and its task rerun (``ray.max_retries``). Returns
-    ``(summed network seconds, where they ran)``."""
+    error; an actor whose worker died is restarted and its task rerun (``ray.max_retries``). ``plan``: an
+    image id's :class:`ImageBoxes`. Returns ``(summed network seconds, where they ran)``."""
     from rcnn.parallel import on_actors, ray_actors
 
     ds = ctx.dataset
     actors = ray_actors(ctx.ray, ctx.workers, FeatureActor, model.cpu(), ds, ctx.cfg.features, precision)
-    meta = {}  # image id -> (ground-truth rows, boxes)
+    planned = {}  # image id -> its ImageBoxes, while an actor has it
     net_seconds = 0.0
 
     def submit(actor, image_id):
-        boxes, n_gt = image_boxes(ds, proposals, image_id, image_id in train)
-        meta[image_id] = (n_gt, len(boxes))
-        return actor.run.remote(image_id, boxes)
+        planned[image_id] = plan(image_id)
+        return actor.run.remote(image_id, planned[image_id].boxes)
 
     def receive(result):
         nonlocal net_seconds
         image_id, feats, seconds = result
-        n_gt, n = meta.pop(image_id)
-        put_features(store, image_id, feats, n_gt, image_id in train)
+        done = planned.pop(image_id)
+        put_features(store, image_id, feats, done)
         net_seconds += seconds
-        bar.update(n)
+        bar.update(len(done.boxes))
 
     on_actors(actors, todo, submit, receive)
     return net_seconds, actors.where
@@ -229,12 +276,18 @@ def run_features(ctx) -> dict:
     loaded = backbone_weights(ctx, proposals)
     model, weights, device = build_model(cfg, loaded)
     settings = resolved_feature_settings(fc, device)
-    store = StageStore(
-        ctx.run_dir, "features", {"features": settings, "backbone": weights},
-        inputs={"proposals": proposals.key}, version=FORMAT_VERSION,
-    )  # fmt: skip
-    ids = [i for split in split_names(ctx) for i in ds.image_ids(split)]
-    train = set(ds.image_ids(ds.train_split)) if ds.train_split in split_names(ctx) else set()
+    rule = train_rows_rule(cfg.svm)
+    identity = {"features": settings, "backbone": weights, **({"train_rows": rule} if rule else {})}
+    store = StageStore(ctx.run_dir, "features", identity, inputs={"proposals": proposals.key}, version=FORMAT_VERSION)
+    splits = split_names(ctx)
+    ids = [i for split in splits for i in ds.image_ids(split)]
+    train = set(ds.image_ids(ds.train_split)) if ds.train_split in splits else set()
+    # an image detected on (the test split's, which may share images with the train split) keeps every proposal
+    detected = set(ds.image_ids(ds.test_split)) if "test" in cfg.proposals.splits else set()
+
+    def plan(image_id) -> ImageBoxes:
+        only_some = rule if image_id in train and image_id not in detected else None
+        return image_boxes(ds, proposals, image_id, image_id in train, only_some)
     todo = store.missing(mine(cfg, ids))  # (a shard's images: rcnn/shard.py)
     if not todo and store.complete and (store.dir / "metrics.json").exists():
         computed = json.loads((store.dir / "metrics.json").read_text())  # the figures of the run that computed them
@@ -243,21 +296,21 @@ def run_features(ctx) -> dict:
         print(f"features ({fc.mode.value}): {len(ids)} images, all cached ({metrics['crops_per_second']} crops/s when computed)")
         return metrics
     ctx.building(store, found(store, ids))
-    crops_total = sum(len(image_boxes(ds, proposals, i, i in train)[0]) for i in todo)
+    crops_total = sum(len(plan(i).boxes) for i in todo)
     start = time.perf_counter()
     net_seconds = 0.0
     bar = tqdm(total=crops_total, desc=f"features ({fc.mode.value})", unit="crop", disable=not cfg.progress)
     if ctx.ray is not None:  # executor=ray: Ray actors, one per GPU of the cluster (or per cpus_per_task CPUs)
-        net_seconds, where = _ray_features(ctx, model, settings["precision"], store, todo, proposals, train, bar)
+        net_seconds, where = _ray_features(ctx, model, settings["precision"], store, todo, plan, bar)
     else:
         where = str(device)
         for image_id, rgb in _images(ds, todo, loader_workers(fc, device, ctx.workers)):
-            boxes, n_gt = image_boxes(ds, proposals, image_id, image_id in train)
+            planned = plan(image_id)
             t = time.perf_counter()
-            feats = compute_features(model, fc, settings["precision"], rgb, boxes, device)
+            feats = compute_features(model, fc, settings["precision"], rgb, planned.boxes, device)
             net_seconds += time.perf_counter() - t
-            put_features(store, image_id, feats, n_gt, image_id in train)
-            bar.update(len(boxes))
+            put_features(store, image_id, feats, planned)
+            bar.update(len(planned.boxes))
     bar.close()
     seconds = time.perf_counter() - start
     if waiting := pending(cfg, store, ids, "features"):
@@ -273,6 +326,7 @@ def run_features(ctx) -> dict:
         "backbone_weights": weights["kind"],
         "backbone_path": loaded.path,  # where those weights were read (the SVM stage's detector file takes them)
         "images": len(ids),
+        "train_rows": rule or "all",  # of a train image's proposals: all, or the box regressors' only
         "images_computed_now": images_now,
         "crops_computed_now": crops_now,
         "crops_per_second": crops_per_second,

@@ -424,6 +424,11 @@ class FinetuneConfig:
 class SvmConfig:
     """R-CNN's linear SVMs with hard-negative mining, and its box regressors (reference.md)."""
 
+    # false: no SVMs, only the box regressors, for a detector scored by the fine-tuned network's classifier
+    # (detect.scores=softmax); the features stage then computes, of a train image's proposals, only those the
+    # regressors learn from (IoU > regression_iou with a box): ~1% of them, most of the features' time
+    classifiers: bool = True
+
     # LinearSVC's C (L2-regularised hinge loss). R-CNN's 0.001 was tuned for ImageNet fc7 features;
     # null = choose it from C_grid by cross-validation over the train split (VOC07 mAP, mean over the folds)
     C: Optional[float] = None
@@ -796,6 +801,11 @@ def _validate(cfg: DictConfig) -> DictConfig:
     for key, ok, rule in checks + pchecks:
         if not ok:
             raise ConfigError(f"{key} must be {rule}, got {OmegaConf.select(cfg, key)}")
+    if not cfg.svm.classifiers and (not cfg.finetune.enabled or cfg.detect.scores == Scores.svm):
+        raise ConfigError("svm.classifiers=false trains no SVMs: the detector scores with the fine-tuned network's "
+                          "classifier, so it needs finetune.enabled=true and detect.scores=softmax or null "
+                          f"(got finetune.enabled={cfg.finetune.enabled}, detect.scores="
+                          f"{cfg.detect.scores.value if cfg.detect.scores else None})")  # fmt: skip
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit must be >= 1 or null, got {cfg.dataset.limit}")
     if cfg.stage == Stage.analyze:  # an alias: the evaluation with its error analysis, in <out>/eval/

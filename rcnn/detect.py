@@ -90,6 +90,7 @@ def _cached_features(ctx, member: Detector, proposals_key: str) -> StageStore | 
 
 def detect_split(ctx) -> dict:
     from eval.detections import Detections, save_detections
+    from features.stage import rows_entry
 
     from .stages import found, run_stage
 
@@ -113,8 +114,13 @@ def detect_split(ctx) -> dict:
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="detect", unit="img", disable=not cfg.progress)
 
+    def cached(cache, image_id):  # a member's features of every proposal, or None (computed from the image then)
+        if cache is None or cache.has(rows_entry(image_id)):  # (a train image's regressor rows only: not every one)
+            return None
+        return cache.get_array(image_id)
+
     def inputs(image_id) -> tuple:  # its proposals, and each member's cached features of them (or None)
-        return proposals.get(image_id)["boxes"], [c.get_array(image_id) if c is not None else None for c in caches]
+        return proposals.get(image_id)["boxes"], [cached(c, image_id) for c in caches]
 
     if ctx.ray is not None and todo:  # executor=ray: Ray actors, one per GPU of the cluster (or per cpus_per_task CPUs)
         where = _ray_detect(ctx, members, store, todo, inputs, bar)

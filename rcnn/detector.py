@@ -46,8 +46,9 @@ class Detector:
         check_parts(parts)
         self.parts = parts
         self.classes: list[str] = list(parts["classes"])
-        self.svm_w = parts["svm_w"].numpy().astype(np.float32)
-        self.svm_b = parts["svm_b"].numpy().astype(np.float64)
+        has_svms = parts.get("svm_w") is not None  # not when trained with svm.classifiers=false
+        self.svm_w = parts["svm_w"].numpy().astype(np.float32) if has_svms else None
+        self.svm_b = parts["svm_b"].numpy().astype(np.float64) if has_svms else None
         self.reg_w = parts["reg_w"].numpy().astype(np.float32) if parts.get("reg_w") is not None else None
         self.reg_b = parts["reg_b"].numpy().astype(np.float32) if parts.get("reg_b") is not None else None
         # [D, C * 4]: every class's regressors in one matrix product (np.einsum over [C, D, 4] does not use
@@ -62,6 +63,9 @@ class Detector:
         if scores == "softmax" and classifier is None:
             raise DetectorError("detect.scores=softmax needs the fine-tuned network's classifier; this detector's "
                                 "features were not fine-tuned (finetune.enabled=true), so use detect.scores=svm")  # fmt: skip
+        if scores == "svm" and not has_svms:
+            raise DetectorError("detect.scores=svm: this detector has no SVMs (it was trained with svm.classifiers=false "
+                                "and scores with the fine-tuned classifier): use detect.scores=softmax or null")  # fmt: skip
         self.scores = scores
         self.cls_w = classifier["weight"].numpy().astype(np.float32) if classifier is not None else None
         self.cls_b = classifier["bias"].numpy().astype(np.float64) if classifier is not None else None

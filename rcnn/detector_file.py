@@ -8,7 +8,8 @@ A detector file (``torch.save`` of plain tensors, lists and strings; read with `
     normalization     the input normalisation the backbone expects (features/backbone.py)
     features          the feature settings (mode, input_size, padding, roi_layer, roi_image_size, ...)
     feature_scale     R-CNN's factor bringing the mean feature norm to 20 (already folded into the weights)
-    svm_w, svm_b      [C, D], [C]: score = raw feature @ svm_w.T + svm_b; untrained classes have b = -inf
+    svm_w, svm_b      [C, D], [C]: score = raw feature @ svm_w.T + svm_b; untrained classes have b = -inf;
+                      None when it was trained without SVMs (svm.classifiers=false: the classifier scores)
     reg_w, reg_b      [C, D, 4], [C, 4] box regression deltas from the raw feature (or absent)
     proposals         how to propose boxes in a new image: method, selective search settings, top_n,
                       merge_iou, and the MultiBox model (state dict + priors) when the method uses it

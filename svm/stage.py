@@ -2,7 +2,9 @@
 features, saved as one detector file ``<out>/svm/<key>/detector.pt`` (linked as ``<out>/svm/detector.pt``).
 
 Features are read one image at a time (memory-mapped), so the cache is never loaded whole: the miner
-keeps only each class's hard negatives, the regressors only their training pairs (float16).
+keeps only each class's hard negatives, the regressors only their training pairs (float16). With
+``svm.classifiers=false`` there is no miner: only the regressors are trained (the fine-tuned classifier scores),
+from features computed for their proposals alone.
 """
 
 from __future__ import annotations
@@ -49,12 +51,15 @@ def training_rows(ds, features, proposals, image_id):
     max_iou [G + N, C], gt [G, 4], gt labels [G])``, its G ground-truth boxes (difficult ones included,
     as ``roidb_from_voc.m``) then its N proposals. So another class's ground-truth box is a candidate
     negative, a proposal on a difficult object is never its class's negative, and a ground-truth box is
-    a regression example (zero targets). Proposals inside a crowd region are left out (N counts the rest)."""
-    from features.stage import gt_entry
+    a regression example (zero targets). Proposals inside a crowd region are left out (N counts the rest);
+    where the features hold only the box regressors' proposals (``svm.classifiers=false``), N counts those."""
+    from features.stage import gt_entry, rows_entry
     from rcnn.datasets import gt_for_training, in_crowd
 
     gt, labels = gt_for_training(ds, image_id)
     props = B.as_boxes(proposals.get(image_id)["boxes"])
+    if features.has(rows_entry(image_id)):
+        props = props[features.get_array(rows_entry(image_id))]
     keep = ~in_crowd(ds, image_id, props)
     raw = np.concatenate([features.get_array(gt_entry(image_id)), features.get_array(image_id)[keep]])
     boxes = np.concatenate([B.as_boxes(gt), props[keep]])
@@ -235,6 +240,7 @@ def degenerate_classes(W: np.ndarray, b: np.ndarray, pos: list[np.ndarray]) -> l
 
 def run_svm(ctx) -> dict:
     from features.backbone import build_googlenet, weights_used
+    from features.stage import gt_entry
     from rcnn.stages import run_stage
 
     cfg, ds = ctx.cfg, ctx.dataset
@@ -264,29 +270,47 @@ def run_svm(ctx) -> dict:
     ids = ds.image_ids(ds.train_split)
     if not ids:
         raise ValueError(f"{ds.name}: the train split '{ds.train_split}' has no images")
+    weights = weights_used(features.identity["config"]["backbone"], features_metrics.get("backbone_path"))
+    classifier = _classifier(weights, C)
+    if not sc.classifiers and classifier is None:
+        raise ValueError(f"svm.classifiers=false: the detector would score with the fine-tuned network's classifier, "
+                         f"but the features' network ({weights.path or weights.kind}) has none for these {C} classes "
+                         "(finetune.enabled=true makes one)")  # fmt: skip
     sample = [ids[int(k)] for k in np.unique(np.linspace(0, len(ids) - 1, min(sc.norm_images, len(ids))).astype(int))]
-    scale = mean_norm_scale((features.get_array(i) for i in sample), sc.target_norm)
+    if sc.classifiers:
+        scale = mean_norm_scale((features.get_array(i) for i in sample), sc.target_norm)
+    else:  # the features hold the regressors' proposals only: their rows and the ground truth's set the scale
+        scale = mean_norm_scale((np.concatenate([features.get_array(gt_entry(i)), features.get_array(i)]) for i in sample),
+                                sc.target_norm)  # fmt: skip
 
     pos = _positives(ds, features, ids, scale)
-    chosen, selection = (sc.C, None) if sc.C is not None else select_C(ctx, features, proposals, ids, scale, store)
-    params = replace(SvmParams.from_config(sc, cfg.seed), C=float(chosen))
+    chosen, selection = None, None
+    if sc.classifiers:
+        chosen, selection = (sc.C, None) if sc.C is not None else select_C(ctx, features, proposals, ids, scale, store)
     checkpoint = store.dir / "checkpoint.pt"
     state = _load_checkpoint(checkpoint, scale)
     resumed_at = 0 if state is None else state["next"]
     if state is None:
-        state = {"next": 0, "scale": scale, "miner": HardNegativeMiner(pos, params, ctx.workers),
+        miner = None  # svm.classifiers=false: no SVMs, only the regressors' pairs
+        if sc.classifiers:
+            miner = HardNegativeMiner(pos, replace(SvmParams.from_config(sc, cfg.seed), C=float(chosen)), ctx.workers)
+        state = {"next": 0, "scale": scale, "miner": miner,
                  "pairs_x": [[] for _ in range(C)], "pairs_t": [[] for _ in range(C)]}  # fmt: skip
     else:
         log.info("resuming the SVMs at train image %d of %d (%s)", state["next"] + 1, len(ids), checkpoint)
     miner, pairs_x, pairs_t = state["miner"], state["pairs_x"], state["pairs_t"]
-    miner.workers = ctx.workers  # the classes' fits run in this many processes (any number: same result)
+    svms = miner is not None
+    if svms:
+        miner.workers = ctx.workers  # the classes' fits run in this many processes (any number: same result)
     try:
-        _mine(ctx, miner, state, ids, features, proposals, checkpoint)
+        _mine(ctx, miner, state, ids, features, proposals, checkpoint,
+              desc="svm (hard negatives)" if svms else "box regressors' examples")  # fmt: skip
     finally:
-        miner.close()
+        if svms:
+            miner.close()
     mining_seconds = time.perf_counter() - start
-    W, b, trained = miner.model()
-    degenerate = [ds.classes[c] for c in degenerate_classes(W, b, pos)]
+    W, b, trained = miner.model() if svms else (None, None, np.zeros(C, bool))
+    degenerate = [ds.classes[c] for c in degenerate_classes(W, b, pos)] if svms else []
     if degenerate:
         advice = ("svm.C=null chooses C by cross-validation over the train images" if sc.C is not None else
                   f"it was the best of svm.C_grid={list(sc.C_grid)} by cross-validation: the features do not separate "
@@ -298,7 +322,7 @@ def run_svm(ctx) -> dict:
         )  # fmt: skip
 
     t = time.perf_counter()
-    reg_w = np.zeros((C, W.shape[1], 4), np.float32)
+    reg_w = np.zeros((C, pos[0].shape[1], 4), np.float32)
     reg_b = np.zeros((C, 4), np.float32)
     reg_pairs = [int(sum(len(x) for x in pairs_x[c])) for c in range(C)]
     for c in range(C):
@@ -308,35 +332,34 @@ def run_svm(ctx) -> dict:
             reg_w[c], reg_b[c] = Wc * scale, bc  # folded: deltas from the raw features
     regression_seconds = time.perf_counter() - t
 
-    weights = weights_used(features.identity["config"]["backbone"], features_metrics.get("backbone_path"))
     net, _ = build_googlenet(weights)
-    classifier = _classifier(weights, C)
     parts = {
         "classes": list(ds.classes), "category_ids": [int(x) if isinstance(x, (int, np.integer)) else str(x) for x in ds.category_ids],
         "backbone": net.state_dict(), "normalization": weights.normalization,
         "backbone_weights": weights.kind,
         "features": {**to_dict(cfg.features), "precision": features.identity["config"]["features"]["precision"]},
         "feature_scale": float(scale),
-        "svm_w": torch.from_numpy(W * scale), "svm_b": torch.from_numpy(b),
+        "svm_w": torch.from_numpy(W * scale) if svms else None, "svm_b": torch.from_numpy(b) if svms else None,
         "reg_w": torch.from_numpy(reg_w) if sc.regression else None,
         "reg_b": torch.from_numpy(reg_b) if sc.regression else None,
         "classifier": classifier,
         # how the detector scores where detect.scores is null: as this run asked, where it has the classifier
-        "scores": asked_scores if asked_scores and classifier is not None else "svm",
+        "scores": "softmax" if not svms else asked_scores if asked_scores and classifier is not None else "svm",
         "proposals": _proposal_parts(ctx), "features_key": features.key,
         "config": OmegaConf.to_yaml(cfg),
     }  # fmt: skip
     write_detector(path, parts)
     _link(path, store.stage_dir / "detector.pt")
     checkpoint.unlink(missing_ok=True)
-    write_json(store.dir / "history.json", miner.history)
+    history = miner.history if svms else []
+    write_json(store.dir / "history.json", history)
 
     last = {}
-    for rec in miner.history:
+    for rec in history:
         last[rec["class"]] = rec
-    if unconverged := [r for r in miner.history if not r.get("converged", True)]:
+    if unconverged := [r for r in history if not r.get("converged", True)]:
         log.warning("liblinear stopped at svm.max_iter=%d before converging in %d of %d SVM fits (classes %s): those "
-                    "SVMs are approximate; a smaller C converges faster", sc.max_iter, len(unconverged), len(miner.history),
+                    "SVMs are approximate; a smaller C converges faster", sc.max_iter, len(unconverged), len(history),
                     ", ".join(sorted({ds.classes[r["class"]] for r in unconverged})))  # fmt: skip
     metrics = {
         "stage": "svm",
@@ -346,14 +369,15 @@ def run_svm(ctx) -> dict:
         "classes_trained": int(trained.sum()),
         "classes_without_positives": [ds.classes[c] for c in range(C) if not len(pos[c])],
         "feature_scale": round(float(scale), 6),
-        "C": float(chosen),
+        "svms": svms,  # svm.classifiers=false: none, only the box regressors
+        "C": float(chosen) if svms else None,
         "C_selection": selection,
         "degenerate_classes": degenerate,
         "max_negatives": sc.max_negatives,
-        "classes_at_negative_bound": [ds.classes[c] for c in range(C) if miner.classes[c].capped],
-        "retrains": len(miner.history),
+        "classes_at_negative_bound": [ds.classes[c] for c in range(C) if svms and miner.classes[c].capped],
+        "retrains": len(history),
         # liblinear stopped at svm.max_iter (the final SVMs; said once in a warning, not once per fit)
-        "retrains_not_converged": sum(not r.get("converged", True) for r in miner.history),
+        "retrains_not_converged": sum(not r.get("converged", True) for r in history),
         "positives": int(sum(len(p) for p in pos)),
         "regression_pairs": int(sum(reg_pairs)),
         "regressors_trained": int(sum(n >= MIN_REGRESSION_PAIRS for n in reg_pairs)) if sc.regression else 0,
@@ -363,23 +387,22 @@ def run_svm(ctx) -> dict:
         "regression_seconds": round(regression_seconds, 2),
         "seconds": round(time.perf_counter() - start, 2),
         "per_class": {
-            ds.classes[c]: {"positives": len(pos[c]), "objective": last[c]["total"], "negatives": last[c]["negatives"],
-                            "regression_pairs": reg_pairs[c], "negatives_capped": miner.classes[c].capped,
-                            "positives_above_zero": round(float(np.mean(pos[c] @ W[c] + b[c] > 0)), 4)}  # fmt: skip
-            for c in sorted(last)
+            ds.classes[c]: {"positives": len(pos[c]), "regression_pairs": reg_pairs[c], **({
+                "objective": last[c]["total"], "negatives": last[c]["negatives"], "negatives_capped": miner.classes[c].capped,
+                "positives_above_zero": round(float(np.mean(pos[c] @ W[c] + b[c] > 0)), 4)} if svms else {})}  # fmt: skip
+            for c in (sorted(last) if svms else range(C))
         },
     }
     store.finish(metrics)
-    print(
-        f"SVMs: {metrics['classes_trained']} of {C} classes trained ({metrics['retrains']} retrains, "
-        f"{metrics['mining_seconds']:.1f} s); {metrics['regressors_trained']} box regressors; detector {metrics['detector']}"
-    )
+    trained_what = (f"{metrics['classes_trained']} of {C} classes trained ({metrics['retrains']} retrains, "
+                    f"{metrics['mining_seconds']:.1f} s)" if svms else "none (svm.classifiers=false: the classifier scores)")  # fmt: skip
+    print(f"SVMs: {trained_what}; {metrics['regressors_trained']} box regressors; detector {metrics['detector']}")
     return metrics
 
 
 def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint, desc: str = "svm (hard negatives)") -> None:
-    """Stream the train images from ``state["next"]`` through the miner (collecting the regressors'
-    pairs when ``state`` has room for them), checkpointing every ``svm.checkpoint_seconds`` (unless
+    """Stream the train images from ``state["next"]`` through the miner (None: no SVMs), collecting the
+    regressors' pairs when ``state`` has room for them, checkpointing every ``svm.checkpoint_seconds`` (unless
     ``checkpoint`` is None); then the miner's last fits."""
 
     cfg, ds, sc = ctx.cfg, ctx.dataset, ctx.cfg.svm
@@ -390,7 +413,8 @@ def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint, d
     for k in range(state["next"], len(ids)):
         i = ids[k]
         raw, props, max_iou, gt, labels = training_rows(ds, features, proposals, i)
-        miner.add_image(np.asarray(raw, np.float32) * scale, max_iou, last=k == len(ids) - 1)
+        if miner is not None:
+            miner.add_image(np.asarray(raw, np.float32) * scale, max_iou, last=k == len(ids) - 1)
         if sc.regression and pairs_x is not None and len(gt) and len(props):
             ov = B.iou(props, gt)
             best, sel = ov.argmax(axis=1), ov.max(axis=1) > sc.regression_iou
@@ -407,4 +431,5 @@ def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint, d
             saved = time.perf_counter()
             save_cost = saved - now
     bar.close()
-    miner.finish()
+    if miner is not None:
+        miner.finish()

@@ -150,6 +150,42 @@ def test_a_later_stage_builds_the_chain_stage_all_would_fine_tuning_included(tmp
     with pytest.raises(DetectorError, match="scores with svm"):  # probabilities are not averaged with margins
         check_ensemble([Detector.load(path), Detector.load(path, scores="svm")])
 
+    # Without SVMs (svm.classifiers=false): a train image's features only for the regressors' proposals, the
+    # same as those rows of the full cache; the test images' features whole and the same; no SVMs in the file.
+    from features.stage import gt_entry, rows_entry
+    from rcnn.datasets import gt_for_training
+
+    full = StageStore.open(run, "features", json.loads((run / "features" / "metrics.json").read_text())["key"])
+    assert main([*args, "stage=eval", "svm.classifiers=false"]) == 0
+    fm = json.loads((run / "features" / "metrics.json").read_text())
+    assert fm["train_rows"] == {"regression_iou": 0.6} and fm["key"] != full.key
+    part = StageStore.open(run, "features", fm["key"])
+    proposals = StageStore.open(run, "proposals", part.identity["inputs"]["proposals"])
+    from rcnn.config import load_config
+    from rcnn.datasets import build_dataset
+
+    ds = build_dataset(load_config(args).dataset)
+    taken = 0
+    for i in ds.image_ids(ds.train_split):
+        rows = part.get_array(rows_entry(i))
+        boxes = proposals.get(i)["boxes"]
+        gt = gt_for_training(ds, i)[0]
+        want = np.flatnonzero(B.iou(boxes, gt).max(axis=1) > 0.6) if len(gt) else np.zeros(0, int)
+        np.testing.assert_array_equal(rows, want)
+        np.testing.assert_allclose(part.get_array(i), full.get_array(i)[rows], rtol=0.02, atol=0.02)
+        np.testing.assert_array_equal(part.get_array(gt_entry(i)).shape, full.get_array(gt_entry(i)).shape)
+        taken += len(rows)
+    assert 0 < taken < sum(len(proposals.get(i)["boxes"]) for i in ds.image_ids(ds.train_split))
+    for i in ds.image_ids(ds.test_split):
+        assert not part.has(rows_entry(i)) and part.get_array(i).shape == full.get_array(i).shape
+    sm = json.loads((run / "svm" / "metrics.json").read_text())
+    assert sm["svms"] is False and sm["C"] is None and sm["retrains"] == 0 and sm["regressors_trained"] >= 1
+    lean = Detector.load(run / "svm" / "detector.pt")
+    assert lean.scores == "softmax" and lean.svm_w is None and lean.has_regression
+    with pytest.raises(DetectorError, match="no SVMs"):
+        Detector.load(run / "svm" / "detector.pt", scores="svm")
+    assert main([*args, "stage=eval", "svm.classifiers=false", "detect.scores=svm"]) == 2  # nothing to score with
+
 
 def test_box_regression_deltas_match_a_loop_over_classes(trained):
     det = Detector.load(trained[1] / "svm" / "detector.pt")

@@ -183,13 +183,13 @@ def test_images_decoded_by_worker_processes_give_the_same_features(tmp_path):
 
 
 def test_non_finite_features_are_refused_with_the_image_named(tmp_path):
-    from features.stage import put_features
+    from features.stage import ImageBoxes, put_features
 
     store = StageStore(tmp_path, "features", {"mode": "warp"})
     feats = np.ones((3, 1024), np.float16)
     feats[2, 5] = np.nan
     with pytest.raises(FloatingPointError, match="img_7"):
-        put_features(store, "img_7", feats, 1, with_gt=True)
+        put_features(store, "img_7", feats, ImageBoxes(np.zeros((3, 4), np.float32), 1, None))
     assert not store.has("img_7") and not store.has(gt_entry("img_7"))
 
 

@@ -32,6 +32,7 @@ def test_a_cpu_gets_small_warped_crops_and_fine_tuning_scaled_to_its_boxes():
     assert roadsigns["finetune.iterations"] == 600 and roadsigns["proposals.top_n"] == 400  # as measured there
     assert roadsigns["proposals.ss.merge_iou"] == 0.7 and "proposals.ss.merge_iou" not in by_key(choose(LARGE, "cuda"))
     assert roadsigns["detect.scores"] == "softmax" and "detect.scores" not in by_key(choose(LARGE, "cuda"))
+    assert roadsigns["svm.classifiers"] is False and "svm.classifiers" not in by_key(choose(LARGE, "cuda"))
     assert by_key(choose(DataFacts(100, 150, 1, 40.0, 20.0, 300.0), "cpu"))["finetune.iterations"] == 150
     # Fewer training images afford more boxes an image (about 250k crops in all, within 200-1000).
     assert small["proposals.top_n"] == 1000 and large["proposals.top_n"] == 400
@@ -86,9 +87,13 @@ def test_detecting_with_a_trained_detector_leaves_its_scoring_to_the_detector(vo
     base = ["dataset=voc", f"dataset.root={voc}", "dataset.train_split=train", "device=cpu"]
     ds = build_dataset(load_config(base).dataset)
     trains, _ = route(load_config(base), base, ds)
-    assert "detect.scores=softmax" in trains
+    assert "detect.scores=softmax" in trains and "svm.classifiers=false" in trains
     off = [*base, "finetune.enabled=false"]  # no fine-tuning, no classifier: the SVMs score
-    assert not [o for o in route(load_config(off), off, ds)[0] if o.startswith("detect.")]
+    assert not [o for o in route(load_config(off), off, ds)[0] if o.startswith("detect.") or o.startswith("svm.classifiers")]
+    svms = [*base, "detect.scores=svm"]  # the SVMs asked for: they are trained
+    assert "svm.classifiers=false" not in route(load_config(svms), svms, ds)[0]
+    soft = [*base, "detect.scores=softmax"]
+    assert "svm.classifiers=false" in route(load_config(soft), soft, ds)[0]
     for given in ("detector=a/detector.pt", "image=photo.jpg", "ensemble=[a.pt,b.pt]"):
         detects, record = route(load_config([*base, given]), [*base, given], ds)
         assert not [o for o in detects if o.startswith("detect.")] and "features.mode=warp" in detects

@@ -271,12 +271,18 @@ def test_training_rows_are_the_ground_truth_then_the_proposals_difficult_boxes_i
     ann = Annotation(boxes=gt, labels=np.array([0, 1]), difficult=np.array([False, True]), width=120, height=80)
     ds = SimpleNamespace(annotation=lambda i: ann, num_classes=2)
     rows = {gt_entry("a"): np.full((2, 4), 1.0), "a": np.full((3, 4), 2.0)}
-    features = SimpleNamespace(get_array=lambda i: rows[i])
+    features = SimpleNamespace(get_array=lambda i: rows[i], has=lambda i: i in rows)
     proposals = SimpleNamespace(get=lambda i: {"boxes": props})
     raw, boxes, max_iou, g, labels = training_rows(ds, features, proposals, "a")
     assert raw[:, 0].tolist() == [1, 1, 2, 2, 2] and boxes.tolist() == [*gt.tolist(), *props.tolist()]
     assert max_iou.tolist() == [[1, 0], [0, 1], [0, 1], [1, 0], [0, 0]]  # the difficult dog counts as a dog
     assert labels.tolist() == [0, 1] and len(g) == 2
+    # Features of only some proposals (svm.classifiers=false): the indices beside them name which.
+    from features.stage import rows_entry
+
+    rows = {gt_entry("a"): np.full((2, 4), 1.0), "a": np.full((1, 4), 2.0), rows_entry("a"): np.array([1])}
+    raw, boxes, max_iou, _, _ = training_rows(ds, features, proposals, "a")
+    assert raw[:, 0].tolist() == [1, 1, 2] and boxes.tolist() == [*gt.tolist(), props[1].tolist()]
 
 
 def test_crowd_regions_and_the_proposals_inside_them_are_left_out_of_training():
@@ -295,7 +301,7 @@ def test_crowd_regions_and_the_proposals_inside_them_are_left_out_of_training():
     ann = Annotation(boxes=gt, labels=np.array([0, 0]), difficult=crowd, width=120, height=80, crowd=crowd)
     ds = SimpleNamespace(annotation=lambda i: ann, num_classes=1)
     rows = {gt_entry("a"): np.full((1, 4), 1.0), "a": np.arange(3, dtype=float)[:, None].repeat(4, 1) + 2}
-    features = SimpleNamespace(get_array=lambda i: rows[i])
+    features = SimpleNamespace(get_array=lambda i: rows[i], has=lambda i: i in rows)
     proposals = SimpleNamespace(get=lambda i: {"boxes": props})
     raw, boxes, max_iou, g, labels = training_rows(ds, features, proposals, "a")
     assert g.tolist() == [[0, 0, 10, 10]] and labels.tolist() == [0]  # the crowd is no positive
