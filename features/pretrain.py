@@ -440,7 +440,10 @@ def _build_pretrain(ctx, store, model_path: Path, test_size: int) -> dict:
     checkpoint = store.dir / "checkpoint.pt"
     if checkpoint.exists():
         trainer.load(checkpoint)
-        log.info("resuming pretraining at step %d of %d (epoch %d)", trainer.step + 1, trainer.total_steps, trainer.epoch + 1)
+        if trainer.step < trainer.total_steps:
+            log.info("resuming pretraining at step %d of %d (epoch %d)", trainer.step + 1, trainer.total_steps, trainer.epoch + 1)
+        else:
+            log.info("pretraining finished (%d steps): testing the model only", trainer.step)
     cache = pc.cache_images if pc.cache_images is not None else train.cached_bytes_estimate() * 1.5 < 6 * 2**30
     if cache and trainer.step < trainer.total_steps:  # a finished run only tests: val is read once
         train.cache(cfg.progress)
