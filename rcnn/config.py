@@ -264,8 +264,7 @@ class PretrainConfig:
     precision: Precision = Precision.auto  # arithmetic of training and testing
     eval_every: int = 1  # epochs between centre-crop tests on val (0 = only at the end)
     test_schemes: List[str] = field(default_factory=lambda: ["center", "10crop", "144crop"])  # final tests
-    test_size: Optional[int] = None  # the test crops' size; null = input_size (a network trained on random-sized
-    # crops sees objects larger than a centre crop of the same size shows them: testing larger corrects it)
+    test_size: Optional[int] = None  # the test crops' size; null = input_size (larger corrects random-sized crops' bias)
     test_limit: Optional[int] = None  # val images for the 144-crop test (a fixed sample); null = all
     checkpoint_every: int = 200  # steps between checkpoints (and one after every epoch)
     loader_workers: int = 0  # processes decoding and augmenting while the network trains; 0 = in line
