@@ -139,6 +139,15 @@ def resolved_feature_settings(fc, device: torch.device) -> dict:
     return settings
 
 
+def partial_images(ds, cfg) -> set:
+    """The images whose features cover only some proposals under ``svm.classifiers=false``: those of the train
+    split that are not detected on (an image of the test split too, where the splits share images, keeps all)."""
+    if "train" not in cfg.proposals.splits:
+        return set()
+    detected = set(ds.image_ids(ds.test_split)) if "test" in cfg.proposals.splits else set()
+    return set(ds.image_ids(ds.train_split)) - detected
+
+
 class ImageBoxes(NamedTuple):
     """The boxes to compute an image's features for: ground truth (``n_gt`` rows; None where the image takes
     none: not a train image) then proposals; ``rows`` the proposals' indices where only some are taken (None: all)."""
@@ -282,12 +291,10 @@ def run_features(ctx) -> dict:
     splits = split_names(ctx)
     ids = [i for split in splits for i in ds.image_ids(split)]
     train = set(ds.image_ids(ds.train_split)) if ds.train_split in splits else set()
-    # an image detected on (the test split's, which may share images with the train split) keeps every proposal
-    detected = set(ds.image_ids(ds.test_split)) if "test" in cfg.proposals.splits else set()
+    partial = partial_images(ds, cfg) if rule else set()
 
     def plan(image_id) -> ImageBoxes:
-        only_some = rule if image_id in train and image_id not in detected else None
-        return image_boxes(ds, proposals, image_id, image_id in train, only_some)
+        return image_boxes(ds, proposals, image_id, image_id in train, rule if image_id in partial else None)
     todo = store.missing(mine(cfg, ids))  # (a shard's images: rcnn/shard.py)
     if not todo and store.complete and (store.dir / "metrics.json").exists():
         computed = json.loads((store.dir / "metrics.json").read_text())  # the figures of the run that computed them

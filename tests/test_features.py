@@ -232,3 +232,20 @@ def test_roi_only_settings_shape_no_warp_key():
                                                       "features.roi_layer=inception4e")  # fmt: skip
     assert settings("features.mode=roi") != settings("features.mode=roi", "features.roi_image_size=400")
     assert settings("features.mode=warp") != settings("features.mode=warp", "features.input_size=112")
+
+
+def test_only_train_images_not_detected_on_get_partial_features():
+    """svm.classifiers=false: a train image gets only its regressors' proposals, unless the test split (detected on,
+    which needs every proposal's feature) holds it too; with the train role not asked for, none."""
+    from types import SimpleNamespace
+
+    from features.stage import partial_images
+
+    splits = {"train": ["a", "b", "c"], "test": ["c", "d"]}
+    ds = SimpleNamespace(train_split="train", test_split="test", image_ids=lambda split: splits[split])
+    cfg = lambda *roles: SimpleNamespace(proposals=SimpleNamespace(splits=list(roles)))  # noqa: E731
+    assert partial_images(ds, cfg("train", "test")) == {"a", "b"}
+    assert partial_images(ds, cfg("train")) == {"a", "b", "c"}
+    assert partial_images(ds, cfg("test")) == set()
+    same = SimpleNamespace(train_split="train", test_split="train", image_ids=lambda split: splits[split])
+    assert partial_images(same, cfg("train", "test")) == set()  # one split for both roles: every image whole
