@@ -39,7 +39,10 @@ __all__ = ["main", "build_peer", "train_peer", "detect_peer"]
 # 1e-3 and SGD at 0.02 scored alike after 8 minutes (7.0 and 6.3 VOC07 mAP on roadsigns); SGD at 0.01 with 512
 # RoIs an image reached 2.3 in 25.
 PEER_KEYS = {"minutes": 25.0, "batch_size": 4, "optimizer": "adamw", "lr": 0.001, "box_batch": 128, "seed": 0}
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = {  # optimizer= name -> (parameters, lr) -> the optimiser
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4),
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4),
+}
 CHECKPOINT_SECONDS = 120.0
 WARMUP_STEPS = 200
 
@@ -66,15 +69,13 @@ def _sample(ds, image_id, flip: bool) -> tuple[torch.Tensor, dict]:
 
 
 def train_peer(model, ds, ids: list, seconds: float, batch_size: int, lr: float, seed: int, checkpoint: Path,
-               optimizer: str = "sgd", recipe: dict | None = None, log=print) -> dict:  # fmt: skip
+               optimizer: str = PEER_KEYS["optimizer"], recipe: dict | None = None, log=print) -> dict:  # fmt: skip
     """Train until ``seconds`` of training time have passed (across resumes); returns the record.
-    ``optimizer``: sgd (momentum 0.9, weight decay 1e-4) or adamw (weight decay 1e-4). ``recipe`` (what shaped
-    the run) is kept in the checkpoint: a checkpoint of another recipe is refused (ValueError), not resumed."""
+    ``optimizer``: a name of :data:`OPTIMIZERS` (adamw; sgd with momentum 0.9; weight decay 1e-4). ``recipe``
+    (what shaped the run) is kept in the checkpoint: a checkpoint of another recipe is refused (ValueError), not
+    resumed."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    opt = OPTIMIZERS[optimizer](params, lr)
     rng = np.random.default_rng(seed)
     state = {"step": 0, "seconds": 0.0, "images": 0, "losses": []}
     if checkpoint.exists():
