@@ -74,11 +74,10 @@ def regression_rows(ds, boxes: np.ndarray, image_id, iou: float | None) -> np.nd
     from rcnn import boxes as B
     from rcnn.datasets import gt_for_training, in_crowd
 
-    gt = gt_for_training(ds, image_id)[0]
-    if iou is None or not len(gt) or not len(boxes):
+    if iou is None:
         return np.zeros(0, np.int64)
-    hit = (B.iou(B.as_boxes(boxes), B.as_boxes(gt)).max(axis=1) > iou) & ~in_crowd(ds, image_id, B.as_boxes(boxes))
-    return np.flatnonzero(hit).astype(np.int64)
+    rows, _ = B.matches(boxes, gt_for_training(ds, image_id)[0], iou)
+    return rows[~in_crowd(ds, image_id, B.as_boxes(boxes)[rows])]
 
 
 def _proposals_store(ctx) -> StageStore:

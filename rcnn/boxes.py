@@ -29,6 +29,7 @@ __all__ = [
     "clip",
     "is_valid",
     "iou",
+    "matches",
     "ioa",
     "encode",
     "decode",
@@ -128,6 +129,17 @@ def iou(boxes1, boxes2):
         boxes1, boxes2 = as_boxes(boxes1, np.float64), as_boxes(boxes2, np.float64)
     out = ops.box_iou(_tensor(boxes1), _tensor(boxes2))
     return out.numpy() if numpy_in else out
+
+
+def matches(boxes, gt, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``boxes`` above IoU ``threshold`` with a ``gt`` box, and the best such box of each: ``(rows [K],
+    best [K])``, int64, rows ascending (R-CNN's rule for a box regressor's training pairs)."""
+    b, g = as_boxes(boxes), as_boxes(gt)
+    if not len(b) or not len(g):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    overlap = iou(b, g)
+    rows = np.flatnonzero(overlap.max(axis=1) > threshold)
+    return rows.astype(np.int64), overlap[rows].argmax(axis=1).astype(np.int64)
 
 
 def ioa(boxes, regions) -> np.ndarray:

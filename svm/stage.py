@@ -415,13 +415,12 @@ def _mine(ctx, miner, state: dict, ids: list, features, proposals, checkpoint, d
         raw, props, max_iou, gt, labels = training_rows(ds, features, proposals, i)
         if miner is not None:
             miner.add_image(np.asarray(raw, np.float32) * scale, max_iou, last=k == len(ids) - 1)
-        if sc.regression and pairs_x is not None and len(gt) and len(props):
-            ov = B.iou(props, gt)
-            best, sel = ov.argmax(axis=1), ov.max(axis=1) > sc.regression_iou
-            for c in np.unique(labels[best[sel]]):
-                rows = np.flatnonzero(sel & (labels[best] == c))
-                pairs_x[c].append(np.asarray(raw[rows], np.float16))
-                pairs_t[c].append(encode(props[rows], gt[best[rows]]).astype(np.float32))
+        if sc.regression and pairs_x is not None:
+            rows, best = B.matches(props, gt, sc.regression_iou)
+            for c in np.unique(labels[best]):
+                mine = labels[best] == c
+                pairs_x[c].append(np.asarray(raw[rows[mine]], np.float16))
+                pairs_t[c].append(encode(props[rows[mine]], gt[best[mine]]).astype(np.float32))
         state["next"] = k + 1
         now = time.perf_counter()
         state["seconds"], last = state.get("seconds", 0.0) + now - last, now  # mining time, across resumes

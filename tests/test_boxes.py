@@ -79,6 +79,19 @@ def test_iou_empty_inputs():
     assert B.iou([], []).shape == (0, 0)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    props, gt = random_boxes(rng, 200, size=40), random_boxes(rng, 4, size=40)
+    ov = brute_iou(props, gt)
+    want = [(i, int(np.argmax(ov[i]))) for i in range(len(props)) if ov[i].max() > 0.3]
+    rows, best = B.matches(props, gt, 0.3)
+    assert want and list(zip(rows.tolist(), best.tolist())) == want
+    assert rows.dtype == best.dtype == np.int64
+    for empty in (B.matches(props, np.zeros((0, 4)), 0.3), B.matches([], gt, 0.3)):
+        assert [len(a) for a in empty] == [0, 0]
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_nms_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
