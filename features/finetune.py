@@ -202,8 +202,9 @@ class FineTuner:
         w = np.bincount(labels)[labels].astype(np.float64) ** -float(self.cfg.fg_balance)
         return w / w.sum()
 
-    def sample(self) -> np.ndarray:
-        """Window indices of one batch: ``fg_per_batch`` foreground then the rest background."""
+    def sample(self, bg_candidates: int = 1) -> np.ndarray:
+        """Window indices of one batch: ``fg_per_batch`` foreground then the rest background (``bg_candidates``
+        times as many background draws, of which :meth:`hardest_background` keeps a batch's worth)."""
         c = self.cfg
         if self.fcfg.mode.value == "roi":  # windows of a few images, as Fast R-CNN
             chosen = self.rng.choice(np.unique(self.windows.image), size=c.roi_images_per_batch)
@@ -214,8 +215,27 @@ class FineTuner:
         else:
             fg, bg = self.fg, self.bg
         return np.concatenate(
-            [self._draw(fg, c.fg_per_batch, self._class_weights(fg)), self._draw(bg, c.batch_size - c.fg_per_batch)]
-        )
+            [self._draw(fg, c.fg_per_batch, self._class_weights(fg)),
+             self._draw(bg, (c.batch_size - c.fg_per_batch) * bg_candidates)]
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def hardest_background(self, idx: np.ndarray, flips: np.ndarray) -> np.ndarray:
+        """Positions in ``idx`` (``fg_per_batch`` foreground, then background candidates) of the foreground and
+        of the ``batch_size - fg_per_batch`` candidates the network, as it is now, scores least as background
+        (lowest log-probability; ties by draw order). Each rank scores its share of the candidates; every rank
+        then holds all the scores and keeps the same windows."""
+        c = self.cfg
+        cand = np.arange(c.fg_per_batch, len(idx))
+        mine = np.array_split(cand, distributed.world_size())[distributed.rank()]
+        log_bg = torch.zeros(len(idx), dtype=torch.float64, device=self.device)
+        self.model.eval()  # BatchNorm's running statistics, no dropout: the network as the features will see it
+        with autocast(self.amp, self.device):
+            logits = self.model.net.fc(self._features(idx[mine], flips[mine])).float()
+        log_bg[torch.from_numpy(mine).to(self.device)] = logits.log_softmax(1)[:, 0].double()
+        log_bg = distributed.all_sum(log_bg).cpu().numpy()
+        hardest = cand[np.argsort(log_bg[cand], kind="stable")[: c.batch_size - c.fg_per_batch]]
+        return np.concatenate([np.arange(c.fg_per_batch), np.sort(hardest)])
 
     def crops(self, idx: np.ndarray, flips: np.ndarray) -> torch.Tensor:
         """Warp mode: the context-padded crops ``[n, 3, size, size]`` (channels_last) of windows ``idx``, each
@@ -299,14 +319,17 @@ class FineTuner:
 
     def step(self) -> dict:
         start = time.perf_counter()
-        self.train_mode()
-        idx = self.sample()
+        idx = self.sample(self.cfg.bg_candidates)
         flips = np.zeros(len(idx), bool)
         if self.cfg.flip and self.fcfg.mode.value == "roi":  # one flip per image: the image is flipped
             images, inverse = np.unique(self.windows.image[idx], return_inverse=True)
             flips = (self.rng.random(len(images)) < 0.5)[inverse]
         elif self.cfg.flip:
             flips = self.rng.random(len(idx)) < 0.5
+        if self.cfg.bg_candidates > 1:
+            chosen = self.hardest_background(idx, flips)
+            idx, flips = idx[chosen], flips[chosen]
+        self.train_mode()
         keep = self._dropout(len(idx))
         rows = self._local(idx)
         with autocast(self.amp, self.device):

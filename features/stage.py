@@ -90,6 +90,8 @@ def finetune_store(ctx, proposals: StageStore) -> StageStore:
     """Keyed by the fine-tuning settings, the feature geometry, the starting weights and the proposals."""
     cfg = ctx.cfg
     tune = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("enabled", "checkpoint_every", "image_cache")}
+    if tune["bg_candidates"] == 1:  # uniform draws: the key of runs from before the setting existed
+        del tune["bg_candidates"]
     geometry = resolved_feature_settings(cfg.features, resolve_device(cfg.device.value))
     geometry.pop("channels_last")
     return StageStore(

@@ -412,6 +412,10 @@ class FinetuneConfig:
     # class's foreground windows): 0 = uniform over windows, as R-CNN (a frequent class fills most batches),
     # 1 = every class equally often
     fg_balance: float = 0.0
+    # background draws per background window of a step: the step keeps the ones its network now scores least as
+    # background (online hard example mining, Shrivastava et al. 2016, on the background): 1 = uniform draws, as
+    # R-CNN; k > 1 adds a forward pass (no gradient) over k x the background windows
+    bg_candidates: int = 1
     fg_iou: float = 0.5  # a window overlapping a ground-truth box this much takes its class
     flip: bool = True  # random horizontal flips (roi mode: of the whole image and its boxes)
     checkpoint_every: int = 200  # steps between checkpoints (and a last one at the end)
@@ -777,6 +781,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
         ("finetune.freeze", cfg.finetune.freeze is None or cfg.finetune.freeze in GOOGLENET_LAYERS,
          f"null or one of GoogLeNet's layers ({', '.join(GOOGLENET_LAYERS)})"),
         ("finetune.fg_balance", cfg.finetune.fg_balance >= 0, ">= 0 (0 uniform over windows, 1 every class alike)"),
+        ("finetune.bg_candidates", cfg.finetune.bg_candidates >= 1, ">= 1 (1 = uniform background draws)"),
         ("detect.nms_iou", 0 < cfg.detect.nms_iou <= 1, "in (0, 1]"),
         ("eval.top_multiple", cfg.eval.top_multiple > 0, "> 0"),
         ("eval.gallery_size", cfg.eval.gallery_size >= 0, ">= 0"),

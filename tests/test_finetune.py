@@ -61,6 +61,26 @@ def test_foreground_classes_share_batches_as_fg_balance_asks(balance, share):
     assert abs(np.mean(fg == 1) - share) < 0.02
 
 
+def test_hard_background_keeps_the_candidates_scored_least_as_background(tmp_path):
+    """finetune.bg_candidates=k: k x the background draws, of which a step keeps those the network (in eval mode,
+    as the features see it) gives the lowest background log-probability; checked against one window at a time."""
+    make, cfg = tiny(tmp_path)
+    cfg.finetune.bg_candidates = 3
+    t = make()
+    t.step()  # a trained step first: the scores are not the initial network's
+    idx = t.sample(3)
+    assert len(idx) == 2 + 6 * 3 and (t.windows.labels[idx[2:]] == 0).all()
+    flips = np.arange(len(idx)) % 2 == 1
+    kept = t.hardest_background(idx, flips)
+    t.model.eval()
+    with torch.no_grad():
+        log_bg = [t.model.net.fc(t._features(idx[[p]], flips[[p]])).log_softmax(1)[0, 0].item() for p in range(2, len(idx))]
+    want = sorted(range(2, len(idx)), key=lambda p: (log_bg[p - 2], p))[:6]
+    assert kept.tolist() == [0, 1] + sorted(want)
+    record = t.step()  # a step with the selection trains on a batch of the usual size
+    assert record["iteration"] == 2 and np.isfinite(record["loss"])
+
+
 @pytest.mark.parametrize("mode", ["warp", "roi"])
 def test_resumed_fine_tuning_equals_an_uninterrupted_run(tmp_path, mode):
     make, cfg = tiny(tmp_path, mode)

@@ -25,6 +25,7 @@ def test_a_cpu_gets_small_warped_crops_and_fine_tuning_scaled_to_its_boxes():
     for r in (small, large):
         assert r["proposals.method"] == "ss" and r["features.mode"] == "warp" and r["finetune.enabled"] is True
         assert r["features.input_size"] == 64 and r["finetune.batch_size"] == 64 and r["svm.folds"] == 2
+        assert r["finetune.bg_candidates"] == 4
         assert r["svm.C"] is None and r["finetune.step_size"] < r["finetune.iterations"]
     assert small["finetune.iterations"] == 150  # 200 boxes x 24 looks / 32 a step = 150: the floor
     assert large["finetune.iterations"] == 600  # 5000 boxes: the CPU's ceiling
