@@ -243,3 +243,31 @@ def test_the_step_benchmark_times_each_part_of_a_real_step():
     parts = timed_step(t)
     assert set(parts) == set(PARTS) and all(v > 0 for v in parts.values())
     assert not torch.equal(before, t.model.net.fc.weight)  # the optimiser's step happened
+
+
+def _hardest_on_a_rank(tmp_path, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # from torchrun's variables, which run_ranks sets
+    try:
+        make, cfg = tiny(tmp_path)
+        cfg.finetune.bg_candidates = 3
+        t = make()
+        idx = t.sample(3)
+        np.save(out / f"{dist.get_rank()}.npy", idx[t.hardest_background(idx, np.zeros(len(idx), bool))])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torchrun_every_rank_keeps_the_hardest_background_of_one_process(tmp_path):
+    """Two ranks score a half of the candidates each, then all of them hold every score: both keep the same
+    windows, the ones one process keeps."""
+    from .ranks import run_ranks
+
+    assert run_ranks(_hardest_on_a_rank, tmp_path, tmp_path) == [0, 0]
+    make, cfg = tiny(tmp_path)
+    cfg.finetune.bg_candidates = 3
+    t = make()
+    idx = t.sample(3)
+    alone = idx[t.hardest_background(idx, np.zeros(len(idx), bool))]
+    assert np.load(tmp_path / "0.npy").tolist() == np.load(tmp_path / "1.npy").tolist() == alone.tolist()
