@@ -81,9 +81,10 @@ def test_hard_background_keeps_the_candidates_scored_least_as_background(tmp_pat
     assert record["iteration"] == 2 and np.isfinite(record["loss"])
 
 
-@pytest.mark.parametrize("mode", ["warp", "roi"])
-def test_resumed_fine_tuning_equals_an_uninterrupted_run(tmp_path, mode):
+@pytest.mark.parametrize("mode, bg_candidates", [("warp", 1), ("roi", 1), ("warp", 3)])
+def test_resumed_fine_tuning_equals_an_uninterrupted_run(tmp_path, mode, bg_candidates):
     make, cfg = tiny(tmp_path, mode)
+    cfg.finetune.bg_candidates = bg_candidates  # 3: each step keeps the hardest backgrounds of the weights it resumed
     straight = make()
     for _ in range(4):
         straight.step()
