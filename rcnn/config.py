@@ -809,7 +809,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError("svm.classifiers=false trains no SVMs: the detector scores with the fine-tuned network's "
                           "classifier, so it needs finetune.enabled=true and detect.scores=softmax or null "
                           f"(got finetune.enabled={cfg.finetune.enabled}, detect.scores="
-                          f"{cfg.detect.scores.value if cfg.detect.scores else None})")  # fmt: skip
+                          f"{asked_scores(cfg)})")  # fmt: skip
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit must be >= 1 or null, got {cfg.dataset.limit}")
     if cfg.stage == Stage.analyze:  # an alias: the evaluation with its error analysis, in <out>/eval/
@@ -825,6 +825,11 @@ def num_workers(cfg: DictConfig) -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def asked_scores(cfg: DictConfig) -> str | None:
+    """``detect.scores`` as its name (``svm`` / ``softmax``), or None where the command leaves it to the detector."""
+    return cfg.detect.scores.value if cfg.detect.scores is not None else None
 
 
 def to_dict(node: DictConfig) -> dict:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from . import boxes as B
 from . import distributed
+from .config import asked_scores
 from .detector import Detector, DetectorError, check_ensemble, detect_image, ensemble_outputs, postprocess
 from .shard import mine, pending
 from .store import StageStore, atomic_write, write_json
@@ -53,7 +54,7 @@ def detector_files(ctx) -> list[Path]:
 
 
 def load_members(ctx, files: list[Path]) -> list[Detector]:
-    scores = ctx.cfg.detect.scores.value if ctx.cfg.detect.scores else None  # None: each detector's own
+    scores = asked_scores(ctx.cfg)  # None: each detector's own
     members = [Detector.load(p, ctx.cfg.device.value, scores) for p in files]
     check_ensemble(members)  # before any work
     return members

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from rcnn import boxes as B
-from rcnn.config import to_dict
+from rcnn.config import asked_scores, to_dict
 from rcnn.detector_file import write_detector
 from rcnn.store import StageStore, temporary_path, torch_save, write_json
 
@@ -249,10 +249,10 @@ def run_svm(ctx) -> dict:
     features_metrics = run_stage(ctx, "features")
     features = StageStore.open(ctx.run_dir, "features", features_metrics["key"])
     proposals = StageStore.open(ctx.run_dir, "proposals", features.identity["inputs"]["proposals"])
-    asked_scores = cfg.detect.scores.value if cfg.detect.scores else None  # the detector's default, below
+    asked = asked_scores(cfg)  # None: the detector's default, below
     store = StageStore(
         ctx.run_dir, "svm", {"svm": {k: v for k, v in to_dict(cfg.svm).items() if k != "checkpoint_seconds"}, "seed": cfg.seed,
-                             "scores": asked_scores},
+                             "scores": asked},
         inputs={"features": features.key},
         version=FORMAT_VERSION,
     )  # fmt: skip
@@ -344,7 +344,7 @@ def run_svm(ctx) -> dict:
         "reg_b": torch.from_numpy(reg_b) if sc.regression else None,
         "classifier": classifier,
         # how the detector scores where detect.scores is null: as this run asked, where it has the classifier
-        "scores": "softmax" if not svms else asked_scores if asked_scores and classifier is not None else "svm",
+        "scores": "softmax" if not svms else asked if asked and classifier is not None else "svm",
         "proposals": _proposal_parts(ctx), "features_key": features.key,
         "config": OmegaConf.to_yaml(cfg),
     }  # fmt: skip
