@@ -52,6 +52,7 @@ __all__ = [
     "multibox_loss",
     "warp_image",
     "train_multibox",
+    "heldout_recall",
     "predict",
     "load_model",
     "export_model",
@@ -151,9 +152,15 @@ def _to_input(batch_u8: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TrainState:
     epoch: int = 0
-    history: list[dict] = field(default_factory=list)  # one {"epoch", "loss", "loc", "conf"} per epoch
+    history: list[dict] = field(default_factory=list)  # one {"epoch", "loss", "loc", "conf"[, "recall_50"]} per epoch
     seconds: float = 0.0  # training time of every epoch so far, across resumes
     epochs_before: int = 0  # epochs found done in the checkpoint when this process started
+    best_epoch: int = 0  # with a held-out set: the epoch of the best held-out recall so far (its weights are kept)
+    best_recall: float = -1.0
+
+    def stalled(self, patience: int | None) -> bool:
+        """Whether the held-out recall has not risen for ``patience`` epochs (never without a patience)."""
+        return patience is not None and self.epoch - self.best_epoch >= patience
 
 
 def _save(path: Path, model: MultiBoxNet, opt, sched, state: TrainState, extra: dict) -> None:
@@ -164,6 +171,8 @@ def _save(path: Path, model: MultiBoxNet, opt, sched, state: TrainState, extra: 
         "epoch": state.epoch,
         "history": state.history,
         "seconds": state.seconds,
+        "best_epoch": state.best_epoch,
+        "best_recall": state.best_recall,
         **extra,
     }
     torch_save(path, payload)
@@ -180,10 +189,16 @@ def train_multibox(
     progress: bool = True,
     on_epoch: Callable[[TrainState], None] | None = None,
     device: torch.device | str = "cpu",
+    heldout: tuple[np.ndarray, Sequence[np.ndarray]] | None = None,
 ) -> tuple[MultiBoxNet, TrainState]:
     """Train (or resume from ``checkpoint``) on warped images ``uint8 [N, S, S, 3]`` and normalised
     ground truth (``[G_i, 4]`` per image) on ``device``. Saves the checkpoint atomically after every epoch
-    (under torchrun: every rank trains, rank 0 saves)."""
+    (under torchrun: every rank trains, rank 0 saves).
+
+    With ``heldout`` (images and ground truth as above, not trained on) and ``cfg.patience``, each epoch ends
+    with :func:`heldout_recall` of its ``cfg.top_k`` boxes; training stops once it has not risen for
+    ``cfg.patience`` epochs, and the returned model has the best epoch's weights (also what the checkpoint's
+    ``best_model`` holds)."""
     torch.manual_seed(seed)
     device = torch.device(device)
     backbone, _ = build_googlenet(weights)
@@ -194,20 +209,23 @@ def train_multibox(
     lead = distributed.rank() == 0
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
-    state = TrainState()
+    state, best_model = TrainState(), None
     if checkpoint.exists():
         ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        state = TrainState(ck["epoch"], ck["history"], ck.get("seconds", 0.0), ck["epoch"])
+        state = TrainState(ck["epoch"], ck["history"], ck.get("seconds", 0.0), ck["epoch"], ck.get("best_epoch", 0),
+                           ck.get("best_recall", -1.0))  # fmt: skip
+        best_model = ck.get("best_model")
         log.info("resuming MultiBox training at epoch %d of %d", state.epoch + 1, cfg.epochs)
     distributed.barrier()  # every rank has read the checkpoint before rank 0 writes the next
     data = torch.from_numpy(images)
     gt_t = [torch.from_numpy(np.asarray(g, np.float32).reshape(-1, 4)).to(device) for g in gts]
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=cfg.epochs, initial=state.epoch, desc="multibox", unit="epoch", disable=not progress or not lead)
-    while state.epoch < cfg.epochs:
+    patience = cfg.patience if heldout is not None else None
+    while state.epoch < cfg.epochs and not state.stalled(patience):
         epoch_start = time.perf_counter()
         torch.manual_seed(seed + state.epoch)  # a resumed epoch draws what an uninterrupted one would
         gen.manual_seed(seed + state.epoch)
@@ -239,14 +257,44 @@ def train_multibox(
         mean = sums / len(data)
         check_loss(float(mean[0]), "MultiBox training", f"epoch {state.epoch}", "multibox.lr", cfg.lr, checkpoint)
         state.history.append({"epoch": state.epoch, "loss": mean[0], "loc": mean[1], "conf": mean[2]})
+        if patience is not None:
+            recall = heldout_recall(model, heldout[0], heldout[1], cfg.top_k)
+            state.history[-1]["recall_50"] = recall
+            if recall > state.best_recall:
+                state.best_epoch, state.best_recall = state.epoch, recall
+                best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if lead:
-            _save(checkpoint, model, opt, sched, state, {"priors": priors, "normalization": weights.normalization})
+            best = {"best_model": best_model} if patience is not None else {}
+            _save(checkpoint, model, opt, sched, state, {"priors": priors, "normalization": weights.normalization, **best})
         bar.update()
         bar.set_postfix(loss=f"{mean[0]:.3f}")
         if on_epoch:
             on_epoch(state)
     bar.close()
+    if patience is not None and best_model is not None:
+        if state.stalled(patience):
+            log.info("MultiBox: held-out recall@0.5 has not risen for %d epochs: stopped after epoch %d, the weights "
+                     "of epoch %d (recall %.3f) kept", patience, state.epoch, state.best_epoch, state.best_recall)  # fmt: skip
+        model.load_state_dict(best_model)
     return model.eval(), state
+
+
+@torch.no_grad()
+def heldout_recall(model: MultiBoxNet, images: np.ndarray, gts: Sequence[np.ndarray], top_k: int) -> float:
+    """Recall@0.5 of the ``top_k`` best-scored boxes per image (``uint8 [N, S, S, 3]``) against the normalised
+    ground truth (IoU is the same in normalised coordinates as in pixels)."""
+    from .recall import best_overlaps
+
+    was_training = model.training
+    boxes, scores = predict(model, images)
+    model.train(was_training)
+    found = total = 0
+    for b, s, g in zip(boxes, scores, gts):
+        g = np.asarray(g, np.float32).reshape(-1, 4)
+        top = b[np.argsort(-s, kind="stable")[:top_k]]
+        found += int((best_overlaps(g, top) >= 0.5).sum())
+        total += len(g)
+    return found / max(total, 1)
 
 
 def _flip_boxes(b: torch.Tensor) -> torch.Tensor:
@@ -260,6 +308,8 @@ def export_model(checkpoint: Path, path: Path) -> Path:
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     ck.pop("optimizer", None)
     ck.pop("scheduler", None)
+    if ck.get("best_model") is not None:  # trained with a held-out set: the best epoch's weights
+        ck["model"] = ck.pop("best_model")
     return torch_save(path, ck)
 
 

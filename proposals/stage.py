@@ -54,10 +54,13 @@ def multibox_store(ctx) -> StageStore:
     from features.backbone import resolve_weights
 
     weights = resolve_weights(ctx.cfg.backbone.weights)
+    mb = to_dict(ctx.cfg.multibox)
+    if mb["patience"] is None:  # every epoch trained on every image: the key of models from before the setting
+        del mb["patience"], mb["holdout"]
     return StageStore(
         ctx.run_dir,
         "multibox",
-        {"multibox": to_dict(ctx.cfg.multibox), "backbone": weights.describe(), "seed": ctx.cfg.seed},
+        {"multibox": mb, "backbone": weights.describe(), "seed": ctx.cfg.seed},
         inputs={"data": data_store(ctx).key},
         version=MULTIBOX_VERSION,
     )
@@ -97,11 +100,20 @@ def run_multibox(ctx) -> dict:
         a = ds.annotation(image_id)
         gts.append(B.normalize(boxes, a.width, a.height))
     images = _warped(ds, ids, mc.input_size, cfg.progress, "multibox inputs")
+    heldout, held = None, np.zeros(0, int)
+    if mc.patience is not None and len(ids) < 2:
+        log.warning("multibox.patience: %d training image(s), none to hold out: every epoch is trained", len(ids))
+    elif mc.patience is not None:  # a seeded share of the images measures recall after each epoch, unseen in training
+        n = len(ids)
+        held = np.sort(np.random.default_rng(cfg.seed).permutation(n)[: min(n - 1, max(1, round(mc.holdout * n)))])
+        heldout = (images[held], [gts[k] for k in held])
+        train = np.setdiff1d(np.arange(n), held)
+        images, gts = images[train], [gts[k] for k in train]
     priors = cluster_priors(np.concatenate(gts), mc.num_priors, seed=cfg.seed)
     weights = resolve_weights(cfg.backbone.weights)
     model, state = train_multibox(
         images, gts, priors, mc, weights, store.dir / "checkpoint.pt", seed=cfg.seed, progress=cfg.progress,
-        device=resolve_device(cfg.device.value),
+        device=resolve_device(cfg.device.value), heldout=heldout,
     )
     if distributed.rank() != 0:  # under torchrun rank 0 writes the model and the metrics
         distributed.barrier()
@@ -113,8 +125,11 @@ def run_multibox(ctx) -> dict:
     metrics = {
         "stage": "multibox",
         "key": store.key,
-        "train_images": len(ids),
+        "train_images": len(images),
         "train_boxes": int(sum(len(g) for g in gts)),
+        "heldout_images": len(held),  # with multibox.patience: not trained on; recall_50 in the history is theirs
+        "best_epoch": state.best_epoch if heldout is not None else None,
+        "heldout_recall_50": state.best_recall if heldout is not None else None,
         "num_priors": int(len(priors)),
         "input_size": mc.input_size,
         "epochs": state.epoch,
@@ -128,7 +143,8 @@ def run_multibox(ctx) -> dict:
     }
     store.finish(metrics)
     distributed.barrier()
-    print(f"MultiBox: {len(priors)} priors, {state.epoch} epochs, loss {metrics['loss_first_epoch']:.3f} -> "
+    kept = f" (the weights of epoch {state.best_epoch}: held-out recall@0.5 {state.best_recall:.3f})" if heldout else ""
+    print(f"MultiBox: {len(priors)} priors, {state.epoch} epochs{kept}, loss {metrics['loss_first_epoch']:.3f} -> "
           f"{metrics['loss_last_epoch']:.3f}, {seconds:.0f} s; model in {store.dir}")
     return metrics
 

@@ -343,6 +343,10 @@ class MultiboxConfig:
     weight_decay: float = 1e-4  # Adam weight decay
     alpha: float = 0.3  # weight of the location loss against the confidence loss (Erhan et al.)
     flip: bool = True  # random horizontal flips
+    # Beyond Erhan et al.: stop when MultiBox's recall@0.5 (its top_k boxes) on held-out training images has not
+    # risen for this many epochs, and keep the best epoch's weights; null = train every epoch
+    patience: Optional[int] = None
+    holdout: float = 0.1  # with patience: the share of the training images held out to measure that recall
 
 
 class FeatureMode(Enum):
@@ -781,6 +785,8 @@ def _validate(cfg: DictConfig) -> DictConfig:
         ("finetune.freeze", cfg.finetune.freeze is None or cfg.finetune.freeze in GOOGLENET_LAYERS,
          f"null or one of GoogLeNet's layers ({', '.join(GOOGLENET_LAYERS)})"),
         ("finetune.fg_balance", cfg.finetune.fg_balance >= 0, ">= 0 (0 uniform over windows, 1 every class alike)"),
+        ("multibox.patience", cfg.multibox.patience is None or cfg.multibox.patience >= 1, ">= 1 or null"),
+        ("multibox.holdout", 0 < cfg.multibox.holdout < 1, "in (0, 1)"),
         ("finetune.bg_candidates", cfg.finetune.bg_candidates >= 1, ">= 1 (1 = uniform background draws)"),
         ("detect.nms_iou", 0 < cfg.detect.nms_iou <= 1, "in (0, 1]"),
         ("eval.top_multiple", cfg.eval.top_multiple > 0, "> 0"),

@@ -11,8 +11,8 @@ was chosen and why is logged at the start and stored in every stage's ``metrics.
 The rules, each measured on roadsigns or the demo (BENCHMARKS.md, "Roadsigns in warp mode", "The demo in 2-3 minutes"):
 
 * proposals: selective search alone on a CPU (MultiBox trains for minutes for a point or two of recall), with
-  MultiBox on a GPU; its smallest box side follows the small training boxes (the default 20 px drops road
-  signs of 12-20 px).
+  MultiBox on a GPU, trained while its recall on held-out training images rises; selective search's smallest
+  box side follows the small training boxes (the default 20 px drops road signs of 12-20 px).
 * features: small warped crops on a CPU (64 px, a random ``CPU_CROPS`` / training images of selective search's
   boxes an image, within [200, 1000], near-duplicates merged first: more objects covered by fewer boxes); the
   roi path's fine-tuning did not learn on small images (the demo 34.9 against 87.8 VOC07 mAP, roadsigns 49.7
@@ -45,6 +45,7 @@ FT_MIN, FT_MAX_CPU, FT_MAX_GPU = 150, 600, 4000
 CPU_CROPS = 250_000  # warped crops over the training images on a CPU (~8 minutes at 500 crops/s): sets top_n
 TOP_N_MIN, TOP_N_MAX = 200, 1000
 BG_CANDIDATES = 4  # on a CPU, a fine-tuning step's background windows are the hardest of this many times as many draws
+MB_PATIENCE = 3  # on a GPU, MultiBox stops after this many epochs without a gain in held-out recall
 SS_MERGE_IOU = 0.7  # on a CPU, selective search's near-duplicates are merged before the top_n cap
 
 
@@ -90,7 +91,11 @@ def choose(facts: DataFacts, device: str) -> list[Choice]:
     out: list[Choice] = []
 
     if gpu:
-        out.append(Choice("proposals.method", "ss_multibox", "a GPU trains MultiBox in minutes; it adds boxes selective search misses"))
+        out += [
+            Choice("proposals.method", "ss_multibox", "a GPU trains MultiBox in minutes; it adds boxes selective search misses"),
+            Choice("multibox.patience", MB_PATIENCE, f"trained while its recall@0.5 on held-out training images rises "
+                   f"(stopped after {MB_PATIENCE} epochs without a gain; the best epoch kept)"),
+        ]  # fmt: skip
     else:
         out.append(Choice("proposals.method", "ss", "on a CPU MultiBox's training costs minutes for a point or two of recall"))
     min_side = int(np.clip(np.floor(0.8 * facts.small_object_side), 8, 20)) if facts.train_boxes else 20

@@ -28,6 +28,8 @@ def test_dataset_preset_and_its_keys():
         ("finetune.freeze=conv9", "finetune.freeze must be null or one of GoogLeNet's layers (conv1, maxpool1,"),
         ("finetune.fg_balance=-1", "finetune.fg_balance must be >= 0"),
         ("finetune.bg_candidates=0", "finetune.bg_candidates must be >= 1"),
+        ("multibox.patience=0", "multibox.patience must be >= 1 or null"),
+        ("multibox.holdout=1.0", "multibox.holdout must be in (0, 1)"),
         ("+extra=1", "keys can be set but not added or deleted"),
         ("stage", "is not a key=value override"),
         ("--stage=data", "without dashes, and keys can be set but not added or deleted; did you mean stage=data?"),

@@ -9,6 +9,8 @@ from features.backbone import build_googlenet, resolve_weights
 from proposals.multibox import (
     MultiBoxNet,
     cluster_priors,
+    export_model,
+    heldout_recall,
     hungarian_match,
     multibox_loss,
     predict,
@@ -111,6 +113,105 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     boxes, scores = predict(resumed, images[:3])
     assert boxes.shape == (3, 4, 4) and scores.shape == (3, 4) and 0 <= boxes.min() and boxes.max() <= 1
+
+
+def patient_cfg(epochs, patience):
+    c = cfg(epochs)
+    c.patience, c.top_k = patience, 4
+    return c
+
+
+def scripted_recall(monkeypatch, values):
+    """heldout_recall returns ``values`` in turn (one per epoch); the calls are counted."""
+    calls = []
+
+    def fake(model, images, gts, top_k):
+        calls.append(top_k)
+        return values[len(calls) - 1]
+
+    monkeypatch.setattr("proposals.multibox.heldout_recall", fake)
+    return calls
+
+
+def test_training_stops_when_heldout_recall_stops_rising(tmp_path, monkeypatch):
+    images, gts, priors = tiny_problem()
+    weights = resolve_weights("none")
+    calls = scripted_recall(monkeypatch, [0.2, 0.5, 0.5, 0.4, 0.9, 0.9])
+    epochs = []  # each epoch's weights, read back from the checkpoint written before on_epoch
+    model, state = train_multibox(images[:6], gts[:6], priors, patient_cfg(6, 2), weights, tmp_path / "a.pt",
+                                  progress=False, heldout=(images[6:], gts[6:]),
+                                  on_epoch=lambda s: epochs.append(torch.load(tmp_path / "a.pt", weights_only=False)["model"]))  # fmt: skip
+    # Epoch 2 is the best (0.5); epochs 3 and 4 do not rise above it: stopped after 4, epoch 2's weights kept.
+    assert state.epoch == 4 and len(calls) == 4 and calls[0] == 4
+    assert (state.best_epoch, state.best_recall) == (2, 0.5)
+    assert [h["recall_50"] for h in state.history] == [0.2, 0.5, 0.5, 0.4]
+    ck = torch.load(tmp_path / "a.pt", weights_only=False)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, epochs[1][k])
+        torch.testing.assert_close(v, ck["best_model"][k])
+    assert any(not torch.equal(v, ck["model"][k]) for k, v in ck["best_model"].items())  # epoch 4 moved on
+    exported = torch.load(export_model(tmp_path / "a.pt", tmp_path / "model.pt"), weights_only=False)
+    assert "best_model" not in exported and "optimizer" not in exported
+    for k, v in exported["model"].items():
+        torch.testing.assert_close(v, ck["best_model"][k])
+
+
+def test_patience_is_ignored_without_heldout_images(tmp_path, monkeypatch):
+    images, gts, priors = tiny_problem()
+    calls = scripted_recall(monkeypatch, [0.0] * 3)
+    _, state = train_multibox(images, gts, priors, patient_cfg(3, 1), resolve_weights("none"), tmp_path / "a.pt",
+                              progress=False)  # fmt: skip
+    assert state.epoch == 3 and calls == [] and "recall_50" not in state.history[0]
+
+
+def test_stopped_training_resumes_to_the_same_stop(tmp_path, monkeypatch):
+    images, gts, priors = tiny_problem()
+    weights = resolve_weights("none")
+    values = [0.3, 0.6, 0.5, 0.5, 0.7]
+    scripted_recall(monkeypatch, values)
+    straight, s_state = train_multibox(images[:6], gts[:6], priors, patient_cfg(5, 2), weights, tmp_path / "a.pt",
+                                       progress=False, heldout=(images[6:], gts[6:]))  # fmt: skip
+
+    def kill_after_third_epoch(state):
+        if state.epoch == 3:
+            raise KeyboardInterrupt
+
+    scripted_recall(monkeypatch, values)
+    with pytest.raises(KeyboardInterrupt):
+        train_multibox(images[:6], gts[:6], priors, patient_cfg(5, 2), weights, tmp_path / "b.pt", progress=False,
+                       heldout=(images[6:], gts[6:]), on_epoch=kill_after_third_epoch)  # fmt: skip
+    scripted_recall(monkeypatch, values[3:])
+    resumed, r_state = train_multibox(images[:6], gts[:6], priors, patient_cfg(5, 2), weights, tmp_path / "b.pt",
+                                      progress=False, heldout=(images[6:], gts[6:]))  # fmt: skip
+    assert s_state.epoch == r_state.epoch == 4 and r_state.epochs_before == 3
+    assert (r_state.best_epoch, r_state.best_recall) == (s_state.best_epoch, s_state.best_recall) == (2, 0.6)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_heldout_recall_against_a_loop(monkeypatch):
+    rng = np.random.default_rng(1)
+    k = 5
+    corner = rng.uniform(0, 0.6, (3, 7, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(0.1, 0.4, (3, 7, 2))], axis=2).astype(np.float32)
+    scores = rng.uniform(0, 1, (3, 7)).astype(np.float32)
+    gts = [boxes[0, :2] + 0.01, np.zeros((0, 4), np.float32), np.concatenate([boxes[2, :3], [[0.0, 0.0, 0.05, 0.05]]])]
+    monkeypatch.setattr("proposals.multibox.predict", lambda model, images: (boxes, scores))
+
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = w * h
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    found = total = 0
+    for b, s, g in zip(boxes, scores, gts):
+        top = [b[j] for j in sorted(range(len(s)), key=lambda j: -s[j])[:k]]
+        for box in g:
+            total += 1
+            found += any(iou(box, t) >= 0.5 for t in top)
+    assert 0 < found < total
+    assert heldout_recall(torch.nn.Identity(), np.zeros((3, 8, 8, 3), np.uint8), gts, k) == pytest.approx(found / total)
 
 
 def test_combine_merges_duplicates():

@@ -84,6 +84,25 @@ def test_proposals_stage_with_multibox(tiny):
     assert resumed["images_computed_now"] == {"selective_search": 1, "multibox": 0}
 
 
+def test_multibox_with_patience_holds_out_images_and_keeps_its_best_epoch(tiny):
+    args, out = tiny
+    args = [a for a in args if not a.startswith("dataset.train_images")] + ["dataset.train_images=6"]
+    assert main(["stage=multibox", *args, "multibox.epochs=3", "multibox.patience=1", "multibox.holdout=0.3"]) == 0
+    mb = json.loads((out / "multibox" / "metrics.json").read_text())
+    assert mb["heldout_images"] == 2 and mb["train_images"] == 4  # round(0.3 x 6) held out, not trained on
+    recalls = [h["recall_50"] for h in mb["history"]]
+    assert all(0 <= r <= 1 for r in recalls) and 1 <= len(recalls) <= 3
+    assert mb["heldout_recall_50"] == max(recalls) and recalls[mb["best_epoch"] - 1] == max(recalls)
+    assert len(recalls) == 3 or recalls[-1] <= max(recalls[:-1])  # stopped early only where the last did not rise
+    # Without patience the key is the one models from before the setting have; with it, another.
+    from proposals.stage import multibox_store
+    from rcnn.config import load_config
+    from rcnn.stages import RunContext
+
+    key = lambda extra: multibox_store(RunContext(load_config(["stage=multibox", *args, *extra]))).key  # noqa: E731
+    assert key([]) == key(["multibox.holdout=0.5"]) != key(["multibox.patience=1"])
+
+
 def test_selective_search_alone_and_top_n(tiny):
     args, out = tiny
     assert main(["stage=proposals", *args, "proposals.method=ss", "proposals.top_n=10", "proposals.splits=[test]"]) == 0

@@ -46,6 +46,7 @@ def test_a_gpu_gets_rcnns_warped_crops_and_multibox():
     gpu = by_key(choose(LARGE, "cuda"))
     assert gpu["features.mode"] == "warp" and gpu["features.input_size"] == 224
     assert gpu["proposals.method"] == "ss_multibox"
+    assert gpu["multibox.patience"] >= 1 and "multibox.patience" not in by_key(choose(LARGE, "cpu"))
     assert gpu["finetune.iterations"] > by_key(choose(LARGE, "cpu"))["finetune.iterations"]
 
 
