@@ -42,6 +42,25 @@ def test_a_cpu_gets_small_warped_crops_and_fine_tuning_scaled_to_its_boxes():
     assert large["proposals.ss.min_box_side"] == 8 and small["proposals.ss.min_box_side"] == 20
 
 
+def test_a_cpu_with_bfloat16_gets_larger_crops(voc, monkeypatch):
+    fp32, bf16 = by_key(choose(LARGE, "cpu")), by_key(choose(LARGE, "cpu", bf16=True))
+    assert (fp32["features.input_size"], fp32["features.padding"]) == (64, 4)
+    assert (bf16["features.input_size"], bf16["features.padding"]) == (96, 6)
+    assert {k: v for k, v in fp32.items() if not k.startswith("features.")} == {
+        k: v for k, v in bf16.items() if not k.startswith("features.")}  # the crops alone differ
+    # route() asks the CPU, and features.precision=fp32 sizes the crops as on an fp32-only CPU
+    from rcnn.datasets import build_dataset
+    from rcnn.recipe import route
+
+    base = ["dataset=voc", f"dataset.root={voc}", "dataset.train_split=train", "device=cpu"]
+    ds = build_dataset(load_config(base).dataset)
+    for native, extra, size in ((True, [], 96), (False, [], 64), (True, ["features.precision=fp32"], 64),
+                                (True, ["features.precision=bf16"], 96), (False, ["features.precision=bf16"], 64)):
+        monkeypatch.setattr("rcnn.machine.native_bf16", lambda device_type="cpu", native=native: native)
+        args = [*base, *extra]
+        assert f"features.input_size={size}" in route(load_config(args), args, ds)[0], (native, extra)
+
+
 def test_a_gpu_gets_rcnns_warped_crops_and_multibox():
     gpu = by_key(choose(LARGE, "cuda"))
     assert gpu["features.mode"] == "warp" and gpu["features.input_size"] == 224
@@ -52,9 +71,9 @@ def test_a_gpu_gets_rcnns_warped_crops_and_multibox():
 
 def test_every_choice_is_a_valid_override():
     for facts in (SMALL, LARGE):
-        for device in ("cpu", "cuda"):
-            cfg = load_config(["dataset.recipe=[]"], defaults=as_overrides(choose(facts, device)))
-            for c in choose(facts, device):
+        for device, bf16 in (("cpu", False), ("cpu", True), ("cuda", False)):
+            cfg = load_config(["dataset.recipe=[]"], defaults=as_overrides(choose(facts, device, bf16)))
+            for c in choose(facts, device, bf16):
                 value = cfg
                 for part in c.key.split("."):
                     value = value[part]
