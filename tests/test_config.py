@@ -14,6 +14,15 @@ def test_dataset_preset_and_its_keys():
     assert cfg.dataset.limit == 5 and cfg.stage == Stage.data and cfg.out == "data/runs/coco128"
 
 
+def test_the_shapes_preset_is_the_demo_without_colour_and_with_longer_fine_tuning():
+    demo, shapes = load_config([]), load_config(["dataset=shapes"])
+    assert not shapes.dataset.class_colours and demo.dataset.class_colours
+    assert shapes.dataset.root != demo.dataset.root and shapes.out == "data/runs/shapes"
+    assert (shapes.finetune.iterations, shapes.finetune.step_size, shapes.finetune.bg_candidates) == (600, 480, 4)
+    assert shapes.features.input_size == demo.features.input_size and shapes.proposals.top_n == demo.proposals.top_n
+    assert not shapes.auto and load_config(["dataset=shapes", "finetune.iterations=50"]).finetune.iterations == 50
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
