@@ -13,11 +13,11 @@ The rules, each measured on roadsigns or the demo (BENCHMARKS.md, "Roadsigns in 
 * proposals: selective search alone on a CPU (MultiBox trains for minutes for a point or two of recall), with
   MultiBox on a GPU, trained while its recall on held-out training images rises; selective search's smallest
   box side follows the small training boxes (the default 20 px drops road signs of 12-20 px).
-* features: small warped crops on a CPU (64 px; 96 where it computes bfloat16, +1 to +4 VOC07 points on roadsigns; a
-  random ``CPU_CROPS`` / training images of selective search's boxes an image, within [200, 1000],
-  near-duplicates merged first: more objects covered by fewer boxes); the
-  roi path's fine-tuning did not learn on small images (the demo 34.9 against 87.8 VOC07 mAP, roadsigns 49.7
-  against 66.3); R-CNN's warped 224-px crops on a GPU.
+* features: small warped crops on a CPU (64 px; 96 where it computes bfloat16, +1 to +4 VOC07 points on
+  roadsigns; a random ``CPU_CROPS`` / training images of selective search's boxes an image, within [200, 1000],
+  near-duplicates merged first: more objects covered by fewer boxes); the roi path's fine-tuning did not learn
+  on small images (the demo 34.9 against 87.8 VOC07 mAP, roadsigns 49.7 against 66.3); R-CNN's warped 224-px
+  crops on a GPU.
 * fine-tuning: on, for a number of steps that grows with the training boxes (each foreground box seen about
   ``FT_PASSES`` times), within [``FT_MIN``, ``FT_MAX``] on a CPU, half of each batch foreground on a CPU
   (R-CNN's quarter cost the demo 11 points), its background the hardest of ``BG_CANDIDATES`` x as many draws
