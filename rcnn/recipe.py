@@ -13,7 +13,7 @@ The rules, each measured on roadsigns or the demo (BENCHMARKS.md, "Roadsigns in 
 * proposals: selective search alone on a CPU (MultiBox trains for minutes for a point or two of recall), with
   MultiBox on a GPU, trained while its recall on held-out training images rises; selective search's smallest
   box side follows the small training boxes (the default 20 px drops road signs of 12-20 px).
-* features: small warped crops on a CPU (64 px; 96 where it computes bfloat16, +1 to +4 VOC07 points on
+* features: small warped crops on a CPU (64 px; 96 where it computes bfloat16, +1.2 to +5.5 VOC07 points on
   roadsigns; a random ``CPU_CROPS`` / training images of selective search's boxes an image, within [200, 1000],
   near-duplicates merged first: more objects covered by fewer boxes); the roi path's fine-tuning did not learn
   on small images (the demo 34.9 against 87.8 VOC07 mAP, roadsigns 49.7 against 66.3); R-CNN's warped 224-px
@@ -114,11 +114,11 @@ def choose(facts: DataFacts, device: str, bf16: bool = False) -> list[Choice]:
         top_n = int(np.clip(round(CPU_CROPS / max(facts.train_images, 1) / 50) * 50, TOP_N_MIN, TOP_N_MAX))
         size = CPU_CROP_BF16 if bf16 else CPU_CROP
         if bf16:
-            why = (f"{size}-px crops where the CPU computes bfloat16: roadsigns 78.8 / 76.7 against 74.7 / 75.5 VOC07 "
-                   f"mAP at {CPU_CROP} px (seeds 0 / 1), for 1.5x the fine-tuning's time (objects here: median "
+            why = (f"{size}-px crops where the CPU computes bfloat16: roadsigns 77.3 against 73.7 VOC07 mAP at "
+                   f"{CPU_CROP} px (means of seeds 0-2), for 1.5x the fine-tuning's time (objects here: median "
                    f"{facts.median_object_side:.0f} px)")
         else:
-            why = (f"{size}-px crops: 0.24 GFLOP each, a CPU's budget in fp32 ({CPU_CROP_BF16} px: +1 to +4 VOC07 points "
+            why = (f"{size}-px crops: 0.24 GFLOP each, a CPU's budget in fp32 ({CPU_CROP_BF16} px: +1.2 to +5.5 VOC07 points "
                    f"on roadsigns for 2.25x the networks' arithmetic; objects here: median {facts.median_object_side:.0f} px)")
         out += [
             Choice("features.mode", "warp", "warped crops: the roi path's fine-tuning did not learn on small images "
