@@ -18,8 +18,9 @@ The rules, each measured on roadsigns or the demo (BENCHMARKS.md, "Roadsigns in 
   near-duplicates merged first: more objects covered by fewer boxes); the roi path's fine-tuning did not learn
   on small images (the demo 34.9 against 87.8 VOC07 mAP, roadsigns 49.7 against 66.3); R-CNN's warped 224-px
   crops on a GPU.
-* fine-tuning: on, for a number of steps that grows with the training boxes (each foreground box seen about
-  ``FT_PASSES`` times), within [``FT_MIN``, ``FT_MAX``] on a CPU, half of each batch foreground on a CPU
+* fine-tuning: on; ``FT_STEPS`` steps on a CPU whatever the number of boxes (a small dataset's background and
+  features need the steps as much as its boxes do: 150 steps cost a 187-box set 7 points), and on a GPU as many
+  as see each box about ``FT_PASSES`` times, from ``FT_STEPS`` to ``FT_MAX_GPU``; half of each batch foreground on a CPU
   (R-CNN's quarter cost the demo 11 points), its background the hardest of ``BG_CANDIDATES`` x as many draws
   (the classifier scores on a CPU, and its false positives on background were most of roadsigns' loss).
 * the SVMs' C: by cross-validation (``svm.C=null``; 2 folds and two Cs on a CPU, where each is a mining pass).
@@ -41,8 +42,8 @@ __all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "descr
 
 log = logging.getLogger("rcnn")
 
-FT_PASSES = 24  # fine-tuning steps x foreground windows a step ~ this many looks at each training box
-FT_MIN, FT_MAX_CPU, FT_MAX_GPU = 150, 600, 4000
+FT_STEPS = 600  # fine-tuning steps on a CPU, and the fewest on a GPU
+FT_PASSES, FT_MAX_GPU = 24, 4000  # on a GPU: steps x foreground windows a step ~ this many looks at each box, up to this
 CPU_CROP, CPU_CROP_BF16 = 64, 96  # warped crop side on a CPU in fp32, and where it computes bfloat16
 CPU_CROPS = 250_000  # warped crops over the training images on a CPU (~8 minutes at 500 crops/s): sets top_n
 TOP_N_MIN, TOP_N_MAX = 200, 1000
@@ -132,11 +133,18 @@ def choose(facts: DataFacts, device: str, bf16: bool = False) -> list[Choice]:
                    f"{CPU_CROPS // 1000}k crops over {facts.train_images} training images"),
         ]  # fmt: skip
 
-    steps = int(np.clip(round(FT_PASSES * facts.train_boxes / 32 / 10) * 10, FT_MIN, FT_MAX_GPU if gpu else FT_MAX_CPU))
+    if gpu:
+        steps = int(np.clip(round(FT_PASSES * facts.train_boxes / 32 / 10) * 10, FT_STEPS, FT_MAX_GPU))
+        rule = f"about {FT_PASSES} looks at each box, within {FT_STEPS}-{FT_MAX_GPU} steps"
+    else:
+        steps = FT_STEPS
+        rule = ("fewer steps for fewer boxes cost points (150 steps: a 160-photo COCO set of 187 boxes 74.4 against 81.5 "
+                "VOC07 mAP, the shape demo 58.2 against 80.7), more did not pay (roadsigns, 900 steps: 74.4 against 74.7)")
+    looks = steps * 32 / max(facts.train_boxes, 1)
+    why = f"32 foreground windows a step: each of the {facts.train_boxes} training boxes seen about {looks:.0f} times; {rule}"
     out += [
         Choice("finetune.enabled", True, "features from a 10-class (or ImageNet) backbone do not carry over by themselves"),
-        Choice("finetune.iterations", steps, f"{facts.train_boxes} training boxes, 32 foreground windows a step, "
-               f"each box seen about {FT_PASSES} times (within {FT_MIN}-{FT_MAX_GPU if gpu else FT_MAX_CPU} steps)"),
+        Choice("finetune.iterations", steps, why),
         Choice("finetune.lr", 0.01, "a short run: 10x R-CNN's base rate, on every layer alike"),
         Choice("finetune.classifier_lr_mult", 1.0, "(with the higher base rate)"),
         Choice("finetune.bias_lr_mult", 1.0, "(with the higher base rate)"),

@@ -27,14 +27,13 @@ def test_a_cpu_gets_small_warped_crops_and_fine_tuning_scaled_to_its_boxes():
         assert r["features.input_size"] == 64 and r["finetune.batch_size"] == 64 and r["svm.folds"] == 2
         assert r["finetune.bg_candidates"] == 4
         assert r["svm.C"] is None and r["finetune.step_size"] < r["finetune.iterations"]
-    assert small["finetune.iterations"] == 150  # 200 boxes x 24 looks / 32 a step = 150: the floor
-    assert large["finetune.iterations"] == 600  # 5000 boxes: the CPU's ceiling
+    assert small["finetune.iterations"] == 600 and large["finetune.iterations"] == 600  # a CPU: 600 for any number of boxes
     roadsigns = by_key(choose(DataFacts(614, 856, 4, 44.0, 14.0, 300.0), "cpu"))  # roadsigns' training split
     assert roadsigns["finetune.iterations"] == 600 and roadsigns["proposals.top_n"] == 400  # as measured there
     assert roadsigns["proposals.ss.merge_iou"] == 0.7 and "proposals.ss.merge_iou" not in by_key(choose(LARGE, "cuda"))
     assert roadsigns["detect.scores"] == "softmax" and "detect.scores" not in by_key(choose(LARGE, "cuda"))
     assert roadsigns["svm.classifiers"] is False and "svm.classifiers" not in by_key(choose(LARGE, "cuda"))
-    assert by_key(choose(DataFacts(100, 150, 1, 40.0, 20.0, 300.0), "cpu"))["finetune.iterations"] == 150
+    assert by_key(choose(DataFacts(100, 150, 1, 40.0, 20.0, 300.0), "cpu"))["finetune.iterations"] == 600
     # Fewer training images afford more boxes an image (about 250k crops in all, within 200-1000).
     assert small["proposals.top_n"] == 1000 and large["proposals.top_n"] == 400
     assert by_key(choose(DataFacts(5000, 9000, 5, 40.0, 11.0, 300.0), "cpu"))["proposals.top_n"] == 200
@@ -67,6 +66,7 @@ def test_a_gpu_gets_rcnns_warped_crops_and_multibox():
     assert gpu["proposals.method"] == "ss_multibox"
     assert gpu["multibox.patience"] >= 1 and "multibox.patience" not in by_key(choose(LARGE, "cpu"))
     assert gpu["finetune.iterations"] > by_key(choose(LARGE, "cpu"))["finetune.iterations"]
+    assert by_key(choose(SMALL, "cuda"))["finetune.iterations"] == 600  # 200 boxes: the fewest steps, as on a CPU
 
 
 def test_every_choice_is_a_valid_override():
