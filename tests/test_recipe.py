@@ -20,7 +20,7 @@ def by_key(choices) -> dict:
     return {c.key: c.value for c in choices}
 
 
-def test_a_cpu_gets_small_warped_crops_and_fine_tuning_scaled_to_its_boxes():
+def test_a_cpu_gets_small_warped_crops_and_600_fine_tuning_steps():
     small, large = by_key(choose(SMALL, "cpu")), by_key(choose(LARGE, "cpu"))
     for r in (small, large):
         assert r["proposals.method"] == "ss" and r["features.mode"] == "warp" and r["finetune.enabled"] is True
