@@ -14,7 +14,7 @@ The rules, each measured on roadsigns or the demo (BENCHMARKS.md, "Roadsigns in 
   MultiBox on a GPU, trained while its recall on held-out training images rises; selective search's smallest
   box side follows the small training boxes (the default 20 px drops road signs of 12-20 px).
 * features: small warped crops on a CPU (64 px; 96 where it computes bfloat16, +1.2 to +5.5 VOC07 points on
-  roadsigns; a random ``CPU_CROPS`` / test images of selective search's boxes an image, within [200, 1000],
+  roadsigns; a random ``CPU_CROPS`` / training images of selective search's boxes an image, within [200, 1000],
   near-duplicates merged first: more objects covered by fewer boxes); the roi path's fine-tuning did not learn
   on small images (the demo 34.9 against 87.8 VOC07 mAP, roadsigns 49.7 against 66.3); R-CNN's warped 224-px
   crops on a GPU.
@@ -45,7 +45,7 @@ log = logging.getLogger("rcnn")
 FT_STEPS = 600  # fine-tuning steps on a CPU, and the fewest on a GPU
 FT_PASSES, FT_MAX_GPU = 24, 4000  # on a GPU: steps x foreground windows a step ~ this many looks at each box, up to this
 CPU_CROP, CPU_CROP_BF16 = 64, 96  # warped crop side on a CPU in fp32, and where it computes bfloat16
-CPU_CROPS = 250_000  # warped crops over the test images on a CPU (~8 minutes at 500 crops/s): sets top_n
+CPU_CROPS = 250_000  # warped crops over the training images on a CPU (~8 minutes at 500 crops/s): sets top_n
 TOP_N_MIN, TOP_N_MAX = 200, 1000
 BG_CANDIDATES = 4  # on a CPU, a fine-tuning step's background windows are the hardest of this many times as many draws
 MB_PATIENCE = 3  # on a GPU, MultiBox stops after this many epochs without a gain in held-out recall
@@ -61,7 +61,7 @@ class Choice:
 
 @dataclass(frozen=True)
 class DataFacts:
-    """What the chooser reads of the training split (and how many images the test split has)."""
+    """What the chooser reads of the training split."""
 
     train_images: int
     train_boxes: int
@@ -69,7 +69,6 @@ class DataFacts:
     median_object_side: float  # sqrt(w * h) of the training boxes, pixels
     small_object_side: float  # its 5th percentile
     median_short_side: float  # of the training images
-    test_images: int = 0  # the test split's images (0: unknown, the training images count instead)
 
 
 def data_facts(ds) -> DataFacts:
@@ -82,7 +81,7 @@ def data_facts(ds) -> DataFacts:
     side = np.sqrt(np.clip(allb[:, 2] - allb[:, 0], 0, None) * np.clip(allb[:, 3] - allb[:, 1], 0, None))
     shorts = [min(ds.annotation(i).width, ds.annotation(i).height) for i in ids]
     return DataFacts(
-        train_images=len(ids), train_boxes=int(len(allb)), classes=ds.num_classes, test_images=len(ds.splits.get(ds.test_split, [])),
+        train_images=len(ids), train_boxes=int(len(allb)), classes=ds.num_classes,
         median_object_side=float(np.median(side)) if len(side) else 0.0,
         small_object_side=float(np.percentile(side, 5)) if len(side) else 0.0,
         median_short_side=float(np.median(shorts)) if shorts else 0.0,
@@ -113,8 +112,7 @@ def choose(facts: DataFacts, device: str, bf16: bool = False) -> list[Choice]:
             Choice("features.input_size", 224, "GoogLeNet's own input size"),
         ]
     else:
-        scored = facts.test_images or facts.train_images  # the images whose every box the features stage warps
-        top_n = int(np.clip(round(CPU_CROPS / max(scored, 1) / 50) * 50, TOP_N_MIN, TOP_N_MAX))
+        top_n = int(np.clip(round(CPU_CROPS / max(facts.train_images, 1) / 50) * 50, TOP_N_MIN, TOP_N_MAX))
         size = CPU_CROP_BF16 if bf16 else CPU_CROP
         if bf16:
             why = (f"{size}-px crops where the CPU computes bfloat16: roadsigns 77.3 against 73.7 VOC07 mAP at "
@@ -132,8 +130,7 @@ def choose(facts: DataFacts, device: str, bf16: bool = False) -> list[Choice]:
                    "cap: roadsigns' test recall@0.5 0.845 -> 0.884 with 333 boxes an image instead of 394 (71.6 against "
                    "66.3 VOC07 mAP)"),
             Choice("proposals.top_n", top_n, f"a random {top_n} of selective search's boxes an image: about "
-                   f"{CPU_CROPS // 1000}k crops over the {scored} images the features stage scores (a training image's "
-                   "only where the regressors learn; 400 instead of 1000 cost a 160-photo COCO set 80.6 -> 72.3 VOC07 mAP)"),
+                   f"{CPU_CROPS // 1000}k crops over {facts.train_images} training images"),
         ]  # fmt: skip
 
     if gpu:
