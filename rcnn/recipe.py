@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import FinetuneConfig
+
 __all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "describe", "route", "log_route"]
 
 log = logging.getLogger("rcnn")
@@ -50,6 +52,7 @@ TOP_N_MIN, TOP_N_MAX = 200, 1000
 BG_CANDIDATES = 4  # on a CPU, a fine-tuning step's background windows are the hardest of this many times as many draws
 MB_PATIENCE = 3  # on a GPU, MultiBox stops after this many epochs without a gain in held-out recall
 SS_MERGE_IOU = 0.7  # on a CPU, selective search's near-duplicates are merged before the top_n cap
+FG_PER_STEP = FinetuneConfig.fg_per_batch  # foreground windows a fine-tuning step (the config's default)
 
 
 @dataclass(frozen=True)
@@ -134,14 +137,14 @@ def choose(facts: DataFacts, device: str, bf16: bool = False) -> list[Choice]:
         ]  # fmt: skip
 
     if gpu:
-        steps = int(np.clip(round(FT_PASSES * facts.train_boxes / 32 / 10) * 10, FT_STEPS, FT_MAX_GPU))
+        steps = int(np.clip(round(FT_PASSES * facts.train_boxes / FG_PER_STEP / 10) * 10, FT_STEPS, FT_MAX_GPU))
         rule = f"about {FT_PASSES} looks at each box, within {FT_STEPS}-{FT_MAX_GPU} steps"
     else:
         steps = FT_STEPS
         rule = ("fewer steps for fewer boxes cost points (150 steps: a 160-photo COCO set of 187 boxes 74.4 against 81.5 "
                 "VOC07 mAP, the shape demo 58.2 against 80.7), more did not pay (roadsigns, 900 steps: 74.4 against 74.7)")
-    looks = steps * 32 / max(facts.train_boxes, 1)
-    why = f"32 foreground windows a step: each of the {facts.train_boxes} training boxes seen about {looks:.0f} times; {rule}"
+    looks = steps * FG_PER_STEP / max(facts.train_boxes, 1)
+    why = f"{FG_PER_STEP} foreground windows a step: each of the {facts.train_boxes} training boxes seen about {looks:.0f} times; {rule}"
     out += [
         Choice("finetune.enabled", True, "features from a 10-class (or ImageNet) backbone do not carry over by themselves"),
         Choice("finetune.iterations", steps, why),
