@@ -91,9 +91,10 @@ def data_facts(ds) -> DataFacts:
     )  # fmt: skip
 
 
-def choose(facts: DataFacts, device: str, bf16: bool = False) -> list[Choice]:
+def choose(facts: DataFacts, device: str, bf16: bool = False, fg_per_step: int = FG_PER_STEP) -> list[Choice]:
     """The recipe for ``facts`` on ``device`` (``cpu`` or ``cuda``), one :class:`Choice` per key; ``bf16``: the
-    CPU computes the networks in bfloat16 (``features.precision`` auto or bf16 where that is native)."""
+    CPU computes the networks in bfloat16 (``features.precision`` auto or bf16 where that is native);
+    ``fg_per_step``: the foreground windows a fine-tuning step (``finetune.fg_per_batch``)."""
     gpu = device == "cuda"
     out: list[Choice] = []
 
@@ -137,14 +138,14 @@ def choose(facts: DataFacts, device: str, bf16: bool = False) -> list[Choice]:
         ]  # fmt: skip
 
     if gpu:
-        steps = int(np.clip(round(FT_PASSES * facts.train_boxes / FG_PER_STEP / 10) * 10, FT_STEPS, FT_MAX_GPU))
+        steps = int(np.clip(round(FT_PASSES * facts.train_boxes / fg_per_step / 10) * 10, FT_STEPS, FT_MAX_GPU))
         rule = f"about {FT_PASSES} looks at each box, within {FT_STEPS}-{FT_MAX_GPU} steps"
     else:
         steps = FT_STEPS
         rule = ("fewer steps for fewer boxes cost points (150 steps: a 160-photo COCO set of 187 boxes 74.4 against 81.5 "
                 "VOC07 mAP, the shape demo 58.2 against 80.7), more did not pay (roadsigns, 900 steps: 74.4 against 74.7)")
-    looks = steps * FG_PER_STEP / max(facts.train_boxes, 1)
-    why = f"{FG_PER_STEP} foreground windows a step: each of the {facts.train_boxes} training boxes seen about {looks:.0f} times; {rule}"
+    looks = steps * fg_per_step / max(facts.train_boxes, 1)
+    why = f"{fg_per_step} foreground windows a step: each of the {facts.train_boxes} training boxes seen about {looks:.0f} times; {rule}"
     out += [
         Choice("finetune.enabled", True, "features from a 10-class (or ImageNet) backbone do not carry over by themselves"),
         Choice("finetune.iterations", steps, why),
@@ -212,7 +213,7 @@ def route(cfg, argv: list[str], ds) -> tuple[list[str], list[dict]]:
 
     device = "cuda" if cfg.device.value == "cuda" or (cfg.device.value == "auto" and torch.cuda.is_available()) else "cpu"
     bf16 = device == "cpu" and cfg.features.precision.value in ("auto", "bf16") and native_bf16("cpu")
-    choices = choose(data_facts(ds), device, bf16)
+    choices = choose(data_facts(ds), device, bf16, cfg.finetune.fg_per_batch)
     if cfg.image or cfg.detector or cfg.ensemble:  # detecting with a trained detector: it scores as it was trained
         choices = [c for c in choices if not c.key.startswith("detect.")]
     given = override_keys(list(argv) + preset_recipe(cfg))

@@ -67,6 +67,9 @@ def test_a_gpu_gets_rcnns_warped_crops_and_multibox():
     assert gpu["multibox.patience"] >= 1 and "multibox.patience" not in by_key(choose(LARGE, "cpu"))
     assert gpu["finetune.iterations"] > by_key(choose(LARGE, "cpu"))["finetune.iterations"]
     assert by_key(choose(SMALL, "cuda"))["finetune.iterations"] == 600  # 200 boxes: the fewest steps, as on a CPU
+    # half the foreground windows a step: more steps for the same looks at each box (3750 -> 4000, the most)
+    assert by_key(choose(LARGE, "cuda"))["finetune.iterations"] == 3750
+    assert by_key(choose(LARGE, "cuda", fg_per_step=16))["finetune.iterations"] == 4000
 
 
 def test_every_choice_is_a_valid_override():
@@ -97,6 +100,17 @@ def test_the_route_is_said_recorded_and_the_command_line_wins(voc, tmp_path, cap
     assert recipe["features.mode"]["applied"] and recipe["features.mode"]["why"]
     assert not recipe["finetune.iterations"]["applied"]  # the command line set it
     assert "kept as given: finetune.iterations" in caplog.text
+
+
+def test_the_route_reasons_with_the_foreground_windows_asked_for(voc, tmp_path):
+    from rcnn.datasets import build_dataset
+    from rcnn.recipe import route
+
+    for extra, fg in (([], 32), (["finetune.fg_per_batch=16"], 16)):
+        args = ["dataset=voc", f"dataset.root={voc}", "dataset.train_split=train", "device=cpu", *extra]
+        cfg = load_config(args)
+        why = {r["key"]: r["why"] for r in route(cfg, args, build_dataset(cfg.dataset))[1]}["finetune.iterations"]
+        assert why.startswith(f"{fg} foreground windows a step: each of the 4 training boxes seen about {600 * fg // 4} times")
 
 
 def test_detecting_with_a_trained_detector_leaves_its_scoring_to_the_detector(voc, tmp_path):
