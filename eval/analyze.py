@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from pycocotools.cocoeval import COCOeval
@@ -54,7 +55,7 @@ __all__ = [
     "class_groups", "classify_errors", "error_shares", "error_curve", "pr_breakdown", "sensitivity",
 ]  # fmt: skip
 
-ANALYSIS_VERSION = 1  # bump when the analysis or its report changes what it computes
+ANALYSIS_VERSION = 2  # bump when the analysis or its report changes what it computes
 
 ERRORS = ("correct", "localization", "similar", "other", "background")
 PR_LEVELS = ("c75", "c50", "loc", "sim", "oth", "bg", "fn")
@@ -98,7 +99,8 @@ class ClassErrors:
     det: index into the detections [d] (ignored ones left out); kind: index into ERRORS [d];
     gt_box: the box that decided the type (index in the detection's image's ground truth; -1 for
     background); iou: the detection's IoU with that box. npos: the class's non-difficult
-    objects. missed: (image index, box index) of those no detection found (IoU >= 0.5)."""
+    objects. missed: (image index, box index) of those no detection found (IoU >= 0.5). proposal_iou: each
+    of those objects' best IoU with its image's proposals, when the proposals are known (else None)."""
 
     label: int
     det: np.ndarray
@@ -107,6 +109,14 @@ class ClassErrors:
     iou: np.ndarray
     npos: int
     missed: list[tuple[int, int]]
+    proposal_iou: dict[tuple[int, int], float] | None = None
+
+    def unproposed(self, iou_threshold: float = 0.5) -> list[tuple[int, int]] | None:
+        """The objects no proposal overlaps by ``iou_threshold``: beyond any score's reach (box regression
+        aside); None when the proposals are not known."""
+        if self.proposal_iou is None:
+            return None
+        return [ij for ij, v in self.proposal_iou.items() if v < iou_threshold]
 
     def top(self, multiple: float = 1.0) -> np.ndarray:
         """Kinds of the top-ranked detections: the best ``round(multiple * npos)``."""
@@ -163,6 +173,22 @@ def classify_errors(
             label=c, det=np.asarray(cols[0], np.int64), kind=np.asarray(cols[1], np.int64),
             gt_box=np.asarray(cols[2], np.int64), iou=np.asarray(cols[3], np.float64), npos=npos, missed=missed,
         ))  # fmt: skip
+    return out
+
+
+def proposal_overlaps(gts, proposals: Sequence[np.ndarray], num_classes: int) -> list[dict[tuple[int, int], float]]:
+    """Per class, ``{(image index, box index): best IoU with the image's proposals}`` of its non-difficult
+    objects (``proposals[i]``: image i's boxes ``[P, 4]``, the ones the detections were made from)."""
+    from proposals.recall import best_overlaps
+
+    out = [{} for _ in range(num_classes)]
+    for i, (boxes, labels, difficult) in enumerate(gts):
+        keep = np.flatnonzero(~np.asarray(difficult, bool))
+        if not len(keep):
+            continue
+        best = best_overlaps(np.asarray(boxes, np.float32)[keep], np.asarray(proposals[i], np.float32))
+        for j, v in zip(keep, best):
+            out[int(labels[j])][(i, int(j))] = float(v)
     return out
 
 
@@ -345,6 +371,7 @@ class Analysis:
     shares: dict
     pr: dict
     sensitivity: dict
+    iou_threshold: float = 0.5
 
     def curve(self, labels: list[int] | None = None) -> np.ndarray:
         """Counts ``[len(MULTIPLES), 5]`` of each type among the top-ranked detections of ``labels``
@@ -358,9 +385,12 @@ class Analysis:
         ``pr_breakdown`` (the areas ``c75`` ... ``fn``) and ``sensitivity`` (normalised AP per bin)."""
         none = dict.fromkeys(ERRORS)
         sens = self.sensitivity
+        unproposed = {e.label: e.unproposed(self.iou_threshold) for e in self.errors}
+        known = all(u is not None for u in unproposed.values())
         overall = {
             **(self.shares["overall"] or none),
             "detections": self.shares["detections"],
+            "unproposed": sum(len(u) for u in unproposed.values()) if known else None,
             "pr_breakdown": self.pr["overall"],
             "sensitivity": {"size": sens["size"], "aspect": sens["aspect"], "all": sens["all"]},
         }
@@ -372,12 +402,15 @@ class Analysis:
                 **(self.shares["per_class"][name] or none),
                 "objects": e.npos,
                 "missed": len(e.missed),
+                # objects no proposal overlaps by the IoU a match needs, and how many of them were missed
+                "unproposed": len(unproposed[e.label]) if known else None,
+                "missed_unproposed": len(set(e.missed) & set(unproposed[e.label])) if known else None,
                 "group": self.groups[e.label],
                 "pr_breakdown": self.pr["areas"][name],
                 "sensitivity": sens["per_class"][name],
             }
-        return {"top_multiple": self.top_multiple, "normalising_objects": sens["n"], "overall": overall,
-                "per_class": per_class}  # fmt: skip
+        return {"top_multiple": self.top_multiple, "iou_threshold": self.iou_threshold, "normalising_objects": sens["n"],
+                "overall": overall, "per_class": per_class}  # fmt: skip
 
 
 def analyze(
@@ -387,19 +420,44 @@ def analyze(
     groups: list[list[str]] | None = None,
     top_multiple: float = 1.0,
     iou_threshold: float = 0.5,
+    proposals: Sequence[np.ndarray] | None = None,
 ) -> Analysis:
-    """The whole analysis of ``dets`` on ``ds``'s ``split`` (``groups``: ``eval.groups``)."""
+    """The whole analysis of ``dets`` on ``ds``'s ``split`` (``groups``: ``eval.groups``); ``proposals``: each
+    test image's proposals the detections were made from, in the split's order (to tell which objects no
+    proposal reached), when known."""
     from .detections import ground_truth
 
     gts = ground_truth(ds, split)
     g = class_groups(ds, groups)
     classes = list(ds.classes)
     errors = classify_errors(dets, gts, ds.num_classes, g, iou_threshold)
+    if proposals is not None:
+        for e, overlaps in zip(errors, proposal_overlaps(gts, proposals, ds.num_classes)):
+            e.proposal_iou = overlaps
     return Analysis(
         classes=classes, groups=g, top_multiple=top_multiple, errors=errors,
         shares=error_shares(errors, classes, top_multiple), pr=pr_breakdown(dets, ds, split, g),
-        sensitivity=sensitivity(dets, gts, ds.num_classes, classes, iou_threshold),
+        sensitivity=sensitivity(dets, gts, ds.num_classes, classes, iou_threshold), iou_threshold=iou_threshold,
     )  # fmt: skip
+
+
+def _unproposed_finding(metrics: dict) -> str:
+    """The objects no proposal reached, in a sentence: how many, the classes worst off, and their share of
+    the objects never detected."""
+    pcs = {n: p for n, p in metrics["per_class"].items() if p["objects"]}
+    objects = sum(p["objects"] for p in pcs.values())
+    missed = sum(p["missed"] for p in pcs.values())
+    both = sum(p["missed_unproposed"] for p in pcs.values())
+    unproposed = metrics["overall"]["unproposed"]
+    worst = sorted((n for n in pcs if pcs[n]["unproposed"]), key=lambda n: -pcs[n]["unproposed"] / pcs[n]["objects"])
+    where = "; ".join(f"{n} {pcs[n]['unproposed']} of {pcs[n]['objects']}" for n in worst[:3])
+    said = (f"{unproposed} of the {objects} objects ({100 * unproposed / max(objects, 1):.0f}%) have no proposal at "
+            f"IoU {metrics.get('iou_threshold', 0.5):g}, beyond any score's reach (box regression aside)")
+    said += (f": {where}" if where else "") + f". They are {both} of the {missed} objects never detected"
+    rest = missed - both
+    if rest:
+        return said + f"; the other {rest} {'was' if rest == 1 else 'were'} proposed but scored too low or suppressed."
+    return said + "."
 
 
 def findings(metrics: dict) -> list[str]:
@@ -424,6 +482,8 @@ def findings(metrics: dict) -> list[str]:
         out.append(f"AP50 is {100 * pr['c50']:.1f} (AP at IoU 0.75: {100 * pr['c75']:.1f}). Forgiving each kind of "
                    "error in turn would add: " + "; ".join(f"{k} +{100 * v:.1f}" for k, v in ranked)
                    + f". The largest loss: {ranked[0][0]}.")  # fmt: skip
+    if o.get("unproposed") is not None:
+        out.append(_unproposed_finding(metrics))
     s = o.get("sensitivity") or {}
     if s.get("all") is not None:
         size = {k: v for k, v in s["size"].items() if v is not None}

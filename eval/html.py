@@ -118,6 +118,10 @@ def galleries(analysis: Analysis, dets: Detections, ds, split: str, size: int) -
                 s = float(dets.scores[best])
                 drawn.insert(0, (dets.boxes[best].astype(float), GT_COLOUR, f"{s:.2f} IoU {ov.max():.2f}"))
                 note = f"best detection of the class: IoU {ov.max():.2f}, score {s:.3f}"
+            if e.proposal_iou is not None:
+                best_proposal = e.proposal_iou[(i, j)]
+                note += (f"; its best proposal: IoU {best_proposal:.2f}"
+                         + (" (none reached it)" if best_proposal < analysis.iou_threshold else ""))  # fmt: skip
             w, h = gt[2] - gt[0], gt[3] - gt[1]
             caption = f"missed {w:.0f} x {h:.0f} px; {note} (image {ids[i]})"
             missed.append(Thumb(_thumb(image(i), drawn), caption, ids[i], tuple(gt), "missed"))
@@ -155,6 +159,10 @@ window.addEventListener("load", function () {
     : bad.length + " of " + images.length + " images failed to load";
 });
 """
+
+
+def _count(v) -> str:
+    return "-" if v is None else str(v)
 
 
 def _pct(v) -> str:
@@ -261,8 +269,9 @@ def write_html(
         ap, pc = per[n]["voc"], a["per_class"][n]
         bar = f"<span class='bar' style='width: {int(100 * (ap or 0))}px'></span>"
         rows.append([f"<a href='#class-{index[n]}'>{html.escape(n)}</a>", bar + _pct(ap), _pct(per[n]["coco"]),
-                     str(pc["objects"]), str(pc["missed"]), *[_pct(pc.get(e)) for e in ERRORS]])  # fmt: skip
-    parts.append(_table(["class", "VOC AP", "COCO AP", "objects", "missed", *ERRORS], rows))
+                     str(pc["objects"]), str(pc["missed"]), _count(pc.get("unproposed")),
+                     *[_pct(pc.get(e)) for e in ERRORS]])  # fmt: skip
+    parts.append(_table(["class", "VOC AP", "COCO AP", "objects", "missed", "no proposal", *ERRORS], rows))
     parts.append(_png(plots["pr_curves"], "precision/recall curves", "VOC precision/recall, the 20 best classes."))
 
     parts.append(_key())
@@ -271,8 +280,10 @@ def write_html(
         parts.append(f"<h3 id='class-{k}'>{html.escape(n)}</h3>")
         group = f", group {html.escape(str(pc['group']))}" if pc["group"] else ""
         objects = f"{pc['objects']} object{'s' * (pc['objects'] != 1)}"
+        unproposed = ("" if pc.get("unproposed") is None else
+                      f", {pc['unproposed']} without a proposal at IoU {a.get('iou_threshold', 0.5):g}")  # fmt: skip
         parts.append(f"<p class='meta'>VOC AP {_pct(per[n]['voc'])}, COCO AP {_pct(per[n]['coco'])}; "
-                     f"{objects}, {pc['missed']} never found{group}.</p>")  # fmt: skip
+                     f"{objects}, {pc['missed']} never found{unproposed}{group}.</p>")  # fmt: skip
         parts.append("<div class='plots'>")
         if len(analysis.errors[k].det):
             parts.append(_png(plots[f"errors_{k}"], f"{n}: error types"))

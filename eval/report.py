@@ -44,18 +44,20 @@ def analysis_markdown(a: dict, per_class_ap: dict) -> list[str]:
 
     o = a["overall"]
     out = ["## Error analysis", "", *[f"- {f}" for f in findings(a)], ""]
-    head = ["class", "objects", "missed", *ERRORS, *[lv.upper() for lv in PR_LEVELS]]
+    head = ["class", "objects", "missed", "no proposal", *ERRORS, *[lv.upper() for lv in PR_LEVELS]]
     out += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
 
-    def row(name, e, objects, missed):
+    def row(name, e, objects, missed, unproposed):
         pr = e.get("pr_breakdown") or {}
-        return (f"| {name} | {objects} | {missed} | " + " | ".join(_fmt(e.get(k)) for k in ERRORS) + " | "
-                + " | ".join(_fmt(pr.get(lv)) for lv in PR_LEVELS) + " |")  # fmt: skip
+        return (f"| {name} | {objects} | {missed} | {'-' if unproposed is None else unproposed} | "
+                + " | ".join(_fmt(e.get(k)) for k in ERRORS) + " | " + " | ".join(_fmt(pr.get(lv)) for lv in PR_LEVELS)
+                + " |")  # fmt: skip
 
     pcs = a["per_class"]
-    out.append(row("**all**", o, sum(p["objects"] for p in pcs.values()), sum(p["missed"] for p in pcs.values())))
+    out.append(row("**all**", o, sum(p["objects"] for p in pcs.values()), sum(p["missed"] for p in pcs.values()),
+                   o.get("unproposed")))  # fmt: skip
     worst = sorted(pcs, key=lambda n: (per_class_ap[n]["voc"] is None, per_class_ap[n]["voc"] or 0))
-    out += [row(n, pcs[n], pcs[n]["objects"], pcs[n]["missed"]) for n in worst]
+    out += [row(n, pcs[n], pcs[n]["objects"], pcs[n]["missed"], pcs[n].get("unproposed")) for n in worst]
     s = o["sensitivity"]
     out += ["", "Normalised AP by object size and aspect ratio (each class's own percentiles):", "",
             "| | " + " | ".join(b.upper() for b in SIZE_BINS) + " | all |", "|---|" + "---:|" * 6,

@@ -165,7 +165,7 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 
-from eval.analyze import analyze  # noqa: E402
+from eval.analyze import analyze, findings  # noqa: E402
 from eval.detections import save_detections  # noqa: E402
 from eval.html import galleries  # noqa: E402
 from rcnn.config import load_config  # noqa: E402
@@ -207,6 +207,29 @@ def test_galleries_pick_the_highest_scoring_false_positives_and_the_missed_objec
     assert galleries(a, d, ds, "test", size=0) == {}
 
 
+def test_the_objects_no_proposal_reached_are_counted_and_said(tmp_path):
+    ds, d, _ = voc_scene(tmp_path)
+    near_b = (60, 10, 72, 45)  # IoU 0.34 with cat B
+    dog_ish = (12, 45, 40, 75)  # IoU 0.93 with the dog
+    proposals = [np.array([CAT_A, near_b, dog_ish], np.float32), np.zeros((0, 4), np.float32)]  # scene, small
+    a = analyze(d, ds, "test", proposals=proposals)
+    cat, dog, car = a.errors
+    assert cat.unproposed() == [(0, 1), (1, 0)] and dog.unproposed() == [] and car.unproposed() == [(0, 3)]
+    assert cat.proposal_iou[(0, 1)] == pytest.approx(12 * 35 / (35 * 35)) and cat.proposal_iou[(1, 0)] == 0
+    m = a.metrics()
+    assert m["overall"]["unproposed"] == 3
+    assert [(m["per_class"][n]["missed"], m["per_class"][n]["unproposed"], m["per_class"][n]["missed_unproposed"])
+            for n in CLASSES] == [(2, 2, 2), (1, 0, 0), (1, 1, 1)]  # fmt: skip
+    said = " ".join(findings(m))
+    assert "3 of the 5 objects (60%) have no proposal at IoU 0.5" in said
+    assert "They are 3 of the 4 objects never detected; the other 1 was proposed" in said
+    missed = galleries(a, d, ds, "test", size=3)[0]["missed"]
+    assert "its best proposal: IoU 0.34 (none reached it)" in missed[0].caption
+    # Without the proposals nothing is claimed about them.
+    plain = analyze(d, ds, "test").metrics()
+    assert plain["overall"]["unproposed"] is None and "proposal" not in " ".join(findings(plain))
+
+
 def test_stage_analyze_writes_metrics_markdown_and_a_page(tmp_path, capsys):
     ds, d, args = voc_scene(tmp_path)
     assert main(["stage=analyze", *args, f"detections={tmp_path / 'dets.json'}"]) == 0
@@ -222,7 +245,8 @@ def test_stage_analyze_writes_metrics_markdown_and_a_page(tmp_path, capsys):
     assert a["overall"]["pr_breakdown"]["fn"] == 1 and set(a["per_class"]) == {"cat", "dog", "car"}
     assert set(a["overall"]["sensitivity"]) == {"size", "aspect", "all"}
     md = (out / "report.md").read_text()
-    assert "## Error analysis" in md and "| cat | 3 | 2 |" in md
+    assert "## Error analysis" in md and "| cat | 3 | 2 | - |" in md  # (no proposals known for a detections file)
+    assert a["overall"]["unproposed"] is None and cat["unproposed"] is None
     page = (out / "report.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 2 * 1 + 2 * 1 + 3 + 2  # dog, car: 1 missed each; cat 3 + 2 (size 6)
     assert "id='image-check'" in page

@@ -364,3 +364,31 @@ def test_each_class_keeps_its_best_detections_over_the_split():
                       scores=np.array([0.1, 0.5, 0.9, 0.4, 0.2]), boxes=np.zeros((5, 4), np.float32))  # fmt: skip
     kept = best_per_class(dets, 2)
     assert kept.scores.tolist() == [0.5, 0.9, 0.4, 0.2] and kept.image.tolist() == [0, 1, 1, 2]
+
+
+def test_the_analysis_counts_the_objects_no_proposal_reached_from_the_runs_own_proposals(trained, tmp_path):
+    import shutil
+
+    from eval.voc import iou_one
+    from rcnn.config import load_config
+    from rcnn.datasets import build_dataset
+
+    args, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)  # (the module's run stays as the other tests read it)
+    args = [a for a in args if not a.startswith("out=")] + [f"out={copy}"]
+    assert main([*args, "stage=analyze"]) == 0
+    a = json.loads((copy / "eval" / "metrics.json").read_text())["analysis"]
+    # A plain loop over the test objects and the proposals the detections were made from.
+    ds = build_dataset(load_config(args).dataset)
+    props = StageStore.open(copy, "proposals", json.loads((copy / "proposals" / "metrics.json").read_text())["key"])
+    unproposed = dict.fromkeys(ds.classes, 0)
+    for i in ds.image_ids(ds.test_split):
+        ann, boxes = ds.annotation(i), props.get(i)["boxes"].astype(np.float64)
+        for box, label, difficult in zip(ann.boxes, ann.labels, ann.difficult):
+            if not difficult and (not len(boxes) or iou_one(box.astype(np.float64), boxes).max() < 0.5):
+                unproposed[ds.classes[label]] += 1
+    assert a["overall"]["unproposed"] == sum(unproposed.values())
+    assert {n: p["unproposed"] for n, p in a["per_class"].items()} == {n: unproposed[n] for n in a["per_class"]}
+    assert all(p["missed_unproposed"] <= min(p["missed"], p["unproposed"]) for p in a["per_class"].values())
+    assert "no proposal" in (copy / "eval" / "report.md").read_text()
