@@ -449,10 +449,14 @@ def _unproposed_finding(metrics: dict) -> str:
     missed = sum(p["missed"] for p in pcs.values())
     both = sum(p["missed_unproposed"] for p in pcs.values())
     unproposed = metrics["overall"]["unproposed"]
+    iou = f"IoU {metrics.get('iou_threshold', 0.5):g}"
+    if not unproposed:
+        never = f": the {missed} never detected were proposed but scored too low or suppressed" if missed else ""
+        return f"Every object has a proposal at {iou}{never}."
     worst = sorted((n for n in pcs if pcs[n]["unproposed"]), key=lambda n: -pcs[n]["unproposed"] / pcs[n]["objects"])
     where = "; ".join(f"{n} {pcs[n]['unproposed']} of {pcs[n]['objects']}" for n in worst[:3])
     said = (f"{unproposed} of the {objects} objects ({100 * unproposed / max(objects, 1):.0f}%) have no proposal at "
-            f"IoU {metrics.get('iou_threshold', 0.5):g}, beyond any score's reach (box regression aside)")
+            f"{iou}, beyond any score's reach (box regression aside)")
     said += (f": {where}" if where else "") + f". They are {both} of the {missed} objects never detected"
     rest = missed - both
     if rest:

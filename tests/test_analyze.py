@@ -225,6 +225,10 @@ def test_the_objects_no_proposal_reached_are_counted_and_said(tmp_path):
     assert "They are 3 of the 4 objects never detected; the other 1 was proposed" in said
     missed = galleries(a, d, ds, "test", size=3)[0]["missed"]
     assert "its best proposal: IoU 0.34 (none reached it)" in missed[0].caption
+    every = analyze(d, ds, "test", proposals=[np.array([CAT_A, CAT_B, DOG, CAR], np.float32),
+                                              np.array([[0, 0, 12, 10]], np.float32)]).metrics()  # fmt: skip
+    assert every["overall"]["unproposed"] == 0
+    assert "Every object has a proposal at IoU 0.5: the 4 never detected were proposed" in " ".join(findings(every))
     # Without the proposals nothing is claimed about them.
     plain = analyze(d, ds, "test").metrics()
     assert plain["overall"]["unproposed"] is None and "proposal" not in " ".join(findings(plain))
