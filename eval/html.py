@@ -21,7 +21,7 @@ from rcnn.store import atomic_write
 
 from .analyze import ERRORS, PR_LEVELS, Analysis, findings
 from .detections import Detections
-from .report import ERROR_COLOURS
+from .report import ERROR_COLOURS, count_cell
 
 __all__ = ["Thumb", "galleries", "write_html"]
 
@@ -161,10 +161,6 @@ window.addEventListener("load", function () {
 """
 
 
-def _count(v) -> str:
-    return "-" if v is None else str(v)
-
-
 def _pct(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
@@ -269,7 +265,7 @@ def write_html(
         ap, pc = per[n]["voc"], a["per_class"][n]
         bar = f"<span class='bar' style='width: {int(100 * (ap or 0))}px'></span>"
         rows.append([f"<a href='#class-{index[n]}'>{html.escape(n)}</a>", bar + _pct(ap), _pct(per[n]["coco"]),
-                     str(pc["objects"]), str(pc["missed"]), _count(pc.get("unproposed")),
+                     str(pc["objects"]), str(pc["missed"]), count_cell(pc.get("unproposed")),
                      *[_pct(pc.get(e)) for e in ERRORS]])  # fmt: skip
     parts.append(_table(["class", "VOC AP", "COCO AP", "objects", "missed", "no proposal", *ERRORS], rows))
     parts.append(_png(plots["pr_curves"], "precision/recall curves", "VOC precision/recall, the 20 best classes."))

@@ -16,6 +16,11 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
+def count_cell(v: int | None) -> str:
+    """A count in a table, "-" where it is not known."""
+    return "-" if v is None else str(v)
+
+
 def markdown(metrics: dict, classes: list[str]) -> str:
     """Summary line and a per-class table (AP in percent; '-' where a class has no ground truth)."""
     keys = ["voc07_map", "voc_map", "ilsvrc_map", "coco_map", "coco_map50", "coco_map75"]
@@ -49,7 +54,7 @@ def analysis_markdown(a: dict, per_class_ap: dict) -> list[str]:
 
     def row(name, e, objects, missed, unproposed):
         pr = e.get("pr_breakdown") or {}
-        return (f"| {name} | {objects} | {missed} | {'-' if unproposed is None else unproposed} | "
+        return (f"| {name} | {objects} | {missed} | {count_cell(unproposed)} | "
                 + " | ".join(_fmt(e.get(k)) for k in ERRORS) + " | " + " | ".join(_fmt(pr.get(lv)) for lv in PR_LEVELS)
                 + " |")  # fmt: skip
 
