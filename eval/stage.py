@@ -78,7 +78,7 @@ def run_eval(ctx) -> dict:
     if cfg.eval.analyze:  # (a key without these when it is off: the caches of plain evaluations stay valid)
         params["analysis"] = {"version": ANALYSIS_VERSION, "groups": [list(g) for g in cfg.eval.groups],
                               "top_multiple": cfg.eval.top_multiple, "gallery_size": cfg.eval.gallery_size}  # fmt: skip
-    proposals = test_proposals(ctx) if cfg.eval.analyze else None
+    proposals = proposals_detected_on(ctx) if cfg.eval.analyze else None
     if proposals is not None:  # (the analysis tells the objects they missed)
         params["analysis"]["proposals"] = proposals[0]
     store = StageStore(ctx.run_dir, "eval", params, inputs={"data": data_store(ctx).key}, version=FORMAT_VERSION)
@@ -179,7 +179,7 @@ def _backbone_notes(ctx) -> list[str]:
     return []
 
 
-def test_proposals(ctx) -> tuple[str, list[np.ndarray]] | None:
+def proposals_detected_on(ctx) -> tuple[str, list[np.ndarray]] | None:
     """``(key, boxes of each test image)``: the proposals this run's detections were made from, or None where
     they are not known (detections from a file, ``detections=PATH``; the store removed)."""
     if ctx.cfg.detections:
