@@ -21,7 +21,7 @@ from rcnn.store import atomic_write
 
 from .analyze import ERRORS, PR_LEVELS, Analysis, findings
 from .detections import Detections
-from .report import ERROR_COLOURS, count_cell
+from .report import ERROR_COLOURS, count_cell, percent_cell
 
 __all__ = ["Thumb", "galleries", "write_html"]
 
@@ -161,10 +161,6 @@ window.addEventListener("load", function () {
 """
 
 
-def _pct(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-
 def _img(data: bytes, mime: str, alt: str, width: int | None = None) -> str:
     w = f' width="{width}"' if width else ""
     return f'<img src="data:{mime};base64,{base64.b64encode(data).decode()}" alt="{html.escape(alt)}"{w}>'
@@ -224,7 +220,7 @@ def write_html(
             ("ILSVRC mAP", metrics.get("ilsvrc_map")), ("COCO mAP", metrics.get("coco_map")),
             ("AP50", metrics.get("coco_map50")), ("AP75", metrics.get("coco_map75")),
             ("AP small", coco.get("ap_small")), ("AP medium", coco.get("ap_medium")), ("AP large", coco.get("ap_large"))]  # fmt: skip
-    parts.append(_table([k for k, _ in keys], [[_pct(v) for _, v in keys]]))
+    parts.append(_table([k for k, _ in keys], [[percent_cell(v) for _, v in keys]]))
     parts.append(f"<p class='note'>Percent. VOC: the devkit's rules at IoU 0.5; COCO: COCOeval "
                  f"({html.escape(str(metrics.get('coco_backend', 'pycocotools')))}), IoU 0.50:0.95.</p>")
 
@@ -238,23 +234,23 @@ def write_html(
                       "COCO's PR breakdown, averaged over the classes: each area is the AP once that kind of error "
                       "is forgiven (C75, C50: IoU 0.75, 0.5; Loc: 0.1; Sim, Oth: class confusions; BG; FN: the ceiling)."))
     parts.append("</div>")
-    rows = [[html.escape("top-ranked detections, shares (%)")] + [_pct(o.get(e)) for e in ERRORS]]
+    rows = [[html.escape("top-ranked detections, shares (%)")] + [percent_cell(o.get(e)) for e in ERRORS]]
     parts.append(_table(["", *ERRORS], rows))
     pr = o.get("pr_breakdown") or {}
     parts.append(_table(["PR breakdown (area, %)", *[lv.upper() for lv in PR_LEVELS]],
-                        [["all classes", *[_pct(pr.get(lv)) for lv in PR_LEVELS]]]))  # fmt: skip
+                        [["all classes", *[percent_cell(pr.get(lv)) for lv in PR_LEVELS]]]))  # fmt: skip
 
     s = o["sensitivity"]
     parts.append("<h2 id='sensitivity'>Object size and aspect ratio</h2>")
     parts.append(_png(plots["sensitivity"], "sensitivity", "Normalised AP (Hoiem) per bin of each class's objects, "
                       "by size and by aspect ratio (w/h), at the class's 10th/30th/70th/90th percentiles."))
     parts.append(_table(["", "XS / XT", "S / T", "M", "L / W", "XL / XW", "all"], [
-        ["size", *[_pct(v) for v in s["size"].values()], _pct(s["all"])],
-        ["aspect", *[_pct(v) for v in s["aspect"].values()], _pct(s["all"])],
+        ["size", *[percent_cell(v) for v in s["size"].values()], percent_cell(s["all"])],
+        ["aspect", *[percent_cell(v) for v in s["aspect"].values()], percent_cell(s["all"])],
     ]))  # fmt: skip
     if coco:
-        parts.append(f"<p class='note'>COCO's area ranges (AP, IoU 0.50:0.95): small {_pct(coco.get('ap_small'))}, "
-                     f"medium {_pct(coco.get('ap_medium'))}, large {_pct(coco.get('ap_large'))}.</p>")  # fmt: skip
+        parts.append(f"<p class='note'>COCO's area ranges (AP, IoU 0.50:0.95): small {percent_cell(coco.get('ap_small'))}, "
+                     f"medium {percent_cell(coco.get('ap_medium'))}, large {percent_cell(coco.get('ap_large'))}.</p>")  # fmt: skip
 
     parts.append("<h2 id='classes'>Per class</h2>")
     per = metrics["per_class"]
@@ -264,9 +260,9 @@ def write_html(
     for n in order:
         ap, pc = per[n]["voc"], a["per_class"][n]
         bar = f"<span class='bar' style='width: {int(100 * (ap or 0))}px'></span>"
-        rows.append([f"<a href='#class-{index[n]}'>{html.escape(n)}</a>", bar + _pct(ap), _pct(per[n]["coco"]),
+        rows.append([f"<a href='#class-{index[n]}'>{html.escape(n)}</a>", bar + percent_cell(ap), percent_cell(per[n]["coco"]),
                      str(pc["objects"]), str(pc["missed"]), count_cell(pc.get("unproposed")),
-                     *[_pct(pc.get(e)) for e in ERRORS]])  # fmt: skip
+                     *[percent_cell(pc.get(e)) for e in ERRORS]])  # fmt: skip
     parts.append(_table(["class", "VOC AP", "COCO AP", "objects", "missed", "no proposal", *ERRORS], rows))
     parts.append(_png(plots["pr_curves"], "precision/recall curves", "VOC precision/recall, the 20 best classes."))
 
@@ -278,7 +274,7 @@ def write_html(
         objects = f"{pc['objects']} object{'s' * (pc['objects'] != 1)}"
         unproposed = ("" if pc.get("unproposed") is None else
                       f", {pc['unproposed']} without a proposal at IoU {a.get('iou_threshold', 0.5):g}")  # fmt: skip
-        parts.append(f"<p class='meta'>VOC AP {_pct(per[n]['voc'])}, COCO AP {_pct(per[n]['coco'])}; "
+        parts.append(f"<p class='meta'>VOC AP {percent_cell(per[n]['voc'])}, COCO AP {percent_cell(per[n]['coco'])}; "
                      f"{objects}, {pc['missed']} never found{unproposed}{group}.</p>")  # fmt: skip
         parts.append("<div class='plots'>")
         if len(analysis.errors[k].det):

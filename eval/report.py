@@ -12,7 +12,8 @@ from rcnn.viz import png
 __all__ = ["markdown", "plot_pr"]
 
 
-def _fmt(v) -> str:
+def percent_cell(v: float | None) -> str:
+    """A fraction in a table as a percentage, "-" where it is not known (None or NaN)."""
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
@@ -29,14 +30,14 @@ def markdown(metrics: dict, classes: list[str]) -> str:
         "",
         "| " + " | ".join(keys) + " |",
         "|" + "---:|" * len(keys),
-        "| " + " | ".join(_fmt(metrics[k]) for k in keys) + " |",
+        "| " + " | ".join(percent_cell(metrics[k]) for k in keys) + " |",
         "",
         "| class | VOC07 AP | VOC AP | ILSVRC AP | COCO AP |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in classes:
         pc = metrics["per_class"][name]
-        lines.append(f"| {name} | {_fmt(pc['voc07'])} | {_fmt(pc['voc'])} | {_fmt(pc['ilsvrc'])} | {_fmt(pc['coco'])} |")
+        lines.append(f"| {name} | {percent_cell(pc['voc07'])} | {percent_cell(pc['voc'])} | {percent_cell(pc['ilsvrc'])} | {percent_cell(pc['coco'])} |")
     if metrics.get("analysis"):
         lines += ["", *analysis_markdown(metrics["analysis"], metrics["per_class"])]
     return "\n".join(lines) + "\n"
@@ -55,7 +56,7 @@ def analysis_markdown(a: dict, per_class_ap: dict) -> list[str]:
     def row(name, e, objects, missed, unproposed):
         pr = e.get("pr_breakdown") or {}
         return (f"| {name} | {objects} | {missed} | {count_cell(unproposed)} | "
-                + " | ".join(_fmt(e.get(k)) for k in ERRORS) + " | " + " | ".join(_fmt(pr.get(lv)) for lv in PR_LEVELS)
+                + " | ".join(percent_cell(e.get(k)) for k in ERRORS) + " | " + " | ".join(percent_cell(pr.get(lv)) for lv in PR_LEVELS)
                 + " |")  # fmt: skip
 
     pcs = a["per_class"]
@@ -66,9 +67,9 @@ def analysis_markdown(a: dict, per_class_ap: dict) -> list[str]:
     s = o["sensitivity"]
     out += ["", "Normalised AP by object size and aspect ratio (each class's own percentiles):", "",
             "| | " + " | ".join(b.upper() for b in SIZE_BINS) + " | all |", "|---|" + "---:|" * 6,
-            "| size | " + " | ".join(_fmt(s["size"][b]) for b in SIZE_BINS) + f" | {_fmt(s['all'])} |",
+            "| size | " + " | ".join(percent_cell(s["size"][b]) for b in SIZE_BINS) + f" | {percent_cell(s['all'])} |",
             "| | " + " | ".join(b.upper() for b in ASPECT_BINS) + " | |",
-            "| aspect | " + " | ".join(_fmt(s["aspect"][b]) for b in ASPECT_BINS) + f" | {_fmt(s['all'])} |"]  # fmt: skip
+            "| aspect | " + " | ".join(percent_cell(s["aspect"][b]) for b in ASPECT_BINS) + f" | {percent_cell(s['all'])} |"]  # fmt: skip
     return out
 
 
