@@ -10,8 +10,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from rcnn.datasets.stage import data_store
 from rcnn.store import StageStore, StoreError, atomic_write
 
@@ -80,7 +78,7 @@ def run_eval(ctx) -> dict:
                               "top_multiple": cfg.eval.top_multiple, "gallery_size": cfg.eval.gallery_size}  # fmt: skip
     proposals = proposals_detected_on(ctx) if cfg.eval.analyze else None
     if proposals is not None:  # (the analysis tells the objects they missed)
-        params["analysis"]["proposals"] = proposals[0]
+        params["analysis"]["proposals"] = proposals.key
     store = StageStore(ctx.run_dir, "eval", params, inputs={"data": data_store(ctx).key}, version=FORMAT_VERSION)
     outputs = ["report.md", "pr_curves.png"] + (["report.html"] if cfg.eval.analyze else [])
     if store.complete and all((store.dir / name).exists() for name in ["metrics.json", *outputs]):
@@ -123,7 +121,7 @@ def run_eval(ctx) -> dict:
             f"{ds.name} {split}: VOC precision/recall")  # fmt: skip
     if cfg.eval.analyze:
         t = time.perf_counter()
-        metrics["analysis"] = analyze_and_report(ctx, dets, metrics, store.dir, proposals and proposals[1])
+        metrics["analysis"] = analyze_and_report(ctx, dets, metrics, store.dir, proposals)
         metrics["seconds"]["analysis"] = round(time.perf_counter() - t, 3)
     report = markdown(metrics, list(ds.classes))
     atomic_write(store.dir / "report.md", lambda f: f.write(report.encode()))
@@ -179,34 +177,36 @@ def _backbone_notes(ctx) -> list[str]:
     return []
 
 
-def proposals_detected_on(ctx) -> tuple[str, list[np.ndarray]] | None:
-    """``(key, boxes of each test image)``: the proposals this run's detections were made from, or None where
-    they are not known (detections from a file, ``detections=PATH``; the store removed)."""
+def proposals_detected_on(ctx) -> StageStore | None:
+    """The proposals store this run's detections were made from, or None where it is not known (detections
+    from a file, ``detections=PATH``; the store removed)."""
     if ctx.cfg.detections:
         return None
     from rcnn.stages import run_stage
 
     try:
         detect = StageStore.open(ctx.run_dir, "detect", run_stage(ctx, "detect")["key"])
-        key = detect.identity["inputs"]["proposals"]
-        store = StageStore.open(ctx.run_dir, "proposals", key)
-        return key, [store.get(i)["boxes"] for i in ctx.dataset.image_ids(ctx.dataset.test_split)]
-    except (StoreError, KeyError, OSError) as e:
+        store = StageStore.open(ctx.run_dir, "proposals", detect.identity["inputs"]["proposals"])
+        if gone := store.missing(ctx.dataset.image_ids(ctx.dataset.test_split)):
+            raise KeyError(f"no proposals entry for image {gone[0]!r} in {store.dir}")
+        return store
+    except (StoreError, KeyError) as e:
         log.warning("the error analysis goes without the test proposals (%s): it cannot tell which objects none reached", e)
         return None
 
 
-def analyze_and_report(ctx, dets, metrics: dict, out_dir: Path, proposals: list[np.ndarray] | None = None) -> dict:
+def analyze_and_report(ctx, dets, metrics: dict, out_dir: Path, proposals: StageStore | None = None) -> dict:
     """The error analysis of ``dets`` (:mod:`eval.analyze`), its plots in ``out_dir/analysis/`` and
-    ``out_dir/report.html``; returns the ``analysis`` section of metrics.json. ``proposals``: the test images'
-    boxes the detections were made from, when known."""
+    ``out_dir/report.html``; returns the ``analysis`` section of metrics.json. ``proposals``: the store of the
+    proposals the detections were made from, when known."""
     from .analyze import analyze
     from .html import galleries, write_html
 
     cfg, ds = ctx.cfg, ctx.dataset
     split = ds.test_split
+    boxes = None if proposals is None else [proposals.get(i)["boxes"] for i in ds.image_ids(split)]
     a = analyze(dets, ds, split, [list(g) for g in cfg.eval.groups], cfg.eval.top_multiple, cfg.eval.iou_threshold,
-                proposals)  # fmt: skip
+                boxes)  # fmt: skip
     section = _strict(a.metrics())
     plots_dir = out_dir / "analysis"
     plots_dir.mkdir(exist_ok=True)
