@@ -26,6 +26,8 @@ import re
 import secrets
 import socket
 import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -46,6 +48,11 @@ STALE_TMP_SECONDS = 24 * 3600  # a temporary file untouched this long is stale w
 
 class StoreError(RuntimeError):
     """A stage folder that does not match what is asked of it."""
+
+
+# what reading a damaged .npy / .npz raises: a short or garbled header (ValueError, EOFError), a broken zip
+# (BadZipFile, zlib.error, OSError), an entry without its image id (KeyError)
+_UNREADABLE = (ValueError, EOFError, OSError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def config_hash(obj: Any, length: int = 16) -> str:
@@ -243,7 +250,10 @@ class StageStore:
         path = self.array_path(image_id)
         if not path.exists():
             raise KeyError(f"no {self.stage} array entry for image {image_id!r} in {self.dir}")
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        try:
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except _UNREADABLE as e:
+            raise self._unreadable(path, e) from e
 
     def put(self, image_id, arrays: Mapping[str, np.ndarray]) -> None:
         """Atomically write one image's entry (a dict of arrays; names must not start with '_')."""
@@ -258,12 +268,23 @@ class StageStore:
         path = self.path(image_id)
         if not path.exists():
             raise KeyError(f"no {self.stage} entry for image {image_id!r} in {self.dir}")
-        with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
-        stored = str(out.pop("_image_id"))
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                out = {k: z[k] for k in z.files}
+            stored = str(out.pop("_image_id"))
+        except _UNREADABLE as e:
+            raise self._unreadable(path, e) from e
         if stored != str(image_id):
             raise StoreError(f"{path}: entry belongs to image {stored!r}, not {image_id!r}")
         return out
+
+    def _unreadable(self, path: Path, e: Exception) -> StoreError:
+        """A damaged entry (a disk error, a copy cut short): the file is named, and deleting it is enough, since
+        every stage recomputes the entries it finds missing."""
+        return StoreError(
+            f"{path}: unreadable {self.stage} entry ({type(e).__name__}: {e}); delete this file and run the "
+            f"stage again to recompute it"
+        )
 
     def missing(self, image_ids: Iterable) -> list:
         """The ids, in order, that have no entry yet."""

@@ -68,6 +68,30 @@ def test_entry_of_another_image_is_detected(tmp_path):
         s.get("b")
 
 
+@pytest.mark.parametrize("damage", ["cut", "garbled", "foreign"])
+def test_a_damaged_entry_names_its_file_and_how_to_recompute_it(tmp_path, damage):
+    s = StageStore(tmp_path, "features", {"k": 1})
+    s.put("a", {"x": np.arange(1000, dtype=np.float32)})
+    s.put_array("b", np.arange(1000, dtype=np.float32))
+    for path in (s.path("a"), s.array_path("b")):
+        data = path.read_bytes()
+        if damage == "cut":  # a copy or a disk cut short
+            path.write_bytes(data[: len(data) // 2])
+        elif damage == "garbled":
+            path.write_bytes(b"\x00" * len(data))
+        elif path.suffix == ".npz":  # a valid archive that is not one of the store's entries
+            np.savez(path.with_suffix(".tmp.npz"), x=np.zeros(3))
+            os.replace(path.with_suffix(".tmp.npz"), path)
+        else:
+            path.write_bytes(data[:10])
+    with pytest.raises(StoreError, match=r"a\.npz: unreadable features entry .*delete this file"):
+        s.get("a")
+    with pytest.raises(StoreError, match=r"b\.npy: unreadable features entry .*delete this file"):
+        s.get_array("b")
+    s.path("a").unlink()  # deleting it is enough: the entry is missing again, to be recomputed
+    assert s.missing(["a", "b"]) == ["a"]
+
+
 def test_finish_marks_complete_and_writes_metrics(tmp_path):
     s = StageStore(tmp_path, "data", {})
     assert not s.complete
