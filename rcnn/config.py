@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 __all__ = [
@@ -603,7 +604,8 @@ def _explain(override: str, base: DictConfig, cause: BaseException | None) -> st
 
 def _field_comments(cls) -> dict[str, str]:
     """The comment of each field of dataclass ``cls`` (and its bases), read from this file: the text after
-    ``#`` on the field's line, or the comment lines just above it."""
+    ``#`` on the field's line with the comment lines that continue it, or else the comment lines just above it.
+    Comment lines between two fields continue the first where the second has its own comment on its line."""
     import dataclasses
     import inspect
 
@@ -612,15 +614,20 @@ def _field_comments(cls) -> dict[str, str]:
         if not dataclasses.is_dataclass(klass):
             continue
         above: list[str] = []
+        commented = None  # the field just read, where its line had a comment
         for line in inspect.getsource(klass).splitlines()[1:]:
             text = line.strip()
             if text.startswith("#"):
                 above.append(text.lstrip("#").strip())
                 continue
             field_line = re.match(r"    (\w+)\s*:", line)
-            if field_line:
-                trailing = line.split("  # ", 1)[1].strip() if "  # " in line else ""
-                out[field_line.group(1)] = trailing or " ".join(above)
+            name = field_line.group(1) if field_line else None
+            trailing = line.split("  # ", 1)[1].strip() if field_line and "  # " in line else ""
+            if trailing and above and commented:
+                out[commented] += " " + " ".join(above)
+            if name:
+                out[name] = trailing or " ".join(above)
+            commented = name if trailing else None
             above = []
     return out
 
@@ -638,7 +645,11 @@ def _help_lines(node: DictConfig, indent: str = "") -> list[str]:
         if isinstance(values[key], dict):  # a section
             lines += [f"{indent}{key}:{note}", *_help_lines(node[key], indent + "  ")]
         else:
-            text = OmegaConf.to_yaml({key: values[key]}).strip().replace("\n", " ")
+            value = values[key]
+            if isinstance(value, list):  # as the command line writes it (crop_scale: [0.35, 1.0]), on one line
+                text = f"{key}: {yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()}"
+            else:
+                text = OmegaConf.to_yaml({key: value}).strip().replace("\n", " ")
             lines.append(f"{indent}{text}{note}")
     return lines
 
