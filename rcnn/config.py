@@ -772,7 +772,8 @@ def _validate(cfg: DictConfig) -> DictConfig:
 
     missing = _missing(cfg)
     if missing:
-        raise ConfigError(f"missing value for {', '.join(missing)}: set it with {missing[0]}=...")
+        how = " ".join(f"{k}=..." for k in missing)
+        raise ConfigError(f"missing value for {', '.join(missing)}: set {'it' if len(missing) == 1 else 'them'} with {how}")
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:

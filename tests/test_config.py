@@ -73,6 +73,8 @@ def test_missing_required_keys_are_named():
         load_config(["dataset=voc"])
     with pytest.raises(ConfigError, match="dataset.train_json, dataset.train_images, dataset.test_json"):
         load_config(["dataset=coco"])
+    with pytest.raises(ConfigError, match=r"set them with dataset.train_images=\.\.\. dataset.test_json=\.\.\. dataset.test_images"):
+        load_config(["dataset=coco", "dataset.train_json=x.json"])
 
 
 def test_every_preset_composes():
