@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
 
-import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 __all__ = [
     "Stage", "Config", "ConfigError", "load_config", "preset_recipe", "override_keys", "DATASET_PRESETS",
-    "PRETRAIN_PRESETS", "usage",
+    "PRETRAIN_PRESETS", "usage", "override_value",
 ]  # fmt: skip
 
 
@@ -632,6 +631,17 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
+def override_value(value) -> str:
+    """``value`` (None, a bool, a number, a string or a list of them) in Hydra's override grammar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    return str(value)
+
+
 def _help_lines(node: DictConfig, indent: str = "") -> list[str]:
     """``key: value  # meaning`` for every key of ``node``, nested sections indented."""
     typ = OmegaConf.get_type(node)
@@ -646,8 +656,8 @@ def _help_lines(node: DictConfig, indent: str = "") -> list[str]:
             lines += [f"{indent}{key}:{note}", *_help_lines(node[key], indent + "  ")]
         else:
             value = values[key]
-            if isinstance(value, list):  # as the command line writes it (crop_scale: [0.35, 1.0]), on one line
-                text = f"{key}: {yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()}"
+            if isinstance(value, list):  # as the command line takes it (crop_scale: [0.35,1.0]), one shell word
+                text = f"{key}: {override_value(value)}"
             else:
                 text = OmegaConf.to_yaml({key: value}).strip().replace("\n", " ")
             lines.append(f"{indent}{text}{note}")

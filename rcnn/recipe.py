@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import FinetuneConfig
+from .config import FinetuneConfig, override_value
 
 __all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "describe", "route", "log_route"]
 
@@ -180,20 +180,9 @@ def choose(facts: DataFacts, device: str, bf16: bool = False, fg_per_step: int =
     return out
 
 
-def _hydra(value) -> str:
-    """``value`` (None, a bool, a number, a string or a list of them) in Hydra's override grammar."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ",".join(_hydra(v) for v in value) + "]"
-    return str(value)
-
-
 def as_overrides(choices: list[Choice]) -> list[str]:
     """``key=value`` overrides (Hydra's grammar) for ``choices``."""
-    return [f"{c.key}={_hydra(c.value)}" for c in choices]
+    return [f"{c.key}={override_value(c.value)}" for c in choices]
 
 
 def describe(choices: list[Choice], applied: set[str]) -> list[dict]:

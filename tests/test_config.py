@@ -90,12 +90,12 @@ def test_help_writes_lists_as_the_command_line_does_and_keeps_every_comment_line
 
     text = usage(["dataset=roadsigns"])
     lines = {line.split(":")[0].strip(): line for line in text.splitlines() if ": " in line}
-    assert lines["crop_scale"].startswith("  crop_scale: [0.35, 1.0]  # crop area")
-    assert "C_grid: [0.0001, 0.001, 0.01, 0.1]  #" in lines["C_grid"]
+    assert lines["crop_scale"].startswith("  crop_scale: [0.35,1.0]  # crop area")  # one shell word
+    assert "C_grid: [0.0001,0.001,0.01,0.1]  #" in lines["C_grid"]
     # a comment that runs on over the next line (the next field has its own) is read whole
     assert lines["shard"].endswith('see README "Running at scale". Under torchrun, null takes the rank and world size.')
     assert lines["max_per_class_split"].endswith("its ILSVRC runs 30,000 over 20k = 1.5); null = all")
     # comment lines above a field without one of its own stay that field's
     assert lines["max_negatives"].split("# ", 1)[1].startswith("Hard negatives a class keeps after a retrain")
-    for override in ("pretrain.crop_scale=[0.35, 1.0]", "svm.C_grid=[0.0001, 0.001, 0.01, 0.1]"):
+    for override in ("pretrain.crop_scale=[0.35,1.0]", "svm.C_grid=[0.0001,0.001,0.01,0.1]"):
         load_config([override])  # what help shows is what a command line takes
