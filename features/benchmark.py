@@ -20,6 +20,8 @@ import time
 import numpy as np
 import torch
 
+from rcnn.machine import gemm_rates
+
 from .backbone import build_googlenet, fold_batchnorm, googlenet_gflop_per_crop
 from .extract import SPLITS, RegionFeatures, features_roi, features_warp
 
@@ -34,13 +36,10 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 20) -> float:
-    """The machine's fp32 matrix-multiply rate: the fastest of ``repeats`` 2048^3 products (a ceiling,
-    so the best run, not the median: this machine's clock and neighbours make single runs vary)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
+def matmul_gflops() -> float:
+    """The machine's fp32 matrix-multiply rate: the fastest of 20 2048^3 products (a ceiling: this
+    machine's clock and neighbours make single runs vary)."""
+    return gemm_rates(bf16=False, repeats=20)["fp32"]
 
 
 def _timed(fn) -> float:
