@@ -187,12 +187,14 @@ def proposals_detected_on(ctx) -> StageStore | None:
     try:
         detect = StageStore.open(ctx.run_dir, "detect", run_stage(ctx, "detect")["key"])
         store = StageStore.open(ctx.run_dir, "proposals", detect.identity["inputs"]["proposals"])
-        if gone := store.missing(ctx.dataset.image_ids(ctx.dataset.test_split)):
-            raise KeyError(f"no proposals entry for image {gone[0]!r} in {store.dir}")
+        gone = store.missing(ctx.dataset.image_ids(ctx.dataset.test_split))
+        why = f"no proposals entry for image {gone[0]!r} in {store.dir}" if gone else None
+    except StoreError as e:
+        why = str(e)
+    if why is None:
         return store
-    except (StoreError, KeyError) as e:
-        log.warning("the error analysis goes without the test proposals (%s): it cannot tell which objects none reached", e)
-        return None
+    log.warning("the error analysis goes without the test proposals (%s): it cannot tell which objects none reached", why)
+    return None
 
 
 def analyze_and_report(ctx, dets, metrics: dict, out_dir: Path, proposals: StageStore | None = None) -> dict:
