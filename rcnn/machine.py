@@ -60,7 +60,7 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def gemm_rates(bf16: bool | None = None, repeats: int = 10) -> dict:
+def gemm_rates(bf16: bool | None = None, repeats: int = 5) -> dict:
     """This machine's CPU matrix-multiply rate (GFLOP/s) in fp32 and bf16, measured now: the fastest of
     ``repeats`` 2048^3 products, a ceiling (a neighbour or a clock dip only ever slows a product, so a median
     of a few reads low at a busy moment and a fraction of it can pass 100%). bf16 only where the CPU computes
