@@ -26,7 +26,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: one torch thread a worker (the workers share the cores)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: a core a test process (the test processes share them)
     import torch
 
+    import rcnn.stages
+
     torch.set_num_threads(1)
+    # workers=0 ("one per core") is one here, so per-image work stays in the test's process; the tests of
+    # worker processes ask for them by number (workers=2)
+    rcnn.stages.num_workers = lambda cfg: int(cfg.workers) or 1
