@@ -70,6 +70,7 @@ def test_imagenet_weights_downloaded_during_the_first_run_keep_its_keys(tmp_path
     args = [a for a in TINY if not a.startswith("backbone.weights")] + [
         "backbone.weights=imagenet", "proposals.method=ss", "finetune.enabled=true", "finetune.iterations=2",
         "finetune.batch_size=8", "finetune.fg_per_batch=2", f"dataset.root={tmp_path / 'demo'}", f"out={run}", "stage=svm",
+        "svm.C=0.001",  # (no choice of C)
     ]  # fmt: skip
     assert not hub.exists()
     assert main(args) == 0
