@@ -7,13 +7,14 @@ types fail before any work, with a message that lists what is valid.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .machine import cores
 
 __all__ = [
     "Stage", "Config", "ConfigError", "load_config", "preset_recipe", "override_keys", "DATASET_PRESETS",
@@ -857,12 +858,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
 
 def num_workers(cfg: DictConfig) -> int:
     """``cfg.workers``, with 0 meaning one per CPU core available to this process."""
-    if cfg.workers:
-        return int(cfg.workers)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return int(cfg.workers) or cores()
 
 
 def asked_scores(cfg: DictConfig) -> str | None:
