@@ -29,9 +29,9 @@ def one_thread():
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: a core a test process (the test processes share them)
     import torch
 
-    import rcnn.stages
+    import rcnn.config
 
     torch.set_num_threads(1)
-    # workers=0 ("one per core") is one here, so per-image work stays in the test's process; the tests of
-    # worker processes ask for them by number (workers=2)
-    rcnn.stages.num_workers = lambda cfg: int(cfg.workers) or 1
+    # workers=0 ("one per core") counts this process's one core, so per-image work stays in the test's process;
+    # the tests of worker processes ask for them by number (workers=2)
+    rcnn.config.cores = lambda: 1
