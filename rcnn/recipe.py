@@ -44,6 +44,7 @@ __all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "descr
 
 log = logging.getLogger("rcnn")
 
+CPU_LR, GPU_LR = 0.02, 0.01  # fine-tuning's base rate on every layer
 FT_STEPS = 600  # fine-tuning steps on a CPU, and the fewest on a GPU
 FT_PASSES, FT_MAX_GPU = 24, 4000  # on a GPU: steps x foreground windows a step ~ this many looks at each box, up to this
 CPU_CROP, CPU_CROP_BF16 = 64, 96  # warped crop side on a CPU in fp32, and where it computes bfloat16
@@ -149,7 +150,12 @@ def choose(facts: DataFacts, device: str, bf16: bool = False, fg_per_step: int =
     out += [
         Choice("finetune.enabled", True, "features from a 10-class (or ImageNet) backbone do not carry over by themselves"),
         Choice("finetune.iterations", steps, why),
-        Choice("finetune.lr", 0.01, "a short run: 10x R-CNN's base rate, on every layer alike"),
+        Choice("finetune.lr", CPU_LR if not gpu else GPU_LR,
+               f"a short run: {CPU_LR / 0.001:.0f}x R-CNN's base rate, on every layer alike (roadsigns, fp32: 77.9 / 76.6 "
+               "VOC07 mAP over seeds 0 / 1 against 74.8 / 75.0 at 0.01, 77.5 at 0.04; a 160-photo COCO set 81.6 against "
+               "81.0, COCO AP 45.8 against 41.1)" if not gpu else
+               f"a short run: {GPU_LR / 0.001:.0f}x R-CNN's base rate, on every layer alike (the CPU's {CPU_LR} is "
+               "unmeasured at 224 px and thousands of steps)"),
         Choice("finetune.classifier_lr_mult", 1.0, "(with the higher base rate)"),
         Choice("finetune.bias_lr_mult", 1.0, "(with the higher base rate)"),
         Choice("finetune.step_size", max(1, int(steps * 0.8)), "lr x 0.1 for the last fifth of the steps"),

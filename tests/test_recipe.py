@@ -25,7 +25,7 @@ def test_a_cpu_gets_small_warped_crops_and_600_fine_tuning_steps():
     for r in (small, large):
         assert r["proposals.method"] == "ss" and r["features.mode"] == "warp" and r["finetune.enabled"] is True
         assert r["features.input_size"] == 64 and r["finetune.batch_size"] == 64 and r["svm.folds"] == 2
-        assert r["finetune.bg_candidates"] == 4
+        assert r["finetune.bg_candidates"] == 4 and r["finetune.lr"] == 0.02
         assert r["svm.C"] is None and r["finetune.step_size"] < r["finetune.iterations"]
     assert small["finetune.iterations"] == 600 and large["finetune.iterations"] == 600  # a CPU: 600 for any number of boxes
     roadsigns = by_key(choose(DataFacts(614, 856, 4, 44.0, 14.0, 300.0), "cpu"))  # roadsigns' training split
@@ -64,6 +64,7 @@ def test_a_gpu_gets_rcnns_warped_crops_and_multibox():
     gpu = by_key(choose(LARGE, "cuda"))
     assert gpu["features.mode"] == "warp" and gpu["features.input_size"] == 224
     assert gpu["proposals.method"] == "ss_multibox"
+    assert gpu["finetune.lr"] == 0.01  # the CPU's 0.02 was measured on 64-96 px crops and 600 steps only
     assert gpu["multibox.patience"] >= 1 and "multibox.patience" not in by_key(choose(LARGE, "cpu"))
     assert gpu["finetune.iterations"] > by_key(choose(LARGE, "cpu"))["finetune.iterations"]
     assert by_key(choose(SMALL, "cuda"))["finetune.iterations"] == 600  # 200 boxes: the fewest steps, as on a CPU
