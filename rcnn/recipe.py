@@ -153,7 +153,7 @@ def choose(facts: DataFacts, device: str, bf16: bool = False, fg_per_step: int =
         Choice("finetune.lr", CPU_LR if not gpu else GPU_LR,
                f"a short run: {CPU_LR / 0.001:.0f}x R-CNN's base rate, on every layer alike (roadsigns, fp32: 77.9 / 76.6 "
                "VOC07 mAP over seeds 0 / 1 against 74.8 / 75.0 at 0.01, 77.5 at 0.04; a 160-photo COCO set 81.6 against "
-               "81.0, COCO AP 45.8 against 41.1)" if not gpu else
+               "81.0, COCO AP 45.7 against 41.1)" if not gpu else
                f"a short run: {GPU_LR / 0.001:.0f}x R-CNN's base rate, on every layer alike (the CPU's {CPU_LR} is "
                "unmeasured at 224 px and thousands of steps)"),
         Choice("finetune.classifier_lr_mult", 1.0, "(with the higher base rate)"),
