@@ -45,6 +45,7 @@ __all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "descr
 log = logging.getLogger("rcnn")
 
 CPU_LR, GPU_LR = 0.02, 0.01  # fine-tuning's base rate on every layer
+RCNN_LR = FinetuneConfig.lr  # R-CNN's own (0.001)
 FT_STEPS = 600  # fine-tuning steps on a CPU, and the fewest on a GPU
 FT_PASSES, FT_MAX_GPU = 24, 4000  # on a GPU: steps x foreground windows a step ~ this many looks at each box, up to this
 CPU_CROP, CPU_CROP_BF16 = 64, 96  # warped crop side on a CPU in fp32, and where it computes bfloat16
@@ -141,21 +142,20 @@ def choose(facts: DataFacts, device: str, bf16: bool = False, fg_per_step: int =
     if gpu:
         steps = int(np.clip(round(FT_PASSES * facts.train_boxes / fg_per_step / 10) * 10, FT_STEPS, FT_MAX_GPU))
         rule = f"about {FT_PASSES} looks at each box, within {FT_STEPS}-{FT_MAX_GPU} steps"
+        lr, lr_why = GPU_LR, f"the CPU's {CPU_LR} is unmeasured at 224 px and thousands of steps"
     else:
         steps = FT_STEPS
         rule = ("fewer steps for fewer boxes cost points (150 steps: a 160-photo COCO set of 187 boxes 74.4 against 81.5 "
                 "VOC07 mAP, the shape demo 58.2 against 80.7), more did not pay (roadsigns, 900 steps: 74.4 against 74.7)")
+        lr, lr_why = CPU_LR, ("roadsigns, fp32: 77.9 / 76.6 VOC07 mAP over seeds 0 / 1 against 74.8 / 75.0 at 0.01, 77.5 at "
+                              "0.04; in bf16 at 96 px 78.7 against 78.8; a 160-photo COCO set 81.6 against 81.0, COCO AP "
+                              "45.7 against 41.1")
     looks = steps * fg_per_step / max(facts.train_boxes, 1)
     why = f"{fg_per_step} foreground windows a step: each of the {facts.train_boxes} training boxes seen about {looks:.0f} times; {rule}"
     out += [
         Choice("finetune.enabled", True, "features from a 10-class (or ImageNet) backbone do not carry over by themselves"),
         Choice("finetune.iterations", steps, why),
-        Choice("finetune.lr", CPU_LR if not gpu else GPU_LR,
-               f"a short run: {CPU_LR / 0.001:.0f}x R-CNN's base rate, on every layer alike (roadsigns, fp32: 77.9 / 76.6 "
-               "VOC07 mAP over seeds 0 / 1 against 74.8 / 75.0 at 0.01, 77.5 at 0.04; a 160-photo COCO set 81.6 against "
-               "81.0, COCO AP 45.7 against 41.1)" if not gpu else
-               f"a short run: {GPU_LR / 0.001:.0f}x R-CNN's base rate, on every layer alike (the CPU's {CPU_LR} is "
-               "unmeasured at 224 px and thousands of steps)"),
+        Choice("finetune.lr", lr, f"a short run: {lr / RCNN_LR:.0f}x R-CNN's base rate, on every layer alike ({lr_why})"),
         Choice("finetune.classifier_lr_mult", 1.0, "(with the higher base rate)"),
         Choice("finetune.bias_lr_mult", 1.0, "(with the higher base rate)"),
         Choice("finetune.step_size", max(1, int(steps * 0.8)), "lr x 0.1 for the last fifth of the steps"),
