@@ -116,8 +116,9 @@ def test_the_chain_writes_a_detector_detections_and_metrics(trained):
 def test_a_later_stage_builds_the_chain_stage_all_would_fine_tuning_included(tmp_path, caplog):
     """Issue #15: stage=eval (or detect) on a fresh run folder builds what it needs, as stage=all does,
     fine-tuning included when the configuration enables it, and says which stage needed which."""
+    # svm.C fixed: the chain is the subject here, not the choice of C (159 liblinear fits)
     args = [*TINY, f"dataset.root={tmp_path / 'demo'}", f"out={tmp_path / 'run'}", "finetune.enabled=true",
-            "finetune.iterations=2", "finetune.batch_size=8", "finetune.fg_per_batch=2", "svm.C=0.001"]  # (no choice of C)  # fmt: skip
+            "finetune.iterations=2", "finetune.batch_size=8", "finetune.fg_per_batch=2", "svm.C=0.001"]  # fmt: skip
     caplog.set_level("INFO")
     assert main([*args, "stage=eval"]) == 0
     run = tmp_path / "run"
