@@ -19,7 +19,7 @@ from torchvision.ops import roi_align
 
 from rcnn.config import GOOGLENET_LAYERS
 
-from .warp import context_boxes, normalize_image, warp_crops
+from .warp import context_boxes, normalize_image, shrink_image, warp_crops
 
 __all__ = ["RegionFeatures", "region_features", "features_warp", "features_roi", "warp_batch", "FEATURE_DIM"]
 
@@ -133,7 +133,9 @@ def region_features(model: RegionFeatures, rgb: np.ndarray, boxes: np.ndarray, f
     get = fc.get if isinstance(fc, dict) else lambda k, default=None: getattr(fc, k, default)
     mode = getattr(get("mode"), "value", get("mode"))
     channels_last = get("channels_last", True)
-    if mode == "warp":
+    if mode == "warp":  # (from the image shrunk to features.max_side where it is larger)
+        rgb, scale = shrink_image(rgb, get("max_side"))
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * scale
         return features_warp(model, rgb, boxes, get("input_size"), get("padding"), get("batch_size"), channels_last, device)
     return features_roi(model, rgb, boxes, get("input_size"), get("padding"), get("roi_image_size"),
                         channels_last=channels_last, device=device, max_size=get("roi_max_size"))  # fmt: skip

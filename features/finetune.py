@@ -37,7 +37,7 @@ from rcnn.store import torch_save
 
 from .backbone import amp_dtype, autocast
 from .extract import RegionFeatures, roi_scale
-from .warp import context_boxes, normalize_image, warp_crops
+from .warp import context_boxes, normalize_image, shrink_image, warp_crops
 
 __all__ = ["Windows", "label_windows", "freeze_through", "FineTuner"]
 
@@ -81,22 +81,26 @@ def label_windows(
 
 
 class _ImageCache:
-    """Normalised images by index, the most recently used ``capacity`` kept in memory."""
+    """Normalised images by index, each with the ``[4]`` factors that map its boxes there (shrunk to ``max_side``
+    where it is larger: :func:`~features.warp.shrink_image`), the most recently used kept while they fit in
+    ``capacity`` bytes (the last one loaded always)."""
 
-    def __init__(self, load: Callable[[int], np.ndarray], capacity: int, device: torch.device):
-        self.load, self.capacity, self.device = load, capacity, device
-        self.items: OrderedDict[int, torch.Tensor] = OrderedDict()
+    def __init__(self, load: Callable[[int], np.ndarray], capacity: int, device: torch.device, max_side: int | None = None):
+        self.load, self.capacity, self.device, self.max_side = load, capacity, device, max_side
+        self.items: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.bytes = 0
 
-    def __call__(self, i: int) -> torch.Tensor:
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if i in self.items:
             self.items.move_to_end(i)
             return self.items[i]
-        t = normalize_image(self.load(i), self.device)
-        self.items[i] = t
-        if len(self.items) > self.capacity:
-            self.items.popitem(last=False)
-        return t
-
+        rgb, scale = shrink_image(self.load(i), self.max_side)
+        self.items[i] = item = normalize_image(rgb, self.device), torch.from_numpy(scale).to(self.device)
+        self.bytes += item[0].nbytes
+        while self.bytes > self.capacity and len(self.items) > 1:
+            _, (image, _) = self.items.popitem(last=False)
+            self.bytes -= image.nbytes
+        return item
 
 def flip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
     """Continuous xyxy boxes of an image of ``width`` mirrored left-right."""
@@ -171,7 +175,8 @@ class FineTuner:
         self.frozen = freeze_through(self.model.net, cfg.freeze)
         self.logits = distributed.data_parallel(_Logits(self), self.device)
         self.windows = windows
-        self.images = _ImageCache(load_image, cfg.image_cache, self.device)
+        max_side = fcfg.max_side if fcfg.mode.value == "warp" else None  # (roi mode scales by roi_image_size)
+        self.images = _ImageCache(load_image, cfg.image_cache_mb * 2**20, self.device, max_side)
         self.opt = torch.optim.SGD(param_groups(self.model.net, cfg), lr=cfg.lr, momentum=cfg.momentum)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.step_size, gamma=0.1)
         # fp16 needs loss scaling (its gradients underflow to 0 otherwise); bf16 and fp32 do not
@@ -244,8 +249,9 @@ class FineTuner:
         batch = torch.empty((len(idx), 3, f.input_size, f.input_size), device=dev)
         for i in np.unique(w.image[idx]):
             sel = np.flatnonzero(w.image[idx] == i)
+            image, scale = self.images(int(i))
             batch[torch.from_numpy(sel).to(dev)] = warp_crops(
-                self.images(int(i)), torch.from_numpy(w.boxes[idx[sel]]).to(dev), f.input_size, f.padding
+                image, torch.from_numpy(w.boxes[idx[sel]]).to(dev) * scale, f.input_size, f.padding
             )
         batch = torch.where(torch.from_numpy(flips).to(dev).view(-1, 1, 1, 1), batch.flip(3), batch)
         return batch.contiguous(memory_format=torch.channels_last)
@@ -259,7 +265,7 @@ class FineTuner:
         cells = f.input_size // self.model.stride
         for i in np.unique(w.image[idx]):
             sel = np.flatnonzero(w.image[idx] == i)
-            img = self.images(int(i))
+            img, _ = self.images(int(i))  # (at full size in roi mode)
             boxes = torch.from_numpy(w.boxes[idx[sel]])
             if flips[sel[0]]:  # the whole image and its boxes (a step draws one flip per image in roi mode)
                 img, boxes = img.flip(-1), flip_boxes(boxes, img.shape[-1])

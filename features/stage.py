@@ -89,7 +89,7 @@ def _proposals_store(ctx) -> StageStore:
 def finetune_store(ctx, proposals: StageStore) -> StageStore:
     """Keyed by the fine-tuning settings, the feature geometry, the starting weights and the proposals."""
     cfg = ctx.cfg
-    tune = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("enabled", "checkpoint_every", "image_cache")}
+    tune = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("enabled", "checkpoint_every", "image_cache_mb")}
     if tune["bg_candidates"] == 1:  # uniform draws: the key of runs from before the setting existed
         del tune["bg_candidates"]
     geometry = resolved_feature_settings(cfg.features, resolve_device(cfg.device.value))
@@ -137,6 +137,8 @@ def resolved_feature_settings(fc, device: torch.device) -> dict:
     settings["precision"] = precision_name(amp_dtype(fc.precision, device))
     if fc.mode.value == "warp":
         settings.pop("roi_layer"), settings.pop("roi_image_size"), settings.pop("roi_max_size")
+    if fc.mode.value != "warp" or settings.get("max_side") is None:  # (features from before it keep their key)
+        settings.pop("max_side", None)
     return settings
 
 

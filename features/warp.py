@@ -9,13 +9,14 @@ mean, which is 0 after normalisation.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["context_boxes", "normalize_image", "warp_crops"]
+__all__ = ["context_boxes", "normalize_image", "shrink_image", "warp_crops"]
 
 
 def context_boxes(boxes: torch.Tensor, size: int = 224, padding: int = 16) -> torch.Tensor:
@@ -24,6 +25,18 @@ def context_boxes(boxes: torch.Tensor, size: int = 224, padding: int = 16) -> to
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]) / 2 * scale
     return torch.cat([centre - half, centre + half], dim=1)
+
+
+def shrink_image(rgb: np.ndarray, max_side: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``rgb`` shrunk by area averaging so that its longer side is ``max_side`` where it is longer (never
+    enlarged; None: no limit), and the ``[4]`` factors that map its xyxy pixel coordinates there."""
+    h, w = rgb.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return rgb, np.ones(4, np.float32)
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    sx, sy = size[0] / w, size[1] / h
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), np.array([sx, sy, sx, sy], np.float32)
 
 
 def normalize_image(rgb: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

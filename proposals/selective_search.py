@@ -145,18 +145,20 @@ def selective_search(rgb: np.ndarray, p: SSParams, seed: int = 0) -> tuple[np.nd
     """Boxes of one RGB uint8 image, in ``p.order``.
 
     Returns ``(boxes float32 [N, 4] xyxy in the image's pixels, seconds)``: resized first when
-    ``p.resize_width`` is set, boxes with a side < ``p.min_box_side`` at that scale dropped (as R-CNN),
-    the rest mapped back,
-    duplicates removed, put in ``p.order`` (seeded by ``seed``), then near-duplicates dropped in that
-    order when ``p.merge_iou`` is set.
+    ``p.resize_width`` is set (or shrunk when its longer side passes ``p.max_side``), boxes with a side <
+    ``p.min_box_side`` at that scale dropped (as R-CNN), the rest mapped back, duplicates removed, put in
+    ``p.order`` (seeded by ``seed``), then near-duplicates dropped in that order when ``p.merge_iou`` is set.
     """
     start = time.perf_counter()
     h, w = rgb.shape[:2]
     scale = 1.0
     if p.resize_width and w != p.resize_width:
         scale = p.resize_width / w
+    elif p.max_side and max(h, w) > p.max_side:
+        scale = p.max_side / max(h, w)
+    if scale != 1.0:
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        rgb = cv2.resize(rgb, (p.resize_width, max(1, round(h * scale))), interpolation=interp)
+        rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
     _seed_c_rand(seed)
     if p.backend == "opencv":
         boxes = _opencv(np.ascontiguousarray(rgb[:, :, ::-1]), p)

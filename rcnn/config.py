@@ -329,6 +329,9 @@ class SelectiveSearchConfig:
     min_segment_size: Optional[int] = None  # Felzenszwalb's minimum segment; null = k (R-CNN)
     min_box_side: Optional[int] = None  # drop boxes narrower or shorter (px); null = the mode's (20)
     resize_width: Optional[int] = None  # resize to this width first (R-CNN used 500 on ILSVRC); null = no
+    # shrink an image whose longer side passes this first (never enlarged; boxes mapped back): the search's time
+    # grows faster than the pixels (0.8 s at 500 px on a 2-core CPU, 3.6 at 1000, 29 at 2000); null = no limit
+    max_side: Optional[int] = None
     # Beyond R-CNN: drop a box whose IoU with an earlier kept box exceeds this; null = exact duplicates only
     merge_iou: Optional[float] = None
     order: SSOrder = SSOrder.shuffle  # the boxes' order, which a top_n cap and merge_iou follow
@@ -405,6 +408,10 @@ class FeaturesConfig:
     # Processes decoding the next images while the network runs (crops are warped where the network
     # runs); 0 = in line; null = auto (up to 4 on CUDA; in line on a CPU, whose cores the network uses)
     loader_workers: Optional[int] = None
+    # warp mode: crops are warped from the image shrunk (area-averaged) so that its longer side is at most this, in
+    # fine-tuning, features and detection alike (a phone's 12-MP photo is 146 MB as floats; warping a large box
+    # to a small crop without averaging aliases); null = the full image
+    max_side: Optional[int] = None
 
 
 @dataclass
@@ -434,7 +441,7 @@ class FinetuneConfig:
     fg_iou: float = 0.5  # a window overlapping a ground-truth box this much takes its class
     flip: bool = True  # random horizontal flips (roi mode: of the whole image and its boxes)
     checkpoint_every: int = 200  # steps between checkpoints (and a last one at the end)
-    image_cache: int = 256  # decoded training images kept in memory
+    image_cache_mb: int = 4096  # decoded training images kept in memory, up to this many MiB (the least recently used dropped)
     roi_images_per_batch: int = 2  # roi mode: images whose windows make one batch
 
 

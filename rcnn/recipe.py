@@ -54,6 +54,8 @@ TOP_N_MIN, TOP_N_MAX = 200, 1000
 BG_CANDIDATES = 4  # on a CPU, a fine-tuning step's background windows are the hardest of this many times as many draws
 MB_PATIENCE = 3  # on a GPU, MultiBox stops after this many epochs without a gain in held-out recall
 SS_MERGE_IOU = 0.7  # on a CPU, selective search's near-duplicates are merged before the top_n cap
+SS_MAX_SIDE = 500  # selective search runs on images shrunk to this longer side (R-CNN searched ILSVRC at 500 wide)
+WARP_MAX_SIDE, WARP_MAX_SIDE_GPU = 800, 1333  # crops are warped from images shrunk to this (CPU, GPU) longer side
 FG_PER_STEP = FinetuneConfig.fg_per_batch  # foreground windows a fine-tuning step (the config's default)
 
 
@@ -73,7 +75,8 @@ class DataFacts:
     classes: int
     median_object_side: float  # sqrt(w * h) of the training boxes, pixels
     small_object_side: float  # its 5th percentile
-    median_short_side: float  # of the training images
+    median_long_side: float  # the training images' longer side, pixels
+    small_object_side_ss: float  # the 5th percentile of the boxes' sides where selective search runs (SS_MAX_SIDE)
 
 
 def data_facts(ds) -> DataFacts:
@@ -82,14 +85,17 @@ def data_facts(ds) -> DataFacts:
 
     ids = ds.image_ids(ds.train_split)
     boxes = [gt_for_training(ds, i)[0] for i in ids]
+    longs = np.array([max(ds.annotation(i).width, ds.annotation(i).height) for i in ids], np.float64)
     allb = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
     side = np.sqrt(np.clip(allb[:, 2] - allb[:, 0], 0, None) * np.clip(allb[:, 3] - allb[:, 1], 0, None))
-    shorts = [min(ds.annotation(i).width, ds.annotation(i).height) for i in ids]
+    shrink = np.minimum(1.0, SS_MAX_SIDE / np.maximum(longs, 1))  # each image's factor where the search runs
+    side_ss = side * np.repeat(shrink, [len(b) for b in boxes]) if boxes else side
     return DataFacts(
         train_images=len(ids), train_boxes=int(len(allb)), classes=ds.num_classes,
         median_object_side=float(np.median(side)) if len(side) else 0.0,
         small_object_side=float(np.percentile(side, 5)) if len(side) else 0.0,
-        median_short_side=float(np.median(shorts)) if shorts else 0.0,
+        median_long_side=float(np.median(longs)) if len(longs) else 0.0,
+        small_object_side_ss=float(np.percentile(side_ss, 5)) if len(side) else 0.0,
     )  # fmt: skip
 
 
@@ -108,10 +114,22 @@ def choose(facts: DataFacts, device: str, bf16: bool = False, fg_per_step: int =
         ]  # fmt: skip
     else:
         out.append(Choice("proposals.method", "ss", "on a CPU MultiBox's training costs minutes for a point or two of recall"))
-    min_side = int(np.clip(np.floor(0.8 * facts.small_object_side), 8, 20)) if facts.train_boxes else 20
+    out.append(Choice("proposals.ss.max_side", SS_MAX_SIDE, f"selective search on images shrunk to {SS_MAX_SIDE} px at "
+                      f"most (the training images' longer side: median {facts.median_long_side:.0f} px): its time grows "
+                      "faster than the pixels (0.8 s an image at 500 px on a 2-core CPU, 3.6 at 1000, 29 at 2000)"))  # fmt: skip
+    small = facts.small_object_side_ss
+    min_side = int(np.clip(np.floor(0.8 * small), 8, 20)) if facts.train_boxes else 20
+    where = "" if abs(small - facts.small_object_side) < 0.5 else f" where the search runs ({facts.small_object_side:.0f} px at full size)"
     out.append(Choice("proposals.ss.min_box_side", min_side,
-                      f"5% of the training objects are under {facts.small_object_side:.0f} px: boxes down to {min_side} px kept"))  # fmt: skip
+                      f"5% of the training objects are under {small:.0f} px{where}: boxes down to {min_side} px kept"))  # fmt: skip
 
+    warp_side = WARP_MAX_SIDE_GPU if gpu else WARP_MAX_SIDE
+    photo_mib = warp_side * (warp_side * 3 / 4) * 3 * 4 / 2**20  # a 4:3 photo of that size as floats
+    cache = FinetuneConfig.image_cache_mb
+    out.append(Choice("features.max_side", warp_side, f"crops warped from images shrunk to {warp_side} px at most (by area "
+                      f"averaging, which a warp's sampling lacks): fine-tuning's {cache // 1024}-GiB cache of decoded images "
+                      f"then holds {cache / photo_mib:.0f} 4:3 photos, where a phone's 12-MP photo is 146 MB as floats"
+                      + ("" if gpu else "; crops of 64-96 px need no more")))  # fmt: skip
     if gpu:
         out += [
             Choice("features.mode", "warp", "R-CNN's warped crops: a GPU affords a pass per proposal"),

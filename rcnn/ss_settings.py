@@ -40,9 +40,13 @@ class SSParams:
     resize_width: int | None
     merge_iou: float | None = None  # None = exact duplicates only (R-CNN)
     order: str = "opencv"  # shuffle | opencv (detector files written before the key existed: opencv)
+    max_side: int | None = None  # an image's longer side shrunk to this first (None: no limit)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["max_side"] is None:  # (proposals from before it existed keep their key)
+            del out["max_side"]
+        return out
 
 
 def _name(value) -> str:
@@ -84,8 +88,12 @@ def resolve_params(cfg) -> SSParams:
     merge_iou = None if cfg.merge_iou is None else float(cfg.merge_iou)
     if merge_iou is not None and not 0 < merge_iou <= 1:
         raise ValueError(f"proposals.ss.merge_iou must be in (0, 1] or null, got {merge_iou}")
+    if cfg.resize_width and cfg.max_side:
+        raise ValueError("proposals.ss: set resize_width (every image to that width) or max_side (the larger ones "
+                         f"shrunk), not both; got {cfg.resize_width} and {cfg.max_side}")
     return SSParams(
         order=_name(cfg.order),
+        max_side=int(cfg.max_side) if cfg.max_side else None,
         merge_iou=merge_iou,
         backend=backend,
         mode=mode,

@@ -222,6 +222,45 @@ def test_roi_mode_caps_the_longer_side_so_a_panorama_fits():
     assert seen == [(100, 1000)] and feats.shape == (2, 1024)
 
 
+def test_shrink_image_averages_areas_and_maps_boxes_axis_by_axis():
+    from features.warp import shrink_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    for limit in (None, 400, 500):  # never enlarged
+        same, scale = shrink_image(rgb, limit)
+        assert same is rgb and scale.tolist() == [1, 1, 1, 1]
+    small, scale = shrink_image(rgb, 100)
+    assert small.shape == (75, 100, 3) and scale.tolist() == [0.25] * 4
+    blocks = rgb.reshape(75, 4, 100, 4, 3).astype(np.float64).mean((1, 3))  # each pixel its 4x4 block's mean
+    np.testing.assert_allclose(small, blocks, atol=0.51)
+    odd, scale = shrink_image(np.ascontiguousarray(rgb[:, :397]), 100)  # 397x300 -> 100x76
+    assert odd.shape == (76, 100, 3) and scale.tolist() == pytest.approx([100 / 397, 76 / 300] * 2)
+
+
+def test_warp_features_come_from_the_image_shrunk_to_max_side():
+    """features.max_side: a large image's crops are warped from it shrunk (its boxes mapped there), in warp
+    mode; roi mode scales by its own settings; the setting is part of the features' key only where it is set."""
+    from features.extract import region_features
+    from features.warp import shrink_image
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (160, 200, 3), dtype=np.uint8)
+    boxes = np.array([[10, 10, 120, 100], [0, 0, 200, 160], [150, 20, 196, 150]], np.float32)
+    m = model()
+    fc = {"mode": "warp", "input_size": 64, "padding": 4, "max_side": 100}
+    small, scale = shrink_image(rgb, 100)
+    np.testing.assert_array_equal(region_features(m, rgb, boxes, fc, "cpu"), features_warp(m, small, boxes * scale, 64, 4))
+    full = features_warp(m, rgb, boxes, 64, 4)
+    np.testing.assert_array_equal(region_features(m, rgb, boxes, {**fc, "max_side": 200}, "cpu"), full)
+    np.testing.assert_array_equal(region_features(m, rgb, boxes, {k: v for k, v in fc.items() if k != "max_side"}, "cpu"), full)
+
+    def settings(*overrides):
+        return resolved_feature_settings(load_config(["dataset.recipe=[]", *overrides]).features, torch.device("cpu"))
+
+    assert "max_side" not in settings() and settings("features.max_side=800")["max_side"] == 800
+    assert "max_side" not in settings("features.mode=roi", "features.max_side=800")
+
+
 def test_roi_only_settings_shape_no_warp_key():
     """The features' and the fine-tuned network's keys read these settings: in warp mode the roi pooling's layer
     and image size shape nothing, so they must not split the cache (the route leaves them at any value)."""

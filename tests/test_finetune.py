@@ -104,6 +104,42 @@ def test_resumed_fine_tuning_equals_an_uninterrupted_run(tmp_path, mode, bg_cand
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_the_image_cache_holds_what_fits_in_its_bytes_and_shrinks_to_max_side():
+    from features.finetune import _ImageCache
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(4)]
+    loads = []
+    one = 3 * 40 * 50 * 4  # bytes of a normalised image
+    cache = _ImageCache(lambda k: (loads.append(k), images[k])[1], 2 * one, torch.device("cpu"))
+    for k in (0, 1, 0, 2, 0, 1):  # 2 drops 1 (the least recently used); 1 then drops 2
+        image, scale = cache(k)
+        assert image.shape == (3, 40, 50) and scale.tolist() == [1, 1, 1, 1]
+    assert loads == [0, 1, 2, 1] and list(cache.items) == [0, 1] and cache.bytes == 2 * one
+    tiny_cache = _ImageCache(lambda k: images[k], 1, torch.device("cpu"))  # smaller than one image: the last kept
+    tiny_cache(0), tiny_cache(1)
+    assert list(tiny_cache.items) == [1]
+    shrunk = _ImageCache(lambda k: images[k], 2 * one, torch.device("cpu"), max_side=25)
+    image, scale = shrunk(3)
+    assert image.shape == (3, 20, 25) and scale.tolist() == [0.5] * 4
+
+
+def test_fine_tuning_warps_from_the_image_shrunk_to_max_side(tmp_path):
+    """A step's crops with features.max_side are the crops of the shrunk image at the mapped boxes: what the
+    features stage warps from (tests/test_features.py)."""
+    from features.warp import normalize_image, shrink_image, warp_crops
+
+    make, cfg = tiny(tmp_path)
+    cfg.features.max_side = 32
+    t = make()
+    idx = np.flatnonzero(t.windows.image == 1)
+    got = t.crops(idx, np.zeros(len(idx), bool))
+    small, scale = shrink_image(t.images.load(1), 32)
+    want = warp_crops(normalize_image(small), torch.from_numpy(t.windows.boxes[idx] * scale), 64, cfg.features.padding)
+    assert small.shape[:2] == (24, 32)
+    torch.testing.assert_close(got, want.contiguous(memory_format=torch.channels_last))
+
+
 def test_finetune_stage_then_features_use_the_tuned_weights(tmp_path):
     args = [
         "progress=false", "proposals.method=ss", "proposals.top_n=30", "dataset.train_images=3", "dataset.test_images=1",
@@ -176,7 +212,7 @@ def test_roi_mode_flips_the_image_and_its_boxes(tmp_path):
     u.model.load_state_dict(t.model.state_dict())
     u.model.eval()
     u.windows = mirrored
-    u.images = lambda k: t.images(k).flip(-1)
+    u.images = lambda k: (t.images(k)[0].flip(-1), t.images(k)[1])
     torch.testing.assert_close(flipped, u.logits(idx, np.zeros(len(idx), bool), None), rtol=1e-4, atol=1e-4)
 
 

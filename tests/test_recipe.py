@@ -11,9 +11,9 @@ from rcnn.run import main
 from .fakes import write_voc
 
 SMALL = DataFacts(train_images=160, train_boxes=200, classes=1, median_object_side=150.0, small_object_side=60.0,
-                  median_short_side=375.0)  # fmt: skip
+                  median_long_side=500.0, small_object_side_ss=60.0)  # fmt: skip
 LARGE = DataFacts(train_images=630, train_boxes=5000, classes=5, median_object_side=40.0, small_object_side=11.0,
-                  median_short_side=300.0)  # fmt: skip
+                  median_long_side=400.0, small_object_side_ss=11.0)  # fmt: skip
 
 
 def by_key(choices) -> dict:
@@ -28,17 +28,35 @@ def test_a_cpu_gets_small_warped_crops_and_600_fine_tuning_steps():
         assert r["finetune.bg_candidates"] == 4 and r["finetune.lr"] == 0.02
         assert r["svm.C"] is None and r["finetune.step_size"] < r["finetune.iterations"]
     assert small["finetune.iterations"] == 600 and large["finetune.iterations"] == 600  # a CPU: 600 for any number of boxes
-    roadsigns = by_key(choose(DataFacts(614, 856, 4, 44.0, 14.0, 300.0), "cpu"))  # roadsigns' training split
+    roadsigns = by_key(choose(DataFacts(614, 856, 4, 44.0, 14.0, 400.0, 14.0), "cpu"))  # roadsigns' training split
     assert roadsigns["finetune.iterations"] == 600 and roadsigns["proposals.top_n"] == 400  # as measured there
     assert roadsigns["proposals.ss.merge_iou"] == 0.7 and "proposals.ss.merge_iou" not in by_key(choose(LARGE, "cuda"))
     assert roadsigns["detect.scores"] == "softmax" and "detect.scores" not in by_key(choose(LARGE, "cuda"))
     assert roadsigns["svm.classifiers"] is False and "svm.classifiers" not in by_key(choose(LARGE, "cuda"))
-    assert by_key(choose(DataFacts(100, 150, 1, 40.0, 20.0, 300.0), "cpu"))["finetune.iterations"] == 600
+    assert by_key(choose(DataFacts(100, 150, 1, 40.0, 20.0, 400.0, 20.0), "cpu"))["finetune.iterations"] == 600
     # Fewer training images afford more boxes an image (about 250k crops in all, within 200-1000).
     assert small["proposals.top_n"] == 1000 and large["proposals.top_n"] == 400
-    assert by_key(choose(DataFacts(5000, 9000, 5, 40.0, 11.0, 300.0), "cpu"))["proposals.top_n"] == 200
+    assert by_key(choose(DataFacts(5000, 9000, 5, 40.0, 11.0, 400.0, 11.0), "cpu"))["proposals.top_n"] == 200
     # Small objects keep small proposals; large ones do not.
     assert large["proposals.ss.min_box_side"] == 8 and small["proposals.ss.min_box_side"] == 20
+
+
+def test_large_photos_are_searched_and_warped_shrunk(tmp_path):
+    """Selective search's time grows faster than the pixels and a 12-MP photo is 146 MB as floats: the route
+    searches at most 500 px and warps from at most 800 (a GPU 1333), its small boxes sized where the search runs."""
+    phones = DataFacts(300, 900, 2, 300.0, 120.0, 4032.0, 14.9)  # 120-px objects at full size, 14.9 at 500 px
+    for device, side in (("cpu", 800), ("cuda", 1333)):
+        r = by_key(choose(phones, device))
+        assert r["proposals.ss.max_side"] == 500 and r["features.max_side"] == side
+        assert r["proposals.ss.min_box_side"] == 11  # 0.8 x 14.9, not the 20 that 120 px would give
+    from rcnn.datasets import build_dataset
+    from rcnn.recipe import data_facts
+
+    root = write_voc(tmp_path / "big", {f"im{k}": [("sign", 10, 10, 110 + k, 110 + k)] for k in range(3)},
+                     {"train": ["im0", "im1", "im2"], "test": ["im0"]}, width=1000, height=750)  # fmt: skip
+    facts = data_facts(build_dataset(load_config(["dataset=voc", f"dataset.root={root}", "dataset.train_split=train"]).dataset))
+    assert facts.median_long_side == 1000 and facts.median_object_side == pytest.approx(102)  # (VOC counts both end pixels)
+    assert facts.small_object_side_ss == pytest.approx(facts.small_object_side / 2)
 
 
 def test_a_cpu_with_bfloat16_gets_larger_crops(voc, monkeypatch):

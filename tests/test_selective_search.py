@@ -110,6 +110,24 @@ def test_boxes_are_mapped_back_after_resize():
     assert mapped[:, 2].max() <= 200 and mapped[:, 3].max() <= 150 and mapped.min() >= 0
 
 
+def test_max_side_shrinks_only_the_larger_images():
+    img = blobs(200, 150)
+    p = params("mode=rcnn_fast", "min_box_side=0", "max_side=100")
+    shrunk, _ = selective_search(img, p, seed=4)
+    small = cv2.resize(img, (100, 75), interpolation=cv2.INTER_AREA)
+    direct, _ = selective_search(small, params("mode=rcnn_fast", "min_box_side=0"), seed=4)
+    np.testing.assert_allclose(shrunk, np.minimum(direct * 2, [200, 150, 200, 150]), atol=1e-4)
+    tall, _ = selective_search(np.ascontiguousarray(img.transpose(1, 0, 2)), p, seed=4)  # 150x200: by its height
+    tall_small = cv2.resize(np.ascontiguousarray(img.transpose(1, 0, 2)), (75, 100), interpolation=cv2.INTER_AREA)
+    direct, _ = selective_search(tall_small, params("mode=rcnn_fast", "min_box_side=0"), seed=4)
+    np.testing.assert_allclose(tall, np.minimum(direct * 2, [150, 200, 150, 200]), atol=1e-4)
+    within, _ = selective_search(img, params("mode=rcnn_fast", "min_box_side=0", "max_side=200"), seed=4)
+    full, _ = selective_search(img, params("mode=rcnn_fast", "min_box_side=0"), seed=4)
+    np.testing.assert_array_equal(within, full)  # never enlarged, untouched at the limit
+    with pytest.raises(ValueError, match="resize_width .* or max_side"):
+        params("resize_width=100", "max_side=100")
+
+
 def test_small_boxes_are_dropped_at_the_resized_scale_as_rcnn():
     """Issue #13: selective_search_boxes.m drops boxes under 20 px where the search ran (resized)."""
     img = blobs(200, 150)
