@@ -13,6 +13,13 @@ in the same run:
 (backward costs about twice the forward), and the fraction of the limit is limit / the median step.
 Warp-mode feature extraction (batch 64, BatchNorm folded, as the features stage) is measured beside it the same
 way: crops/s against GEMM rate / forward FLOPs per crop.
+
+    python -m features.finetune_benchmark --dataset roadsigns --cache-mb 368 4096 [--steps 20]
+
+times instead whole steps as the default route takes them (64 windows, half foreground, the background the
+hardest of 4x the draws) on a dataset's training images, decoded as fine-tuning decodes them, with each size of
+its image cache (``finetune.image_cache_mb``) in turn: 300 random windows an image, a quarter foreground; each
+size's timed steps follow 40 untimed ones, so that its cache is as full as it gets.
 """
 
 from __future__ import annotations
@@ -91,14 +98,53 @@ def timed_step(tuner: FineTuner) -> dict[str, float]:
     return t
 
 
+def dataset_steps(dataset: list[str], cache_mbs: list[int], size: int, steps: int, rounds: int = 2, warmup: int = 40,
+                  weights: str = "imagenette") -> dict[int, list[float]]:  # fmt: skip
+    """Seconds of ``steps`` whole route steps at ``size`` px on the training images of the dataset that the
+    overrides ``dataset`` name, after ``warmup`` untimed ones, for each image cache size in ``cache_mbs`` (MiB),
+    ``rounds`` times in turn."""
+    from rcnn.datasets import build_dataset
+
+    ds = build_dataset(load_config(dataset).dataset)
+    ids = ds.image_ids(ds.train_split)
+    parts = [synthetic_windows(1, 300, ds.annotation(i).width, ds.annotation(i).height, seed=k) for k, i in enumerate(ids)]
+    windows = Windows(np.repeat(np.arange(len(ids)), 300), np.concatenate([w.boxes for w in parts]),
+                      np.concatenate([w.labels for w in parts]))  # fmt: skip
+    cfg, fcfg = finetune_settings(size, max(1, round(size * 16 / 224)))
+    cfg.batch_size, cfg.bg_candidates = 64, 4
+    times: dict[int, list[float]] = {mb: [] for mb in cache_mbs}
+    for _ in range(rounds):
+        for mb in cache_mbs:
+            cfg.image_cache_mb = mb
+            tuner = FineTuner(build_googlenet(weights)[0], 3, windows, lambda k: ds.load_image(ids[k]), cfg, fcfg)
+            for _ in range(warmup):
+                tuner.step()
+            for _ in range(steps):
+                start = time.perf_counter()
+                tuner.step()
+                times[mb].append(time.perf_counter() - start)
+            print(f"  cache {mb} MiB: {len(tuner.images.items)} of {len(ids)} images held; median step "
+                  f"{statistics.median(times[mb][-steps:]):.3f} s", flush=True)
+    return times
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, nargs="+", default=[64], help="crop sizes to measure (px)")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per size (after 2 warm-up steps)")
     ap.add_argument("--freeze", nargs="+", default=["none"], help="finetune.freeze values to measure (none: every layer learns)")
     ap.add_argument("--weights", default="imagenette", help="backbone.weights (the times do not depend on it)")
+    ap.add_argument("--dataset", help="whole route steps on this dataset's training images (see above)")
+    ap.add_argument("--cache-mb", type=int, nargs="+", default=[4096], help="with --dataset: image cache sizes (MiB)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.dataset:
+        rate_before = matmul_gflops()
+        times = dataset_steps([f"dataset={args.dataset}"], args.cache_mb, args.size[0], args.steps, weights=args.weights)
+        print(f"fp32 matmul {max(rate_before, matmul_gflops()):.1f} GFLOP/s (best of 20, before {rate_before:.1f})")
+        for mb, t in times.items():
+            print(f"{args.size[0]} px, cache {mb} MiB: median step {statistics.median(t):.3f} s over {len(t)} steps")
+        return 0
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(64)]
     windows = synthetic_windows(len(images), 300, 320, 240)

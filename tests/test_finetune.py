@@ -296,6 +296,18 @@ def _hardest_on_a_rank(tmp_path, out):
         dist.destroy_process_group()
 
 
+def test_the_dataset_benchmark_steps_on_decoded_images_with_each_cache(tmp_path):
+    from features.finetune_benchmark import dataset_steps
+
+    from .fakes import write_voc
+
+    root = write_voc(tmp_path / "voc", {f"im{k}": [("sign", 4, 4, 30, 30)] for k in range(5)},
+                     {"train": [f"im{k}" for k in range(5)], "test": ["im0"]}, width=96, height=64)  # fmt: skip
+    times = dataset_steps(["dataset=voc", f"dataset.root={root}", "dataset.train_split=train"], [1, 64], 32, steps=2,
+                          rounds=1, warmup=1, weights="none")  # fmt: skip
+    assert list(times) == [1, 64] and all(len(t) == 2 and min(t) > 0 for t in times.values())
+
+
 def test_under_torchrun_every_rank_keeps_the_hardest_background_of_one_process(tmp_path):
     """Two ranks score a half of the candidates each, then all of them hold every score: both keep the same
     windows, the ones one process keeps."""
