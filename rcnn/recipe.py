@@ -10,6 +10,10 @@ was chosen and why is logged at the start and stored in every stage's ``metrics.
 
 The rules, each measured on roadsigns or the demo (BENCHMARKS.md, "Roadsigns in warp mode", "The demo in 2-3 minutes"):
 
+* image size: selective search on images shrunk to ``SS_MAX_SIDE`` (its time grows faster than the pixels: 29 s
+  for a 2000-px photo on a 2-core CPU, 0.8 at 500), crops warped from images shrunk to ``WARP_MAX_SIDE`` (a GPU's
+  larger crops from ``WARP_MAX_SIDE_GPU``, unmeasured): photos at 5x roadsigns' size gave 80.3 VOC07 mAP against
+  81.6 at their own, in 9.4 minutes against 8.4 (BENCHMARKS.md, "Phone-sized photos"); smaller images untouched.
 * proposals: selective search alone on a CPU (MultiBox trains for minutes for a point or two of recall), with
   MultiBox on a GPU, trained while its recall on held-out training images rises; selective search's smallest
   box side follows the small training boxes (the default 20 px drops road signs of 12-20 px).
