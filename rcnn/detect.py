@@ -266,7 +266,7 @@ def detect_files(ctx) -> dict:
     results, seconds, drawn, skipped = [], [], {}, []
     for path in tqdm(files, desc="detect", unit="img", disable=not cfg.progress):
         try:
-            rgb = read_image(path)
+            rgb = read_image(path, orient=True)  # as a viewer shows the photo (a phone's EXIF orientation applied)
         except DatasetError as e:  # a header that read, pixels that did not (a truncated file)
             log.warning("skipped: %s", e)
             skipped.append(path.name)

@@ -188,7 +188,7 @@ def _as_rgb(image) -> np.ndarray:
     if isinstance(image, (str, Path)):
         from .datasets.base import read_image
 
-        return read_image(image)
+        return read_image(image, orient=True)  # as a viewer shows the photo
     rgb = np.asarray(image)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an RGB uint8 [H, W, 3] image array, got {rgb.dtype} {list(rgb.shape)}")

@@ -120,8 +120,31 @@ def test_voc_unreadable_image_names_the_file(tmp_path):
 def test_voc_image_size_disagreeing_with_annotation(tmp_path):
     write_voc(tmp_path)
     write_image(tmp_path / "JPEGImages" / "img2.jpg", width=48, height=64)
-    with pytest.raises(DatasetError, match=r"img2.jpg: image is 48x64 but .*img2.xml says 64x48 \(rotated"):
+    with pytest.raises(DatasetError, match=r"img2.jpg: image is 48x64 but .*img2.xml says 64x48 \(its width and height swapped, and no EXIF"):
         voc(tmp_path).load_image("img2")
+
+
+def test_a_phone_photo_annotated_as_its_exif_orientation_shows_it_is_taken_turned(tmp_path):
+    """A phone stores a portrait photo's pixels sideways with an EXIF orientation; most annotation tools show it
+    turned, so the XML says the turned size. load_image then turns it (and only then); image=PATH always does."""
+    from PIL import Image
+
+    from rcnn.datasets.base import read_image
+
+    write_voc(tmp_path)  # 64x48 images, annotated so
+    stored = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)  # 48 wide, 64 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": the viewer shows it 64 wide, 48 high
+    Image.fromarray(stored).save(tmp_path / "JPEGImages" / "img2.jpg", exif=exif, quality=100)
+    path = tmp_path / "JPEGImages" / "img2.jpg"
+    raw, shown = read_image(path), read_image(path, orient=True)
+    assert raw.shape == (64, 48, 3) and shown.shape == (48, 64, 3)
+    np.testing.assert_array_equal(shown, np.rot90(raw, k=-1))  # turned clockwise
+    ds = voc(tmp_path)
+    for _ in range(2):  # (the second time from what the first found)
+        np.testing.assert_array_equal(ds.load_image("img2"), shown)
+    Image.fromarray(np.ascontiguousarray(np.rot90(stored, k=-1))).save(path, exif=exif)  # stored 64x48, as annotated
+    assert voc(tmp_path).load_image("img2").shape == (48, 64, 3)  # the pixels as stored: the annotation's size
 
 
 def test_voc_unknown_class_names_file_and_object(tmp_path):

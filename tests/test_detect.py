@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rcnn import boxes as B
 from rcnn.detector import Detector, DetectorError, check_ensemble, postprocess
@@ -247,14 +248,19 @@ def test_detect_on_an_image_folder_draws_pngs(trained, tmp_path):
     folder = tmp_path / "photos"
     write_image(folder / "a.jpg", 120, 90, seed=1)
     write_image(folder / "b.png", 100, 80, seed=2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone's portrait photo: stored 60 wide and 80 high, shown turned (80 x 60)
+    Image.fromarray(np.full((80, 60, 3), 128, np.uint8)).save(folder / "c.jpg", exif=exif)
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     assert main([*args, "stage=detect", f"out={out}", f"image={folder}", f"detector={run / 'svm' / 'detector.pt'}",
                  "detect.draw_threshold=-100"]) == 0  # fmt: skip
     images = out / "detect" / "images"
-    assert sorted(p.name for p in images.glob("*.png")) == ["a.png", "b.png"]
+    assert sorted(p.name for p in images.glob("*.png")) == ["a.png", "b.png", "c.png"]
     dets = json.loads((images / "detections.json").read_text())
-    assert {d["image_id"] for d in dets} == {"a.jpg", "b.png"}
+    assert {d["image_id"] for d in dets} == {"a.jpg", "b.png", "c.jpg"}
+    assert Image.open(images / "c.png").size == (80, 60)  # detected and drawn as a viewer shows it
+    assert all(d["bbox"][0] + d["bbox"][2] <= 80.01 and d["bbox"][1] + d["bbox"][3] <= 60.01 for d in dets if d["image_id"] == "c.jpg")
 
 
 def test_an_image_folder_run_skips_unreadable_files_says_what_it_drew_and_leaves_no_stale_pngs(trained, tmp_path, capsys, caplog):

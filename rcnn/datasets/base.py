@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .. import boxes as B
 
@@ -129,12 +129,15 @@ def read_json(path: Path, what: str, hint: str = ""):
         raise DatasetError(f"{path}: malformed JSON ({e})") from None
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as RGB uint8 ``[H, W, 3]``: grayscale, 16-bit, CMYK, palette and alpha converted."""
+def read_image(path: str | Path, orient: bool = False) -> np.ndarray:
+    """Read an image as RGB uint8 ``[H, W, 3]``: grayscale, 16-bit, CMYK, palette and alpha converted; ``orient``:
+    turned as its EXIF orientation says (as a photo viewer shows a phone's photo), else its pixels as stored."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
+            if orient:
+                im = ImageOps.exif_transpose(im)
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 a = np.asarray(im, dtype=np.float64)
                 hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
@@ -193,6 +196,7 @@ class DetectionDataset:
         self.blacklist = frozenset(blacklist)  # (image id, label) pairs the ILSVRC evaluator ignores
         # Each class's group of similar classes where the dataset names one (COCO's supercategory), else None.
         self.supercategories = tuple(supercategories) if supercategories else (None,) * len(self.classes)
+        self._turned: set = set()  # images annotated as their EXIF orientation shows them (found by load_image)
         for split in (train_split, test_split):
             if split not in self.splits:
                 raise DatasetError(f"{name}: no split named '{split}' (splits: {', '.join(self.splits)})")
@@ -224,13 +228,20 @@ class DetectionDataset:
         return self.record(image_id).path
 
     def load_image(self, image_id: ImageId) -> np.ndarray:
-        """RGB uint8 ``[H, W, 3]``; its size is checked against the annotation's."""
+        """RGB uint8 ``[H, W, 3]``; its size is checked against the annotation's. A photo whose stored pixels
+        are the annotation's size turned a quarter is taken as its EXIF orientation shows it, where that gives
+        the annotation's size (the tool that drew the boxes showed it turned, as most do)."""
         rec = self.record(image_id)
-        img = read_image(rec.path)
+        img = read_image(rec.path, orient=image_id in self._turned)
         h, w = img.shape[:2]
         a = rec.annotation
+        if (w, h) == (a.height, a.width) != (a.width, a.height) and image_id not in self._turned:
+            turned = read_image(rec.path, orient=True)
+            if turned.shape[:2] == (a.height, a.width):
+                self._turned.add(image_id)
+                return turned
         if (w, h) != (a.width, a.height):
-            hint = " (rotated by its EXIF orientation?)" if (h, w) == (a.width, a.height) else ""
+            hint = " (its width and height swapped, and no EXIF orientation turns it)" if (h, w) == (a.width, a.height) else ""
             raise DatasetError(
                 f"{rec.path}: image is {w}x{h} but {rec.source} says {a.width}x{a.height}{hint}"
             )
