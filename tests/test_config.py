@@ -37,6 +37,10 @@ def test_the_shapes_preset_is_the_demo_without_colour_and_with_longer_fine_tunin
         ("finetune.freeze=conv9", "finetune.freeze must be null or one of GoogLeNet's layers (conv1, maxpool1,"),
         ("finetune.fg_balance=-1", "finetune.fg_balance must be >= 0"),
         ("finetune.bg_candidates=0", "finetune.bg_candidates must be >= 1"),
+        ("finetune.image_cache_mb=-1", "finetune.image_cache_mb must be >= 0"),
+        ("features.max_side=0", "features.max_side must be >= 32 or null"),
+        ("proposals.ss.max_side=10", "proposals.ss.max_side must be >= 32 or null"),
+        ("finetune.image_cache=256", "unknown key 'finetune.image_cache' at 'finetune'. Valid keys: enabled,"),  # now image_cache_mb
         ("multibox.patience=0", "multibox.patience must be >= 1 or null"),
         ("multibox.holdout=1.0", "multibox.holdout must be in (0, 1)"),
         ("+extra=1", "keys can be set but not added or deleted"),
