@@ -102,6 +102,7 @@ class _ImageCache:
             self.bytes -= image.nbytes
         return item
 
+
 def flip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
     """Continuous xyxy boxes of an image of ``width`` mirrored left-right."""
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
