@@ -107,6 +107,15 @@ def pipeline(cfg: DictConfig) -> list[str]:
     return [name for name in PIPELINE if name not in skip]
 
 
+def needs_earlier_stages(cfg, stage: str) -> bool:
+    """Whether ``stage`` works from the stages before it in this run folder: not an evaluation of a given
+    ``detections`` file, nor detection in ``image=`` photos with a given ``detector`` or ``ensemble`` (a detector
+    file makes its own proposals and features)."""
+    if stage == Stage.eval.value and cfg.detections:
+        return False
+    return not (stage == Stage.detect.value and cfg.image and (cfg.detector or cfg.ensemble))
+
+
 def run_stage(ctx: RunContext, stage: str) -> dict:
     """Run one stage (or the pipeline for ``all``); returns the last stage's metrics."""
     if stage == Stage.all.value:
@@ -115,14 +124,14 @@ def run_stage(ctx: RunContext, stage: str) -> dict:
             metrics = run_stage(ctx, name)
         return metrics
     chain = pipeline(ctx.cfg)
-    if not ctx.stack and stage in chain and not (stage == Stage.eval.value and ctx.cfg.detections):
+    if not ctx.stack and stage in chain and needs_earlier_stages(ctx.cfg, stage):
         never = [s for s in chain[1 : chain.index(stage)] if not (ctx.run_dir / s / "metrics.json").exists()]
         if never:
             log.info("%s holds no finished build of stage%s %s: stage %s builds %s first, as stage=all would",
                      ctx.run_dir, "s" * (len(never) > 1), ", ".join(never), stage, "them" if len(never) > 1 else "it")  # fmt: skip
     if stage in ctx.results:  # already run in this process (a later stage asked for its key)
         return ctx.results[stage]
-    if distributed.active() and not ctx.stack and stage in chain and not (stage == Stage.eval.value and ctx.cfg.detections):
+    if distributed.active() and not ctx.stack and stage in chain and needs_earlier_stages(ctx.cfg, stage):
         for name in chain[: chain.index(stage)]:  # every rank takes part in each stage, in order
             run_stage(ctx, name)
     if distributed.active() and stage in distributed.RANK0_STAGES:

@@ -209,3 +209,17 @@ def test_a_stage_says_which_upstream_stages_it_builds_and_how_long_they_took_las
            "resuming (1 of 2 images found)" in said  # fmt: skip
     assert f"Its last build in {tmp_path} took 0 s, finished" in said and f"(key {first['key']})" in said
     assert json.loads((tmp_path / "proposals" / "last_build.json").read_text())["resumed"]
+
+
+def test_a_given_detector_on_photos_and_given_detections_need_no_earlier_stages():
+    """Their stage neither builds nor announces the stages before it (a detector file makes its own proposals
+    and features); detection on the test split, or with the run's own detector, does."""
+    from rcnn.config import load_config
+    from rcnn.stages import needs_earlier_stages
+
+    def needs(stage, *overrides):
+        return needs_earlier_stages(load_config(list(overrides)), stage)
+
+    assert needs("detect") and needs("detect", "image=a.jpg") and needs("detect", "detector=d.pt")
+    assert not needs("detect", "image=a.jpg", "detector=d.pt") and not needs("detect", "image=a.jpg", "ensemble=[a.pt,b.pt]")
+    assert needs("eval") and not needs("eval", "detections=dets.json")
