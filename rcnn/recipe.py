@@ -89,7 +89,7 @@ def data_facts(ds) -> DataFacts:
 
     ids = ds.image_ids(ds.train_split)
     boxes = [gt_for_training(ds, i)[0] for i in ids]
-    longs = np.array([max(ds.annotation(i).width, ds.annotation(i).height) for i in ids], np.float64)
+    longs = np.array([max(a.width, a.height) for a in map(ds.annotation, ids)], np.float64)
     allb = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
     side = np.sqrt(np.clip(allb[:, 2] - allb[:, 0], 0, None) * np.clip(allb[:, 3] - allb[:, 1], 0, None))
     shrink = np.minimum(1.0, SS_MAX_SIDE / np.maximum(longs, 1))  # each image's factor where the search runs
