@@ -61,9 +61,10 @@ class VocConfig(DatasetConfig):
 
     name: str = "voc"
     root: str = MISSING  # the folder holding Annotations/, JPEGImages/ and ImageSets/
-    train_split: str = "trainval"
-    test_split: str = "test"
-    image_ext: str = ".jpg"  # image file = JPEGImages/<id><image_ext> (else the XML's <filename>)
+    # auto: the split lists the tree has (test, else val; trainval, else train), or without any a held-out 30%
+    train_split: str = "auto"
+    test_split: str = "auto"
+    image_ext: str = ".jpg"  # image file = JPEGImages/<id><image_ext> (else the XML's <filename>, else .png, ...)
 
 
 @dataclass
@@ -71,11 +72,15 @@ class CocoConfig(DatasetConfig):
     """COCO instances JSON files, one per split, each with its image folder."""
 
     name: str = "coco"
-    root: Optional[str] = None  # base folder that the presets' paths below are built from
-    train_json: str = MISSING  # instances JSON of the training split
-    train_images: str = MISSING  # folder of the training images (file_name is relative to it)
-    test_json: str = MISSING  # instances JSON of the test split
-    test_images: str = MISSING  # folder of the test images
+    # the dataset's folder: the JSON files not given are looked for there (train/_annotations.coco.json,
+    # annotations/instances_train*.json, train.json; test, else valid or val, the same ways)
+    root: Optional[str] = None
+    train_json: Optional[str] = None  # instances JSON of the training split
+    # folder of the training images (file_name is relative to it); null: the JSON's own folder, else images/
+    # in it or beside it, wherever the first image is
+    train_images: Optional[str] = None
+    test_json: Optional[str] = None  # instances JSON of the test split
+    test_images: Optional[str] = None  # folder of the test images; null: found as train_images is
 
 
 @dataclass
@@ -861,6 +866,11 @@ def _validate(cfg: DictConfig) -> DictConfig:
                           "classifier, so it needs finetune.enabled=true and detect.scores=softmax or null "
                           f"(got finetune.enabled={cfg.finetune.enabled}, detect.scores="
                           f"{asked_scores(cfg)})")  # fmt: skip
+    if OmegaConf.get_type(cfg.dataset) is CocoConfig and cfg.dataset.root is None:
+        unset = [f"dataset.{k}" for k in ("train_json", "test_json") if cfg.dataset[k] is None]
+        if unset:
+            raise ConfigError(f"missing value for {', '.join(unset)}: set dataset.root=FOLDER (the JSON files are found "
+                              f"there) or {' '.join(f'{k}=FILE' for k in unset)}")  # fmt: skip
     if cfg.dataset.limit is not None and cfg.dataset.limit < 1:
         raise ConfigError(f"dataset.limit must be >= 1 or null, got {cfg.dataset.limit}")
     if cfg.stage == Stage.analyze:  # an alias: the evaluation with its error analysis, in <out>/eval/

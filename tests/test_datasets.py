@@ -1,5 +1,6 @@
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,8 +101,65 @@ def test_voc_missing_annotation_and_split_list(tmp_path):
     (tmp_path / "Annotations" / "img2.xml").unlink()
     with pytest.raises(DatasetError, match="img2.xml: annotation file not found"):
         voc(tmp_path)
-    with pytest.raises(DatasetError, match="nosuch.txt: split list of 'nosuch' not found"):
+    with pytest.raises(DatasetError, match=r"nosuch.txt: split list of 'nosuch' not found \(lists there: test, trainval\)"):
         voc(tmp_path, "dataset.test_split=nosuch")
+
+
+@pytest.mark.parametrize(
+    "lists, chosen",
+    [
+        (["train", "test"], ("train", "test")),  # roadsigns
+        (["train", "val", "trainval", "test", "cat_train"], ("trainval", "test")),  # VOC 2007
+        (["train", "val", "trainval"], ("train", "val")),  # VOC 2012: trainval holds val
+    ],
+)
+def test_voc_auto_splits_take_the_lists_the_tree_has(tmp_path, lists, chosen):
+    write_voc(tmp_path, splits={name: ["img1", "img2"] if "train" in name else ["img3"] for name in lists})
+    ds = voc(tmp_path)
+    assert (ds.train_split, ds.test_split) == chosen
+    assert ds.image_ids(ds.test_split) == ["img3"]
+    explicit = voc(tmp_path, f"dataset.train_split={chosen[0]}", f"dataset.test_split={chosen[1]}")
+    assert explicit.fingerprint() == ds.fingerprint()
+
+
+def test_voc_auto_splits_missing_name_what_is_there(tmp_path):
+    write_voc(tmp_path, splits={"trainval": ["img1", "img2"], "val": ["img3"]})
+    with pytest.raises(DatasetError, match=r"Main: no train.txt to take as the train split \(lists there: trainval, "
+                                           r"val\); set dataset.train_split=NAME"):  # fmt: skip
+        voc(tmp_path)  # trainval would hold the test images
+    (tmp_path / "ImageSets" / "Main" / "val.txt").unlink()
+    with pytest.raises(DatasetError, match=r"Main: no test.txt or val.txt to take as the test split \(lists there: "
+                                           r"trainval\); set dataset.test_split=NAME"):  # fmt: skip
+        voc(tmp_path)
+    assert voc(tmp_path, "dataset.test_split=trainval").image_ids("trainval") == ["img1", "img2"]
+
+
+def test_voc_without_split_lists_holds_out_30_percent_by_id(tmp_path, caplog):
+    images = {f"photo{k:02d}": [("cat", 1, 1, 10, 20)] for k in range(20)}
+    write_voc(tmp_path, images=images, splits={})
+    with caplog.at_level(logging.INFO, logger="rcnn.datasets"):
+        ds = voc(tmp_path)
+    assert (ds.train_split, ds.test_split) == ("train", "test")
+    train, test = ds.image_ids("train"), ds.image_ids("test")
+    assert 2 <= len(test) <= 10 and sorted(train + test) == sorted(images) and not set(train) & set(test)
+    assert f"testing on {len(test)} of the 20 annotated images" in caplog.text
+    # the held-out images depend on their ids alone: with more images the first ones stay where they were
+    write_voc(tmp_path, images={f"photo{k:02d}": [] for k in range(20, 200)}, splits={})
+    more = voc(tmp_path)
+    assert set(more.image_ids("test")) & set(images) == set(test)
+    assert 0.2 < len(more.image_ids("test")) / 200 < 0.4
+    for xml in (tmp_path / "Annotations").glob("*.xml"):
+        if xml.stem != "photo00":
+            xml.unlink()
+    with pytest.raises(DatasetError, match="1 annotation file"):
+        voc(tmp_path)
+
+
+def test_voc_image_found_by_common_extension(tmp_path):
+    write_voc(tmp_path)
+    (tmp_path / "JPEGImages" / "img3.jpg").rename(tmp_path / "JPEGImages" / "img3.png")
+    (tmp_path / "Annotations" / "img3.xml").write_text(voc_xml("img3.jpg", 64, 48, []))  # the XML names the old file
+    assert voc(tmp_path).image_path("img3").name == "img3.png"
 
 
 def test_voc_not_a_dataset_folder(tmp_path):
@@ -291,6 +349,49 @@ def test_coco_missing_image_and_mismatched_categories(tmp_path):
     (tmp_path / "test.json").write_text(json.dumps(coco_json([], [], [{"id": 1, "name": "person"}])))
     with pytest.raises(DatasetError, match="categories differ"):
         coco(paths)
+
+
+def test_coco_images_beside_their_json_and_json_found_in_root(tmp_path, caplog):
+    # Roboflow's export: <split>/_annotations.coco.json beside the images, the dataset itself a category
+    paths = write_coco(tmp_path)
+    for split in ("train", "test"):
+        Path(paths[f"{split}_json"]).rename(tmp_path / f"{split}.src")
+        paths[f"{split}_json"] = str(tmp_path / f"{split}.src")
+    cats = [{"id": 0, "name": "things", "supercategory": "none"}] + [
+        {**c, "supercategory": "things"} for c in json.loads(Path(paths["train_json"]).read_text())["categories"]
+    ]
+    for split, folder in (("train", "train"), ("test", "valid")):
+        data = json.loads(Path(paths[f"{split}_json"]).read_text())
+        data["categories"] = cats
+        (tmp_path / folder).mkdir(exist_ok=True)
+        if folder != split:
+            for f in (tmp_path / split).iterdir():
+                f.rename(tmp_path / folder / f.name)
+        (tmp_path / folder / "_annotations.coco.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.INFO, logger="rcnn.datasets"):
+        ds = coco({"root": tmp_path})
+    assert ds.classes == ("person", "car", "dog")  # "things" (id 0, no annotation, their supercategory) left out
+    assert "left out 'things' (id 0)" in caplog.text
+    assert ds.image_path(11) == tmp_path / "valid" / "c.jpg"
+    assert len(ds.image_ids("train")) == 2
+    kept = coco({"root": tmp_path}, "dataset.classes=[things,dog]")  # named, it stays
+    assert kept.classes == ("things", "dog")
+    with pytest.raises(DatasetError, match=r"no instances JSON for the train split \(looked for train/_annotations"):
+        coco({"root": tmp_path / "valid"})
+
+
+def test_coco_2017_layout_found_in_root(tmp_path):
+    (tmp_path / "src").mkdir()
+    paths = write_coco(tmp_path / "src")
+    (tmp_path / "annotations").mkdir()
+    for split, name in (("train", "train2017"), ("test", "val2017")):
+        Path(paths[f"{split}_json"]).rename(tmp_path / "annotations" / f"instances_{name}.json")
+        Path(paths[f"{split}_images"]).rename(tmp_path / name)
+    ds = coco({"root": tmp_path})
+    assert ds.image_path(11) == tmp_path / "val2017" / "c.jpg"
+    (tmp_path / "annotations" / "instances_train2017_copy.json").write_text("{}")
+    with pytest.raises(DatasetError, match="could each be the train split's file; set dataset.train_json=FILE"):
+        coco({"root": tmp_path})
 
 
 def test_coco_degenerate_box_dropped_with_warning(tmp_path, caplog):

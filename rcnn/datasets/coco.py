@@ -119,14 +119,69 @@ def _split(
     return records, order
 
 
+TRAIN_NAMES = ("train",)  # a split's JSON under dataset.root: <name>/_annotations.coco.json, annotations/...
+TEST_NAMES = ("test", "valid", "val")  # the first found is the test split
+
+
+def find_json(root: Path, names: tuple[str, ...], key: str) -> Path:
+    """The instances file of one split in ``root``: Roboflow's ``<name>/_annotations.coco.json``, COCO's
+    ``annotations/instances_<name>*.json``, or ``[annotations/]<name>.json``, for the first name found."""
+    patterns = ("{}/_annotations.coco.json", "annotations/instances_{}*.json", "{}.json", "annotations/{}.json")
+    for name in names:
+        for pattern in patterns:
+            hits = sorted(root.glob(pattern.format(name)))
+            if len(hits) > 1:
+                raise DatasetError(f"{root}: {', '.join(h.name for h in hits)} could each be the {key[:-5]} split's "
+                                   f"file; set dataset.{key}=FILE")  # fmt: skip
+            if hits:
+                return hits[0]
+    looked = ", ".join(p.format(names[0]) for p in patterns)
+    raise DatasetError(f"{root}: no instances JSON for the {key[:-5]} split (looked for {looked}"
+                       f"{' and the same for ' + ', '.join(names[1:]) if len(names) > 1 else ''}); set dataset.{key}=FILE")  # fmt: skip
+
+
+def images_folder(path: Path, data: dict, key: str) -> Path:
+    """Where a split's images are when ``dataset.<key>`` is not given: the JSON's own folder (Roboflow's
+    exports), else ``images/`` in it or beside it, or COCO's ``<split>/`` beside ``annotations/``, whichever
+    holds the first image the file names."""
+    first = next((str(im["file_name"]) for im in data["images"] if isinstance(im, dict) and "file_name" in im), None)
+    split = path.stem.removeprefix("instances_")
+    candidates = [path.parent, path.parent / "images", path.parent.parent / "images", path.parent.parent / split]
+    for folder in candidates:
+        if first is None or (folder / first).is_file():
+            return folder
+    looked = ", ".join(str(c) for c in candidates)
+    raise DatasetError(f"{path}: its first image {first!r} is in none of {looked}; set dataset.{key}=FOLDER")
+
+
+def _without_empty_parents(by_id: list[int], cats: dict[int, str], supers: dict[int, str | None], datas, path: Path):
+    """``by_id`` less the categories that no annotation uses and that name another category's supercategory:
+    Roboflow's exports list the dataset itself so (``{"id": 0, "name": "signs"}`` above its classes)."""
+    used = {a.get("category_id") for data in datas for a in data["annotations"] if isinstance(a, dict)}
+    parents = {s for c, s in supers.items() if s and s != cats[c]}
+    empty = [c for c in by_id if c not in used and cats[c] in parents]
+    if empty:
+        log.info("%s: left out %s, no annotation's category but the supercategory of others",
+                 path, ", ".join(f"{cats[c]!r} (id {c})" for c in empty))  # fmt: skip
+    return [c for c in by_id if c not in empty]
+
+
 def load_coco(cfg, hint: str = "") -> DetectionDataset:
     """COCO JSON splits. Labels are contiguous (categories sorted by id); ``iscrowd`` boxes are
     flagged ``crowd`` and ``difficult`` (ignored, as COCOeval does; left out of training)."""
-    files = {
-        cfg.train_split: (Path(cfg.train_json), Path(cfg.train_images)),
-        cfg.test_split: (Path(cfg.test_json), Path(cfg.test_images)),
-    }
-    datas = {split: read_coco_json(js, hint) for split, (js, _) in files.items()}
+    jsons = {}
+    for key, json_file, names in (("train_json", cfg.train_json, TRAIN_NAMES), ("test_json", cfg.test_json, TEST_NAMES)):
+        if json_file is None and cfg.root is None:
+            raise DatasetError(f"dataset.{key} is not set: set dataset.root=FOLDER (where the JSON files are) or "
+                               f"dataset.{key}=FILE")  # fmt: skip
+        jsons[key] = Path(json_file) if json_file is not None else find_json(Path(cfg.root), names, key)
+    if cfg.train_json is None or cfg.test_json is None:
+        log.info("training on %s, testing on %s", jsons["train_json"], jsons["test_json"])
+    given = {cfg.train_split: (jsons["train_json"], cfg.train_images, "train_images"),
+             cfg.test_split: (jsons["test_json"], cfg.test_images, "test_images")}  # fmt: skip
+    datas = {split: read_coco_json(js, hint) for split, (js, _, _) in given.items()}
+    files = {split: (js, Path(folder) if folder else images_folder(js, datas[split], key))
+             for split, (js, folder, key) in given.items()}  # fmt: skip
     first_split = next(iter(files))
     cats = _categories(datas[first_split], files[first_split][0])
     supers = {int(c["id"]): c.get("supercategory") or None for c in datas[first_split]["categories"]}
@@ -144,6 +199,8 @@ def load_coco(cfg, hint: str = "") -> DetectionDataset:
             raise DatasetError(f"dataset.classes names {unknown}, not categories of {files[first_split][0]}")
         by_id = [names[c] for c in cfg.classes]
         log.info("keeping %d of %d COCO categories (dataset.classes)", len(by_id), len(cats))
+    else:
+        by_id = _without_empty_parents(by_id, cats, supers, datas.values(), files[first_split][0])
     label_of = {cat: k for k, cat in enumerate(by_id)}
 
     report = BoxReport()

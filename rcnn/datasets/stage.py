@@ -28,6 +28,7 @@ def data_store(ctx) -> StageStore:
     contents (``DetectionDataset.fingerprint``)."""
     ds = ctx.dataset
     settings = {k: v for k, v in to_dict(ctx.cfg.dataset).items() if k not in LOCATION_KEYS}
+    settings.update(train_split=ds.train_split, test_split=ds.test_split)  # as chosen where a name is "auto"
     return StageStore(ctx.run_dir, "data", {"dataset": settings, "fingerprint": ds.fingerprint()}, version=FORMAT_VERSION)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,15 @@ from .base import (
     read_file,
 )
 
-__all__ = ["load_voc", "load_ilsvrc", "parse_voc_xml", "VocObject"]
+__all__ = ["load_voc", "load_ilsvrc", "parse_voc_xml", "VocObject", "voc_splits"]
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"  # a split name chosen from the lists the tree has
+TEST_LISTS = ("test", "val")  # dataset.test_split=auto takes the first present
+TRAIN_LISTS = ("trainval", "train")  # dataset.train_split=auto: the first present ("train" beside "val")
+HOLDOUT = 0.3  # a tree without split lists: this share of its annotated images is held out for testing
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")  # looked for when <id><image_ext> is not there
 
 
 @dataclass(frozen=True)
@@ -77,11 +87,11 @@ def parse_voc_xml(path: Path) -> VocFile:
     return VocFile(root.findtext("filename"), width, height, objects)
 
 
-def _read_lines(path: Path, what: str) -> list[list[str]]:
+def _read_lines(path: Path, what: str, hint: str = "") -> list[list[str]]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise DatasetError(f"{path}: {what} not found") from None
+        raise DatasetError(f"{path}: {what} not found{hint}") from None
     return [line.split() for line in text.splitlines() if line.strip()]
 
 
@@ -137,24 +147,71 @@ def _limit(ids: list, limit: int | None) -> list:
     return ids[:limit] if limit else ids
 
 
+def _held_out(root: Path) -> dict[str, list[str]]:
+    """A tree without split lists: the annotated images whose id hashes below HOLDOUT are the test split, the
+    rest the train split: the same images whatever order the folder lists, and the same again when more come."""
+    ids = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
+    if len(ids) < 2:
+        raise DatasetError(f"{root / 'Annotations'}: {len(ids)} annotation file(s); a dataset needs 2 at least")
+    share = {i: int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") / 2**64 for i in ids}  # uniform in [0, 1)
+    held = {i for i in ids if share[i] < HOLDOUT}
+    if not 0 < len(held) < len(ids):  # a handful of images: the lowest share (or all but the highest) instead
+        held = set(sorted(ids, key=share.get)[: min(max(round(HOLDOUT * len(ids)), 1), len(ids) - 1)])
+    log.info("%s: no split lists (ImageSets/Main/*.txt): testing on %d of the %d annotated images (%d%%, chosen by a "
+             "hash of each id), training on the rest; write ImageSets/Main/train.txt and test.txt to choose",
+             root, len(held), len(ids), round(100 * HOLDOUT))  # fmt: skip
+    return {"train": [i for i in ids if i not in held], "test": [i for i in ids if i in held]}
+
+
+def voc_splits(root: Path, train: str, test: str) -> dict[str, list[str]]:
+    """``{train name: ids, test name: ids}`` of a VOC tree (the train split first), from
+    ``ImageSets/Main/<split>.txt``. A name ``auto`` takes the lists the tree has: test, else val; trainval,
+    else train (train where the test split is val, which trainval contains). A tree without either list
+    holds out 30% of its annotated images (by a hash of each id) as ``test`` and trains on the rest."""
+    lists = root / "ImageSets" / "Main"
+    have = {p.stem for p in lists.glob("*.txt")} if lists.is_dir() else set()
+    there = f" (lists there: {', '.join(sorted(s for s in have if '_' not in s)) or 'none'})"  # not VOC's <class>_<split>
+    if train == test == AUTO and not have & {*TEST_LISTS, *TRAIN_LISTS}:
+        return _held_out(root)
+    chosen = {"test_split": test, "train_split": train}
+    options = {"test_split": TEST_LISTS, "train_split": TRAIN_LISTS}
+    if test == AUTO:
+        chosen["test_split"] = next((s for s in TEST_LISTS if s in have), None)
+    if chosen["test_split"] == "val":
+        options["train_split"] = ("train",)  # trainval holds val
+    if train == AUTO:
+        chosen["train_split"] = next((s for s in options["train_split"] if s in have), None)
+    for key in ("test_split", "train_split"):
+        if chosen[key] is None:
+            raise DatasetError(f"{lists}: no {' or '.join(f'{o}.txt' for o in options[key])} to take as the "
+                               f"{key[:-6]} split{there}; set dataset.{key}=NAME")  # fmt: skip
+    if AUTO in (train, test):
+        log.info("%s: training on ImageSets/Main/%s.txt, testing on %s.txt", root, chosen["train_split"], chosen["test_split"])
+    train, test = chosen["train_split"], chosen["test_split"]
+    return {split: [r[0] for r in _read_lines(lists / f"{split}.txt", f"split list of '{split}'", there)]
+            for split in dict.fromkeys([train, test])}  # fmt: skip
+
+
 def load_voc(cfg, hint: str = "") -> DetectionDataset:
-    """A VOC tree: ``Annotations/<id>.xml``, ``JPEGImages/<id><ext>``, ``ImageSets/Main/<split>.txt``."""
+    """A VOC tree: ``Annotations/<id>.xml``, ``JPEGImages/<id><ext>``, ``ImageSets/Main/<split>.txt``
+    (:func:`voc_splits`)."""
     root = Path(cfg.root)
     if not (root / "Annotations").is_dir():
         where = f"; {hint}" if hint else ""
         raise DatasetError(
             f"{root}: not a VOC dataset folder (no Annotations/ inside){where}, or set dataset.root=PATH"
         )
-    split_ids = {}
-    for split in dict.fromkeys([cfg.train_split, cfg.test_split]):
-        rows = _read_lines(root / "ImageSets" / "Main" / f"{split}.txt", f"split list of '{split}'")
-        split_ids[split] = _limit([r[0] for r in rows], cfg.limit)
+    split_ids = {s: _limit(ids, cfg.limit) for s, ids in voc_splits(root, cfg.train_split, cfg.test_split).items()}
+    train, test = next(iter(split_ids)), list(split_ids)[-1]
 
     def image_path(split: str, image_id: str, vf) -> Path:
-        p = root / "JPEGImages" / f"{image_id}{cfg.image_ext}"
-        if not p.exists() and vf.filename and (root / "JPEGImages" / vf.filename).exists():
-            return root / "JPEGImages" / vf.filename
-        return p
+        folder = root / "JPEGImages"
+        p = folder / f"{image_id}{cfg.image_ext}"
+        if p.exists():
+            return p
+        if vf.filename and (folder / vf.filename).exists():
+            return folder / vf.filename
+        return next((q for q in (folder / f"{image_id}{e}" for e in IMAGE_EXTS) if q.exists()), p)
 
     records, classes, report = _build(
         cfg.name,
@@ -163,7 +220,7 @@ def load_voc(cfg, hint: str = "") -> DetectionDataset:
         image_path,
         list(cfg.classes) if cfg.classes else None,
     )
-    return DetectionDataset(cfg.name, classes, records, split_ids, cfg.train_split, cfg.test_split, report)
+    return DetectionDataset(cfg.name, classes, records, split_ids, train, test, report)
 
 
 def _optional_file(root: Path, value: str | None) -> Path | None:
