@@ -155,6 +155,40 @@ def test_voc_without_split_lists_holds_out_30_percent_by_id(tmp_path, caplog):
         voc(tmp_path)
 
 
+def write_xml_beside_images(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (image_id, objects) in enumerate(images.items()):
+        write_image(folder / f"{image_id}.jpg", seed=k)
+        (folder / f"{image_id}.xml").write_text(voc_xml(f"{image_id}.jpg", 64, 48, objects))
+
+
+def test_voc_xml_beside_images_a_folder_a_split(tmp_path):
+    # Roboflow's VOC export: train/, valid/, test/, each holding XML files and their images
+    write_xml_beside_images(tmp_path / "train", {"a": [("cat", 1, 1, 10, 20)], "b": [("dog", 2, 2, 30, 30)]})
+    write_xml_beside_images(tmp_path / "valid", {"a": [("dog", 5, 5, 20, 20)]})  # the same stem in two folders
+    ds = voc(tmp_path)
+    assert ds.splits == {"train": ["train/a", "train/b"], "valid": ["valid/a"]}
+    assert ds.image_path("valid/a") == tmp_path / "valid" / "a.jpg"
+    assert ds.annotation("valid/a").labels.tolist() == [1]
+    write_xml_beside_images(tmp_path / "test", {"c": []})
+    assert voc(tmp_path).test_split == "test"  # test before valid
+    assert voc(tmp_path, "dataset.test_split=valid").image_ids("valid") == ["valid/a"]
+    with pytest.raises(DatasetError, match=r"no XML files in holdout/ for the test split; set dataset.test_split=FOLDER"):
+        voc(tmp_path, "dataset.test_split=holdout")
+
+
+def test_voc_xml_beside_images_in_one_folder(tmp_path):
+    # LabelImg's folder: every XML beside its image, no split: 30% held out by id, as a tree without lists
+    images = {f"p{k}": [("cat", 1, 1, 10, 20)] for k in range(10)}
+    write_xml_beside_images(tmp_path, images)
+    ds = voc(tmp_path)
+    assert sorted(ds.image_ids("train") + ds.image_ids("test")) == sorted(images)
+    write_voc(tmp_path / "tree", images=images, splits={})  # the same ids in a VOC tree: the same split
+    assert voc(tmp_path / "tree").splits == ds.splits
+    with pytest.raises(DatasetError, match="not a VOC dataset folder .no Annotations/ inside, no train/ with XML"):
+        voc(tmp_path / "tree" / "JPEGImages")
+
+
 def test_voc_image_found_by_common_extension(tmp_path):
     write_voc(tmp_path)
     (tmp_path / "JPEGImages" / "img3.jpg").rename(tmp_path / "JPEGImages" / "img3.png")

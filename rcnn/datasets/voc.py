@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 AUTO = "auto"  # a split name chosen from the lists the tree has
 TEST_LISTS = ("test", "val")  # dataset.test_split=auto takes the first present
 TRAIN_LISTS = ("trainval", "train")  # dataset.train_split=auto: the first present ("train" beside "val")
+TRAIN_FOLDERS = ("train",)  # XML beside images, a folder a split (no Annotations/): the train split's folder
+TEST_FOLDERS = ("test", "valid", "val")  # and the test split's, the first present
 HOLDOUT = 0.3  # a tree without split lists: this share of its annotated images is held out for testing
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")  # looked for when <id><image_ext> is not there
 
@@ -147,20 +149,22 @@ def _limit(ids: list, limit: int | None) -> list:
     return ids[:limit] if limit else ids
 
 
-def _held_out(root: Path) -> dict[str, list[str]]:
-    """A tree without split lists: the annotated images whose id hashes below HOLDOUT are the test split, the
-    rest the train split: the same images whatever order the folder lists, and the same again when more come."""
-    ids = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
+def _held_out(ids: list[str], where: Path) -> dict[str, list[str]]:
+    """Images without split lists: those whose id hashes below HOLDOUT are the test split, the rest the train
+    split: the same images whatever order the folder lists, and the same again when more come."""
     if len(ids) < 2:
-        raise DatasetError(f"{root / 'Annotations'}: {len(ids)} annotation file(s); a dataset needs 2 at least")
+        raise DatasetError(f"{where}: {len(ids)} annotation file(s); a dataset needs 2 at least")
     share = {i: int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") / 2**64 for i in ids}  # uniform in [0, 1)
     held = {i for i in ids if share[i] < HOLDOUT}
     if not 0 < len(held) < len(ids):  # a handful of images: the lowest share (or all but the highest) instead
         held = set(sorted(ids, key=share.get)[: min(max(round(HOLDOUT * len(ids)), 1), len(ids) - 1)])
-    log.info("%s: no split lists (ImageSets/Main/*.txt): testing on %d of the %d annotated images (%d%%, chosen by a "
-             "hash of each id), training on the rest; write ImageSets/Main/train.txt and test.txt to choose",
-             root, len(held), len(ids), round(100 * HOLDOUT))  # fmt: skip
+    log.info("%s: no split lists: testing on %d of the %d annotated images (%d%%, chosen by a hash of each id), "
+             "training on the rest", where, len(held), len(ids), round(100 * HOLDOUT))  # fmt: skip
     return {"train": [i for i in ids if i not in held], "test": [i for i in ids if i in held]}
+
+
+def _stems(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.xml"))
 
 
 def voc_splits(root: Path, train: str, test: str) -> dict[str, list[str]]:
@@ -172,7 +176,7 @@ def voc_splits(root: Path, train: str, test: str) -> dict[str, list[str]]:
     have = {p.stem for p in lists.glob("*.txt")} if lists.is_dir() else set()
     there = f" (lists there: {', '.join(sorted(s for s in have if '_' not in s)) or 'none'})"  # not VOC's <class>_<split>
     if train == test == AUTO and not have & {*TEST_LISTS, *TRAIN_LISTS}:
-        return _held_out(root)
+        return _held_out(_stems(root / "Annotations"), root / "Annotations")
     chosen = {"test_split": test, "train_split": train}
     options = {"test_split": TEST_LISTS, "train_split": TRAIN_LISTS}
     if test == AUTO:
@@ -192,31 +196,57 @@ def voc_splits(root: Path, train: str, test: str) -> dict[str, list[str]]:
             for split in dict.fromkeys([train, test])}  # fmt: skip
 
 
+def folder_splits(root: Path, train: str, test: str) -> dict[str, list[str]] | None:
+    """The splits of XML files beside their images (no Annotations/): one folder a split (Roboflow's VOC
+    export: ``train/``, ``valid/``, ``test/``; ``auto`` takes train, and test, else valid, else val), or
+    every file in ``root`` itself with 30% held out (LabelImg's folder). Ids are ``<folder>/<stem>``, or
+    the stem alone in a flat folder. None where neither is there."""
+    wanted = {"train": (train,) if train != AUTO else TRAIN_FOLDERS, "test": (test,) if test != AUTO else TEST_FOLDERS}
+    chosen = {role: next((n for n in names if _stems(root / n)), None) for role, names in wanted.items()}
+    if all(chosen.values()):
+        log.info("%s: training on the XML files in %s/, testing on those in %s/", root, chosen["train"], chosen["test"])
+        return {chosen["train"]: [f"{chosen['train']}/{i}" for i in _stems(root / chosen["train"])],
+                chosen["test"]: [f"{chosen['test']}/{i}" for i in _stems(root / chosen["test"])]}  # fmt: skip
+    if any(chosen.values()):
+        role = "train" if chosen["train"] is None else "test"
+        raise DatasetError(f"{root}: no XML files in {' or '.join(f'{n}/' for n in wanted[role])} for the {role} split; "
+                           f"set dataset.{role}_split=FOLDER")  # fmt: skip
+    if train == test == AUTO and _stems(root):
+        return _held_out(_stems(root), root)
+    return None
+
+
 def load_voc(cfg, hint: str = "") -> DetectionDataset:
-    """A VOC tree: ``Annotations/<id>.xml``, ``JPEGImages/<id><ext>``, ``ImageSets/Main/<split>.txt``
-    (:func:`voc_splits`)."""
+    """VOC XML: a VOC tree (``Annotations/<id>.xml``, ``JPEGImages/<id><ext>``, ``ImageSets/Main/<split>.txt``:
+    :func:`voc_splits`), or XML files beside their images (:func:`folder_splits`)."""
     root = Path(cfg.root)
-    if not (root / "Annotations").is_dir():
-        where = f"; {hint}" if hint else ""
-        raise DatasetError(
-            f"{root}: not a VOC dataset folder (no Annotations/ inside){where}, or set dataset.root=PATH"
-        )
-    split_ids = {s: _limit(ids, cfg.limit) for s, ids in voc_splits(root, cfg.train_split, cfg.test_split).items()}
+    if (root / "Annotations").is_dir():
+        split_ids = voc_splits(root, cfg.train_split, cfg.test_split)
+        annotations, images = root / "Annotations", root / "JPEGImages"
+    else:
+        split_ids = folder_splits(root, cfg.train_split, cfg.test_split) if root.is_dir() else None
+        if split_ids is None:
+            where = f"; {hint}" if hint else ""
+            raise DatasetError(f"{root}: not a VOC dataset folder (no Annotations/ inside, no train/ with XML files, no "
+                               f"XML files){where}, or set dataset.root=PATH")  # fmt: skip
+        annotations = images = root
+    split_ids = {s: _limit(ids, cfg.limit) for s, ids in split_ids.items()}
     train, test = next(iter(split_ids)), list(split_ids)[-1]
 
     def image_path(split: str, image_id: str, vf) -> Path:
-        folder = root / "JPEGImages"
-        p = folder / f"{image_id}{cfg.image_ext}"
+        folder = (images / image_id).parent  # ids of folder splits carry their folder
+        stem = Path(image_id).name
+        p = folder / f"{stem}{cfg.image_ext}"
         if p.exists():
             return p
         if vf.filename and (folder / vf.filename).exists():
             return folder / vf.filename
-        return next((q for q in (folder / f"{image_id}{e}" for e in IMAGE_EXTS) if q.exists()), p)
+        return next((q for q in (folder / f"{stem}{e}" for e in IMAGE_EXTS) if q.exists()), p)
 
     records, classes, report = _build(
         cfg.name,
         split_ids,
-        lambda split, i: root / "Annotations" / f"{i}.xml",
+        lambda split, i: annotations / f"{i}.xml",
         image_path,
         list(cfg.classes) if cfg.classes else None,
     )
