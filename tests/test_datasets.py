@@ -520,3 +520,15 @@ def test_demo_refuses_a_foreign_folder(tmp_path):
     with pytest.raises(FileExistsError, match="not a demo dataset folder"):
         demo(tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+ROADSIGNS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "roadsigns"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ROADSIGNS.exists(), reason="needs ../shared/datasets/roadsigns")
+def test_roadsigns_splits_found_from_its_folder_alone():
+    found = voc(ROADSIGNS)
+    preset = build_dataset(load_config(["dataset=roadsigns"]).dataset)
+    assert (found.train_split, found.test_split) == ("train", "test")
+    assert found.splits == preset.splits and len(found.image_ids("train")) == 614
