@@ -60,7 +60,7 @@ class VocConfig(DatasetConfig):
     """A PASCAL VOC tree: Annotations/<id>.xml, JPEGImages/<id><image_ext>, ImageSets/Main/<split>.txt."""
 
     name: str = "voc"
-    root: str = MISSING  # the folder holding Annotations/, JPEGImages/ and ImageSets/
+    root: str = MISSING  # a VOC tree (Annotations/, JPEGImages/, ImageSets/), or folders of XML files beside images
     # auto: the split lists the tree has (test, else val; trainval, else train), or without any a held-out 30%
     train_split: str = "auto"
     test_split: str = "auto"
@@ -69,7 +69,7 @@ class VocConfig(DatasetConfig):
 
 @dataclass
 class CocoConfig(DatasetConfig):
-    """COCO instances JSON files, one per split, each with its image folder."""
+    """COCO instances JSON files, one per split, each with its image folder (found in dataset.root if not given)."""
 
     name: str = "coco"
     # the dataset's folder: the JSON files not given are looked for there (train/_annotations.coco.json,

@@ -24,7 +24,7 @@ from .base import (
     read_file,
 )
 
-__all__ = ["load_voc", "load_ilsvrc", "parse_voc_xml", "VocObject", "voc_splits"]
+__all__ = ["load_voc", "load_ilsvrc", "parse_voc_xml", "VocObject", "voc_splits", "folder_splits"]
 
 log = logging.getLogger(__name__)
 
