@@ -149,7 +149,7 @@ def _limit(ids: list, limit: int | None) -> list:
     return ids[:limit] if limit else ids
 
 
-def _held_out(ids: list[str], where: Path) -> dict[str, list[str]]:
+def _held_out(ids: list[str], where: Path, choose: str) -> dict[str, list[str]]:
     """Images without split lists: those whose id hashes below HOLDOUT are the test split, the rest the train
     split: the same images whatever order the folder lists, and the same again when more come."""
     if len(ids) < 2:
@@ -159,7 +159,7 @@ def _held_out(ids: list[str], where: Path) -> dict[str, list[str]]:
     if not 0 < len(held) < len(ids):  # a handful of images: the lowest share (or all but the highest) instead
         held = set(sorted(ids, key=share.get)[: min(max(round(HOLDOUT * len(ids)), 1), len(ids) - 1)])
     log.info("%s: no split lists: testing on %d of the %d annotated images (%d%%, chosen by a hash of each id), "
-             "training on the rest", where, len(held), len(ids), round(100 * HOLDOUT))  # fmt: skip
+             "training on the rest; %s to choose", where, len(held), len(ids), round(100 * HOLDOUT), choose)  # fmt: skip
     return {"train": [i for i in ids if i not in held], "test": [i for i in ids if i in held]}
 
 
@@ -176,7 +176,7 @@ def voc_splits(root: Path, train: str, test: str) -> dict[str, list[str]]:
     have = {p.stem for p in lists.glob("*.txt")} if lists.is_dir() else set()
     there = f" (lists there: {', '.join(sorted(s for s in have if '_' not in s)) or 'none'})"  # not VOC's <class>_<split>
     if train == test == AUTO and not have & {*TEST_LISTS, *TRAIN_LISTS}:
-        return _held_out(_stems(root / "Annotations"), root / "Annotations")
+        return _held_out(_stems(root / "Annotations"), root, "write ImageSets/Main/train.txt and test.txt")
     chosen = {"test_split": test, "train_split": train}
     options = {"test_split": TEST_LISTS, "train_split": TRAIN_LISTS}
     if test == AUTO:
@@ -212,7 +212,7 @@ def folder_splits(root: Path, train: str, test: str) -> dict[str, list[str]] | N
         raise DatasetError(f"{root}: no XML files in {' or '.join(f'{n}/' for n in wanted[role])} for the {role} split; "
                            f"set dataset.{role}_split=FOLDER")  # fmt: skip
     if train == test == AUTO and _stems(root):
-        return _held_out(_stems(root), root)
+        return _held_out(_stems(root), root, "move them to train/ and test/ folders")
     return None
 
 
