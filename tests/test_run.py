@@ -41,6 +41,14 @@ def test_data_stage_on_a_voc_tree(tmp_path, capsys):
     assert m2["key"] != m["key"] and m2["images_checked_now"] == 3
 
 
+def test_data_stage_warns_of_a_class_without_training_boxes(tmp_path, caplog):
+    root, out = write_voc(tmp_path / "voc", splits={"train": ["img2", "img3"], "test": ["img1"]}), tmp_path / "run"
+    assert run("stage=data", "dataset=voc", f"dataset.root={root}", f"out={out}") == 0  # cat only in img1
+    m = json.loads((out / "data" / "metrics.json").read_text())
+    assert m["classes_without_training_boxes"] == ["cat"]
+    assert "cat: no box in the train split 'train': the detector cannot learn it" in caplog.text
+
+
 def test_changed_annotation_invalidates_the_cache(tmp_path):
     root, out = write_voc(tmp_path / "voc"), tmp_path / "run"
     args = ("stage=data", "dataset=voc", f"dataset.root={root}", f"out={out}")

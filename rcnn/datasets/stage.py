@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 
@@ -14,6 +15,8 @@ from ..shard import mine, pending
 from ..stages import found
 from ..store import StageStore
 from .base import DetectionDataset
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: crowd flags
 
@@ -84,6 +87,8 @@ def run(ctx) -> dict:
         "num_classes": ds.num_classes,
         "classes": list(ds.classes),
         "splits": {split: ds.split_stats(split) for split in splits},
+        # classes the detector cannot learn: not one box of theirs in the train split
+        "classes_without_training_boxes": untrained(ds),
         "boxes_clipped": ds.report.clipped,
         "boxes_dropped": ds.report.dropped,
         "images_checked_now": computed,
@@ -94,4 +99,13 @@ def run(ctx) -> dict:
     print(format_table(metrics))
     if ds.report.clipped or ds.report.dropped:
         print(f"boxes clipped: {ds.report.clipped}, dropped: {ds.report.dropped} (see the warnings above)")
+    if missing := metrics["classes_without_training_boxes"]:
+        log.warning("%s: no box in the train split '%s': the detector cannot learn %s (AP 0 where the test split "
+                    "has them)", ", ".join(missing), ds.train_split, "it" if len(missing) == 1 else "them")  # fmt: skip
     return metrics
+
+
+def untrained(ds: DetectionDataset) -> list[str]:
+    """The classes without a box (difficult or not) in the train split."""
+    counts = ds.split_stats(ds.train_split)["boxes_per_class"]
+    return [c for c in ds.classes if not counts.get(c)]
