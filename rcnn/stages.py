@@ -61,7 +61,8 @@ class RunContext:
         callers = [s for s in self.stack if s != stage]
         why = f" (needed by stage {callers[-1]})" if callers else ""
         log.info("stage %s is not built for this configuration%s: building it now%s (key %s). %s",
-                 stage, why, f", resuming ({resume})" if resume else "", store.key, last_build(store.stage_dir))  # fmt: skip
+                 stage, why, f", resuming ({resume})" if resume else "", store.key,
+                 last_build(store.stage_dir, {**store.identity, "key": store.key}))  # fmt: skip
 
     @cached_property
     def dataset(self):
@@ -198,15 +199,43 @@ def found(store, ids: list) -> str:
     return f"{n} of {len(ids)} images found" if n else ""
 
 
-def last_build(stage_dir: Path) -> str:
-    """How long the stage's last build in this run folder took, in words."""
+def last_build(stage_dir: Path, identity: dict | None = None) -> str:
+    """How long the stage's last build in this run folder took, in words, and (given this build's
+    ``StageStore.identity``) what differs from it."""
     try:
         b = json.loads((stage_dir / "last_build.json").read_text())
         took = f"{b['seconds']:.0f} s" if b["seconds"] < 120 else f"{b['seconds'] / 60:.1f} min"
         part = " (this process's part of a resumed build)" if b.get("resumed") else ""
-        return f"Its last build in {stage_dir.parent} took {took}{part}, finished {b['finished']} (key {b['key']})."
+        said = f"Its last build in {stage_dir.parent} took {took}{part}, finished {b['finished']} (key {b['key']})."
     except (OSError, ValueError, KeyError, TypeError):
         return f"No build of it finished in {stage_dir.parent} before."
+    try:
+        before = json.loads((stage_dir / b["key"] / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return said
+    changes = identity_changes(before, identity) if identity and b["key"] != identity.get("key") else []
+    more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+    return said + (f" This one differs in {'; '.join(changes[:4])}{more}." if changes else "")
+
+
+def identity_changes(before: dict, now: dict) -> list[str]:
+    """What sets two builds of a stage apart, in words: each setting that differs (``a.b 64 -> 96``), the
+    format version, and each earlier stage whose output it reads that is another build."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(before.get("config")), flat(now.get("config"))
+    changes = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]  # fmt: skip
+    if before.get("version") != now.get("version"):
+        changes.append(f"its format (version {before.get('version')} -> {now.get('version')})")
+    inputs_old, inputs_new = before.get("inputs") or {}, now.get("inputs") or {}
+    changes += [f"the {s} stage's build it reads" for s in sorted(inputs_new) if inputs_old.get(s) != inputs_new[s]]
+    return changes
 
 
 def _carry_peak(ctx: RunContext, mb: float | None) -> None:

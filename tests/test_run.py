@@ -1,4 +1,5 @@
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def run(*args):
     return main(["progress=false", *args])
 
 
-def test_data_stage_on_a_voc_tree(tmp_path, capsys):
+def test_data_stage_on_a_voc_tree(tmp_path, capsys, caplog):
     root, out = write_voc(tmp_path / "voc"), tmp_path / "run"
     assert run("stage=data", "dataset=voc", f"dataset.root={root}", f"out={out}") == 0
     printed = " ".join(capsys.readouterr().out.split())
@@ -39,6 +40,10 @@ def test_data_stage_on_a_voc_tree(tmp_path, capsys):
     assert run("stage=data", "dataset=voc", f"dataset.root={root}", f"out={out}", "dataset.classes=[dog,cat]") == 0
     m2 = json.loads((out / "data" / "metrics.json").read_text())
     assert m2["key"] != m["key"] and m2["images_checked_now"] == 3
+    # the log says why it built again: what differs from the last build in this folder
+    caplog.set_level(logging.INFO, logger="rcnn")
+    assert run("stage=data", "dataset=voc", f"dataset.root={root}", f"out={out}", "dataset.classes=[cat,dog]") == 0
+    assert f'(key {m2["key"]}). This one differs in dataset.classes ["dog", "cat"] -> ["cat", "dog"]; fingerprint "' in caplog.text
 
 
 def test_data_stage_warns_of_a_class_without_training_boxes(tmp_path, caplog):
@@ -231,3 +236,15 @@ def test_a_given_detector_on_photos_and_given_detections_need_no_earlier_stages(
     assert needs("detect") and needs("detect", "image=a.jpg") and needs("detect", "detector=d.pt")
     assert not needs("detect", "image=a.jpg", "detector=d.pt") and not needs("detect", "image=a.jpg", "ensemble=[a.pt,b.pt]")
     assert needs("eval") and not needs("eval", "detections=dets.json")
+
+
+def test_identity_changes_name_settings_format_and_inputs():
+    from rcnn.stages import identity_changes
+
+    before = {"version": 3, "config": {"features": {"input_size": 64, "mode": "warp"}}, "inputs": {"proposals": "a", "finetune": "b"}}
+    now = {"version": 4, "config": {"features": {"input_size": 96, "mode": "warp"}, "seed": 1},
+           "inputs": {"proposals": "a", "finetune": "c"}}  # fmt: skip
+    assert identity_changes(before, now) == [
+        "features.input_size 64 -> 96", "seed null -> 1", "its format (version 3 -> 4)", "the finetune stage's build it reads",
+    ]  # fmt: skip
+    assert identity_changes(now, now) == []
