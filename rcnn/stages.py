@@ -57,6 +57,8 @@ class RunContext:
         check_training_stage(self.cfg, stage)  # a sharded run cannot build a model from every image
         if resume is None:
             resume = "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else ""
+        if self.cfg.image and self.stack[:1] == [Stage.detect.value] and not resume:
+            stop_unasked_training(self.cfg, store)
         self.built[stage] = bool(resume)
         callers = [s for s in self.stack if s != stage]
         why = f" (needed by stage {callers[-1]})" if callers else ""
@@ -199,23 +201,56 @@ def found(store, ids: list) -> str:
     return f"{n} of {len(ids)} images found" if n else ""
 
 
-def last_build(stage_dir: Path, identity: dict | None = None) -> str:
-    """How long the stage's last build in this run folder took, in words, and (given this build's
-    ``StageStore.identity``) what differs from it."""
+def _last(stage_dir: Path) -> tuple[dict, dict | None] | None:
+    """The stage's last finished build in this run folder (``last_build.json``) and its key's manifest (None
+    where gone); None where none finished."""
     try:
         b = json.loads((stage_dir / "last_build.json").read_text())
-        took = f"{b['seconds']:.0f} s" if b["seconds"] < 120 else f"{b['seconds'] / 60:.1f} min"
-        part = " (this process's part of a resumed build)" if b.get("resumed") else ""
-        said = f"Its last build in {stage_dir.parent} took {took}{part}, finished {b['finished']} (key {b['key']})."
+        took = f"{b['seconds']:.0f} s" if b["seconds"] < 120 else f"{b['seconds'] / 60:.1f} min"  # (its fields checked)
+        b["took"] = took + (" (this process's part of a resumed build)" if b.get("resumed") else "")
+        b["finished"], b["key"]
     except (OSError, ValueError, KeyError, TypeError):
-        return f"No build of it finished in {stage_dir.parent} before."
+        return None
     try:
-        before = json.loads((stage_dir / b["key"] / "manifest.json").read_text())
+        return b, json.loads((stage_dir / b["key"] / "manifest.json").read_text())
     except (OSError, ValueError):
-        return said
-    changes = identity_changes(before, identity) if identity and b["key"] != identity.get("key") else []
-    more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
-    return said + (f" This one differs in {'; '.join(changes[:4])}{more}." if changes else "")
+        return b, None
+
+
+def last_build(stage_dir: Path, identity: dict | None = None) -> str:
+    """How long the stage's last build in this run folder took, in words, and (given this build's
+    ``StageStore.identity`` with its ``key``) what differs from it."""
+    last = _last(stage_dir)
+    if last is None:
+        return f"No build of it finished in {stage_dir.parent} before."
+    b, before = last
+    said = f"Its last build in {stage_dir.parent} took {b['took']}, finished {b['finished']} (key {b['key']})."
+    changes = identity_changes(before, identity) if before and identity and b["key"] != identity.get("key") else []
+    return said + (f" This one differs in {_listed(changes)}." if changes else "")
+
+
+def _listed(changes: list[str], most: int = 4) -> str:
+    return "; ".join(changes[:most]) + (f" and {len(changes) - most} more" if len(changes) > most else "")
+
+
+def stop_unasked_training(cfg: DictConfig, store) -> None:
+    """Detection in ``image=`` photos builds this configuration's detector when the run folder has none, but
+    where the stage it needs was last built with other settings, the command most likely left out some of the
+    training command's keys: a :class:`DetectorError` says which, instead of training a new detector unasked."""
+    from .detector_file import DetectorError
+
+    last = _last(store.stage_dir)
+    if last is None or last[0]["key"] == store.key:
+        return
+    changes = identity_changes(last[1], {**store.identity, "key": store.key}) if last[1] else []
+    why = f": this one differs in {_listed(changes)}" if changes else ""
+    published = store.stage_dir.parent / "svm" / "detector.pt"
+    use = f"detector={published} to run the detector that is there, or " if published.exists() else ""
+    raise DetectorError(
+        f"stage=detect image={cfg.image}: the {store.stage} stage of this configuration's detector is not built in "
+        f"{store.stage_dir.parent}, where its last build had other settings{why}. Give the keys of the command "
+        f"that trained it, {use}stage=svm with these keys to train this one first"
+    )
 
 
 def identity_changes(before: dict, now: dict) -> list[str]:

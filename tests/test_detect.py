@@ -285,6 +285,25 @@ def test_an_image_folder_run_skips_unreadable_files_says_what_it_drew_and_leaves
     assert m["skipped"] == ["broken.jpg"] and m["drawn_per_image"]["a.jpg"]["drawn"] == 0
 
 
+def test_image_detection_does_not_train_a_detector_unasked(trained, tmp_path, capsys):
+    """A detection in photos whose command left out a training key would train another detector: it stops and
+    says which setting differs and how to go on instead."""
+    from tests.fakes import write_image
+
+    args, run = trained
+    write_image(tmp_path / "a.jpg", 120, 90, seed=1)
+    def built():  # the svm builds finished in the run folder
+        return {m.parent.name for m in (run / "svm").glob("*/manifest.json") if json.loads(m.read_text())["complete"]}
+
+    before = built()
+    assert main([*args, "stage=detect", f"image={tmp_path / 'a.jpg'}", "svm.neg_iou=0.2"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the svm stage of this configuration's detector is not built in" in err and "neg_iou 0.3 -> 0.2" in err
+    assert f"detector={run / 'svm' / 'detector.pt'} to run the detector that is there" in err
+    assert main([*args, "stage=detect", f"image={tmp_path / 'a.jpg'}"]) == 0  # the training command's keys: its detector
+    assert built() == before  # nothing trained either time
+
+
 def test_bad_detector_files_are_named(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
