@@ -61,9 +61,8 @@ class VocConfig(DatasetConfig):
 
     name: str = "voc"
     root: str = MISSING  # a VOC tree (Annotations/, JPEGImages/, ImageSets/), or folders of XML files beside images
-    # auto: the split lists the tree has (test, else val; trainval, else train), or without any a held-out 30%
-    train_split: str = "auto"
-    test_split: str = "auto"
+    train_split: str = "auto"  # auto: ImageSets/Main/trainval.txt, else train.txt (train beside val; or a train/ folder)
+    test_split: str = "auto"  # auto: test.txt, else val.txt (or a test/, valid/, val/ folder); none at all: 30% held out
     image_ext: str = ".jpg"  # image file = JPEGImages/<id><image_ext> (else the XML's <filename>, else .png, ...)
 
 
