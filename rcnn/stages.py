@@ -57,14 +57,17 @@ class RunContext:
         check_training_stage(self.cfg, stage)  # a sharded run cannot build a model from every image
         if resume is None:
             resume = "from a checkpoint" if (store.dir / "checkpoint.pt").exists() else ""
-        if self.cfg.image and self.stack[:1] == [Stage.detect.value] and not resume:
-            stop_unasked_training(self.cfg, store)
+        last = last_build_of(store.stage_dir)
+        other = last is not None and last.key != store.key  # this folder last built the stage with other settings
+        changes = identity_changes(last.manifest, store.identity) if other and last.manifest else []
+        if other and self.cfg.image and self.stack[:1] == [Stage.detect.value] and not resume:
+            raise unasked_training(self.cfg, store, changes)
         self.built[stage] = bool(resume)
         callers = [s for s in self.stack if s != stage]
         why = f" (needed by stage {callers[-1]})" if callers else ""
         log.info("stage %s is not built for this configuration%s: building it now%s (key %s). %s",
                  stage, why, f", resuming ({resume})" if resume else "", store.key,
-                 last_build(store.stage_dir, {**store.identity, "key": store.key}))  # fmt: skip
+                 last_build(store.stage_dir, last, changes))  # fmt: skip
 
     @cached_property
     def dataset(self):
@@ -201,31 +204,37 @@ def found(store, ids: list) -> str:
     return f"{n} of {len(ids)} images found" if n else ""
 
 
-def _last(stage_dir: Path) -> tuple[dict, dict | None] | None:
-    """The stage's last finished build in this run folder (``last_build.json``) and its key's manifest (None
-    where gone); None where none finished."""
+@dataclass(frozen=True)
+class LastBuild:
+    """A stage's last finished build in a run folder (``<out>/<stage>/last_build.json``): its key, when it
+    finished, how long it took in words, and its key's manifest (None where that folder is gone)."""
+
+    key: str
+    finished: str
+    took: str
+    manifest: dict | None
+
+
+def last_build_of(stage_dir: Path) -> LastBuild | None:
     try:
         b = json.loads((stage_dir / "last_build.json").read_text())
-        took = f"{b['seconds']:.0f} s" if b["seconds"] < 120 else f"{b['seconds'] / 60:.1f} min"  # (its fields checked)
-        b["took"] = took + (" (this process's part of a resumed build)" if b.get("resumed") else "")
-        b["finished"], b["key"]
+        key, finished, seconds = b["key"], b["finished"], float(b["seconds"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    took = (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min") + (
+        " (this process's part of a resumed build)" if b.get("resumed") else "")  # fmt: skip
     try:
-        return b, json.loads((stage_dir / b["key"] / "manifest.json").read_text())
+        manifest = json.loads((stage_dir / key / "manifest.json").read_text())
     except (OSError, ValueError):
-        return b, None
+        manifest = None
+    return LastBuild(key, finished, took, manifest)
 
 
-def last_build(stage_dir: Path, identity: dict | None = None) -> str:
-    """How long the stage's last build in this run folder took, in words, and (given this build's
-    ``StageStore.identity`` with its ``key``) what differs from it."""
-    last = _last(stage_dir)
+def last_build(stage_dir: Path, last: LastBuild | None, changes: list[str]) -> str:
+    """How long the stage's last build in this run folder took, in words, and what this one changes."""
     if last is None:
         return f"No build of it finished in {stage_dir.parent} before."
-    b, before = last
-    said = f"Its last build in {stage_dir.parent} took {b['took']}, finished {b['finished']} (key {b['key']})."
-    changes = identity_changes(before, identity) if before and identity and b["key"] != identity.get("key") else []
+    said = f"Its last build in {stage_dir.parent} took {last.took}, finished {last.finished} (key {last.key})."
     return said + (f" This one differs in {_listed(changes)}." if changes else "")
 
 
@@ -233,20 +242,16 @@ def _listed(changes: list[str], most: int = 4) -> str:
     return "; ".join(changes[:most]) + (f" and {len(changes) - most} more" if len(changes) > most else "")
 
 
-def stop_unasked_training(cfg: DictConfig, store) -> None:
+def unasked_training(cfg: DictConfig, store, changes: list[str]) -> Exception:
     """Detection in ``image=`` photos builds this configuration's detector when the run folder has none, but
     where the stage it needs was last built with other settings, the command most likely left out some of the
-    training command's keys: a :class:`DetectorError` says which, instead of training a new detector unasked."""
+    training command's keys: this error says which, instead of training a new detector unasked."""
     from .detector_file import DetectorError
 
-    last = _last(store.stage_dir)
-    if last is None or last[0]["key"] == store.key:
-        return
-    changes = identity_changes(last[1], {**store.identity, "key": store.key}) if last[1] else []
     why = f": this one differs in {_listed(changes)}" if changes else ""
     published = store.stage_dir.parent / "svm" / "detector.pt"
     use = f"detector={published} to run the detector that is there, or " if published.exists() else ""
-    raise DetectorError(
+    return DetectorError(
         f"stage=detect image={cfg.image}: the {store.stage} stage of this configuration's detector is not built in "
         f"{store.stage_dir.parent}, where its last build had other settings{why}. Give the keys of the command "
         f"that trained it, {use}stage=svm with these keys to train this one first"

@@ -86,9 +86,9 @@ def run(ctx) -> dict:
         "key": store.key,
         "num_classes": ds.num_classes,
         "classes": list(ds.classes),
-        "splits": {split: ds.split_stats(split) for split in splits},
-        # classes the detector cannot learn: not one box of theirs in the train split
-        "classes_without_training_boxes": untrained(ds),
+        "splits": (stats := {split: ds.split_stats(split) for split in splits}),
+        # classes the detector cannot learn: not one box of theirs (difficult or not) in the train split
+        "classes_without_training_boxes": [c for c in ds.classes if c not in stats[ds.train_split]["boxes_per_class"]],
         "boxes_clipped": ds.report.clipped,
         "boxes_dropped": ds.report.dropped,
         "images_checked_now": computed,
@@ -103,9 +103,3 @@ def run(ctx) -> dict:
         log.warning("%s: no box in the train split '%s': the detector cannot learn %s (AP 0 where the test split "
                     "has them)", ", ".join(missing), ds.train_split, "it" if len(missing) == 1 else "them")  # fmt: skip
     return metrics
-
-
-def untrained(ds: DetectionDataset) -> list[str]:
-    """The classes without a box (difficult or not) in the train split."""
-    counts = ds.split_stats(ds.train_split)["boxes_per_class"]
-    return [c for c in ds.classes if not counts.get(c)]
