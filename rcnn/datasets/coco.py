@@ -169,12 +169,9 @@ def _without_empty_parents(by_id: list[int], cats: dict[int, str], supers: dict[
 def load_coco(cfg, hint: str = "") -> DetectionDataset:
     """COCO JSON splits. Labels are contiguous (categories sorted by id); ``iscrowd`` boxes are
     flagged ``crowd`` and ``difficult`` (ignored, as COCOeval does; left out of training)."""
-    jsons = {}
-    for key, json_file, names in (("train_json", cfg.train_json, TRAIN_NAMES), ("test_json", cfg.test_json, TEST_NAMES)):
-        if json_file is None and cfg.root is None:
-            raise DatasetError(f"dataset.{key} is not set: set dataset.root=FOLDER (where the JSON files are) or "
-                               f"dataset.{key}=FILE")  # fmt: skip
-        jsons[key] = Path(json_file) if json_file is not None else find_json(Path(cfg.root), names, key)
+    # a file not given is found in dataset.root (the config requires the one or the other)
+    named = (("train_json", cfg.train_json, TRAIN_NAMES), ("test_json", cfg.test_json, TEST_NAMES))
+    jsons = {key: Path(given) if given is not None else find_json(Path(cfg.root), names, key) for key, given, names in named}
     if cfg.train_json is None or cfg.test_json is None:
         log.info("training on %s, testing on %s", jsons["train_json"], jsons["test_json"])
     given = {cfg.train_split: (jsons["train_json"], cfg.train_images, "train_images"),
