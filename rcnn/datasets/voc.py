@@ -202,18 +202,17 @@ def folder_splits(root: Path, train: str, test: str) -> dict[str, list[str]] | N
     every file in ``root`` itself with 30% held out (LabelImg's folder). Ids are ``<folder>/<stem>``, or
     the stem alone in a flat folder. None where neither is there."""
     wanted = {"train": (train,) if train != AUTO else TRAIN_FOLDERS, "test": (test,) if test != AUTO else TEST_FOLDERS}
-    chosen = {role: next((n for n in names if _stems(root / n)), None) for role, names in wanted.items()}
+    stems = {name: _stems(root / name) for names in wanted.values() for name in names}
+    chosen = {role: next((n for n in names if stems[n]), None) for role, names in wanted.items()}
     if all(chosen.values()):
         log.info("%s: training on the XML files in %s/, testing on those in %s/", root, chosen["train"], chosen["test"])
-        return {chosen["train"]: [f"{chosen['train']}/{i}" for i in _stems(root / chosen["train"])],
-                chosen["test"]: [f"{chosen['test']}/{i}" for i in _stems(root / chosen["test"])]}  # fmt: skip
+        return {chosen[r]: [f"{chosen[r]}/{i}" for i in stems[chosen[r]]] for r in ("train", "test")}
     if any(chosen.values()):
         role = "train" if chosen["train"] is None else "test"
         raise DatasetError(f"{root}: no XML files in {' or '.join(f'{n}/' for n in wanted[role])} for the {role} split; "
                            f"set dataset.{role}_split=FOLDER")  # fmt: skip
-    if train == test == AUTO and _stems(root):
-        return _held_out(_stems(root), root, "move them to train/ and test/ folders")
-    return None
+    flat = _stems(root)
+    return _held_out(flat, root, "move them to train/ and test/ folders") if train == test == AUTO and flat else None
 
 
 def load_voc(cfg, hint: str = "") -> DetectionDataset:
