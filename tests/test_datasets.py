@@ -187,6 +187,10 @@ def test_voc_xml_beside_images_in_one_folder(tmp_path):
     assert voc(tmp_path / "tree").splits == ds.splits
     with pytest.raises(DatasetError, match="not a VOC dataset folder .no Annotations/ inside, no train/ with XML"):
         voc(tmp_path / "tree" / "JPEGImages")
+    (tmp_path / "devkit").mkdir()
+    (tmp_path / "tree").rename(tmp_path / "devkit" / "VOC2007")  # VOCdevkit/ given instead of VOCdevkit/VOC2007/
+    with pytest.raises(DatasetError, match=r"XML files\); it holds VOC2007/, or set dataset.root=PATH"):
+        voc(tmp_path / "devkit")
 
 
 def test_voc_image_found_by_common_extension(tmp_path):

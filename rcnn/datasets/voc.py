@@ -225,7 +225,8 @@ def load_voc(cfg, hint: str = "") -> DetectionDataset:
     else:
         split_ids = folder_splits(root, cfg.train_split, cfg.test_split) if root.is_dir() else None
         if split_ids is None:
-            where = f"; {hint}" if hint else ""
+            trees = sorted(p.parent.name for p in root.glob("*/Annotations")) if root.is_dir() else []  # a VOCdevkit
+            where = f"; {hint}" if hint else f"; it holds {', '.join(f'{t}/' for t in trees)}" if trees else ""
             raise DatasetError(f"{root}: not a VOC dataset folder (no Annotations/ inside, no train/ with XML files, no "
                                f"XML files){where}, or set dataset.root=PATH")  # fmt: skip
         annotations = images = root
