@@ -237,7 +237,7 @@ def test_a_phone_photo_annotated_as_its_exif_orientation_shows_it_is_taken_turne
     assert raw.shape == (64, 48, 3) and shown.shape == (48, 64, 3)
     np.testing.assert_array_equal(shown, np.rot90(raw, k=-1))  # turned clockwise
     ds = voc(tmp_path)
-    for _ in range(2):  # (the second time from what the first found)
+    for _ in range(2):  # (each time from one decode: the stored size and the EXIF tag are read first)
         np.testing.assert_array_equal(ds.load_image("img2"), shown)
     Image.fromarray(np.ascontiguousarray(np.rot90(stored, k=-1))).save(path, exif=exif)  # stored 64x48, as annotated
     assert voc(tmp_path).load_image("img2").shape == (48, 64, 3)  # the pixels as stored: the annotation's size

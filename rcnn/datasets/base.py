@@ -129,12 +129,19 @@ def read_json(path: Path, what: str, hint: str = ""):
         raise DatasetError(f"{path}: malformed JSON ({e})") from None
 
 
-def read_image(path: str | Path, orient: bool = False) -> np.ndarray:
+QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations a viewer shows turned a quarter (width and height swapped)
+
+
+def read_image(path: str | Path, orient: bool = False, fit: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image as RGB uint8 ``[H, W, 3]``: grayscale, 16-bit, CMYK, palette and alpha converted; ``orient``:
-    turned as its EXIF orientation says (as a photo viewer shows a phone's photo), else its pixels as stored."""
+    turned as its EXIF orientation says (as a photo viewer shows a phone's photo), else its pixels as stored;
+    ``fit``: an annotation's ``(width, height)``, turned only where the stored pixels are that size turned a
+    quarter and the EXIF orientation turns them (the tool that drew the boxes showed it so, as most do)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
+            if fit is not None and im.size == fit[::-1] != tuple(fit):
+                orient = orient or im.getexif().get(0x0112) in QUARTER_TURNS
             im.load()
             if orient:
                 im = ImageOps.exif_transpose(im)
@@ -196,7 +203,6 @@ class DetectionDataset:
         self.blacklist = frozenset(blacklist)  # (image id, label) pairs the ILSVRC evaluator ignores
         # Each class's group of similar classes where the dataset names one (COCO's supercategory), else None.
         self.supercategories = tuple(supercategories) if supercategories else (None,) * len(self.classes)
-        self._turned: set = set()  # images annotated as their EXIF orientation shows them (found by load_image)
         for split in (train_split, test_split):
             if split not in self.splits:
                 raise DatasetError(f"{name}: no split named '{split}' (splits: {', '.join(self.splits)})")
@@ -232,14 +238,9 @@ class DetectionDataset:
         are the annotation's size turned a quarter is taken as its EXIF orientation shows it, where that gives
         the annotation's size (the tool that drew the boxes showed it turned, as most do)."""
         rec = self.record(image_id)
-        img = read_image(rec.path, orient=image_id in self._turned)
-        h, w = img.shape[:2]
         a = rec.annotation
-        if (w, h) == (a.height, a.width) != (a.width, a.height) and image_id not in self._turned:
-            turned = read_image(rec.path, orient=True)
-            if turned.shape[:2] == (a.height, a.width):
-                self._turned.add(image_id)
-                return turned
+        img = read_image(rec.path, fit=(a.width, a.height))
+        h, w = img.shape[:2]
         if (w, h) != (a.width, a.height):
             hint = " (its width and height swapped, and no EXIF orientation turns it)" if (h, w) == (a.width, a.height) else ""
             raise DatasetError(
