@@ -34,6 +34,7 @@ __all__ = [
     "encode",
     "decode",
     "postprocess",
+    "RCNN_NMS_IOU",
     "nms",
     "batched_nms",
     "top_per_label",
@@ -208,9 +209,12 @@ def decode(proposals: np.ndarray, deltas: np.ndarray) -> np.ndarray:
 
 # -- the test-time rule -------------------------------------------------------------------------------
 
+RCNN_NMS_IOU = 0.3  # R-CNN's per-class NMS overlap (rcnn_test.m)
+
+
 def postprocess(
     boxes: np.ndarray, scores: np.ndarray, deltas: np.ndarray | None, width: int, height: int,
-    nms_iou: float = 0.3, max_per_image: int | None = None, score_threshold: float | None = None,
+    nms_iou: float = RCNN_NMS_IOU, max_per_image: int | None = None, score_threshold: float | None = None,
     max_per_class: int | None = 100,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Proposals ``[N, 4]`` with class scores ``[N, C]`` (and regression deltas ``[N, C, 4]``) ->

@@ -495,7 +495,9 @@ class DetectConfig:
     # default, what its training run scored with (detector files from before it: svm)
     scores: Optional[Scores] = None
     box_regression: bool = True  # apply the detector's box regressors (when it has them)
-    nms_iou: float = 0.3  # per-class greedy NMS
+    # per-class greedy NMS; null = the detector's own, from its training objects: R-CNN's 0.3 where those of a class
+    # barely overlap each other, else the least of 0.4-0.7 that keeps 99% of them apart (crowds, cells, shelves)
+    nms_iou: Optional[float] = None
     max_per_class: Optional[int] = 100  # per image and class, its best boxes before NMS (rcnn_test.m); null = all
     max_per_image: Optional[int] = None  # per image, the best over all classes after NMS; null = no such cut
     # (R-CNN never ranks classes against each other by their uncalibrated margins; 100 was this toolkit's old rule)
@@ -837,7 +839,7 @@ def _validate(cfg: DictConfig) -> DictConfig:
         ("features.max_side", cfg.features.max_side is None or cfg.features.max_side >= 32, ">= 32 or null (the full image)"),
         ("proposals.ss.max_side", cfg.proposals.ss.max_side is None or cfg.proposals.ss.max_side >= 32,
          ">= 32 or null (the full image)"),
-        ("detect.nms_iou", 0 < cfg.detect.nms_iou <= 1, "in (0, 1]"),
+        ("detect.nms_iou", cfg.detect.nms_iou is None or 0 < cfg.detect.nms_iou <= 1, "in (0, 1] or null"),
         ("eval.top_multiple", cfg.eval.top_multiple > 0, "> 0"),
         ("eval.gallery_size", cfg.eval.gallery_size >= 0, ">= 0"),
         ("detect.max_per_class", cfg.detect.max_per_class is None or cfg.detect.max_per_class >= 1, ">= 1 or null"),

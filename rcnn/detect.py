@@ -60,9 +60,14 @@ def load_members(ctx, files: list[Path]) -> list[Detector]:
     return members
 
 
+def nms_iou(d, members: list[Detector]) -> float:
+    """``detect.nms_iou``, or where it is null the (first) detector's own: what its training run chose."""
+    return float(d.nms_iou) if d.nms_iou is not None else members[0].nms_iou
+
+
 def _settings(ctx, members: list[Detector]) -> dict:
     d = ctx.cfg.detect
-    return {"nms_iou": d.nms_iou, "max_per_image": d.max_per_image, "max_per_class": d.max_per_class,
+    return {"nms_iou": nms_iou(d, members), "max_per_image": d.max_per_image, "max_per_class": d.max_per_class,
             "max_per_class_split": d.max_per_class_split, "box_regression": d.box_regression,
             "score_threshold": d.score_threshold, "scores": members[0].scores}  # fmt: skip
 
@@ -172,8 +177,8 @@ def detect_entry(members: list[Detector], ds, image_id, boxes: np.ndarray, feats
     a = ds.annotation(image_id)
     rgb = ds.load_image(image_id) if any(f is None for f in feats) else None
     scores, deltas = ensemble_outputs(members, rgb, boxes, feats, d.box_regression)
-    b, s, lab = postprocess(boxes, scores, deltas, a.width, a.height, d.nms_iou, d.max_per_image, d.score_threshold,
-                            d.max_per_class)  # fmt: skip
+    b, s, lab = postprocess(boxes, scores, deltas, a.width, a.height, nms_iou(d, members), d.max_per_image,
+                            d.score_threshold, d.max_per_class)  # fmt: skip
     return {"boxes": b, "scores": s, "labels": lab}
 
 
@@ -272,7 +277,7 @@ def detect_files(ctx) -> dict:
             skipped.append(path.name)
             continue
         t = time.perf_counter()
-        det = detect_image(members, rgb, None, d.nms_iou, d.max_per_image, d.box_regression, d.score_threshold,
+        det = detect_image(members, rgb, None, nms_iou(d, members), d.max_per_image, d.box_regression, d.score_threshold,
                            d.max_per_class)  # fmt: skip
         seconds.append(time.perf_counter() - t)
         shown = det.scores > threshold

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import boxes as B
-from .boxes import postprocess
+from .boxes import RCNN_NMS_IOU, postprocess
 from .detector_file import FORMAT, VERSION, DetectorError, check_parts, read_detector, write_detector
 
 __all__ = ["Detector", "ImageDetections", "postprocess", "FORMAT", "VERSION", "DetectorError"]
@@ -67,6 +67,8 @@ class Detector:
             raise DetectorError("detect.scores=svm: this detector has no SVMs (it was trained with svm.classifiers=false "
                                 "and scores with the fine-tuned classifier): use detect.scores=softmax or null")  # fmt: skip
         self.scores = scores
+        # per-class NMS where detect.nms_iou is null: from its training objects' overlaps (rcnn.recipe.training_nms_iou)
+        self.nms_iou = float(parts.get("nms_iou", RCNN_NMS_IOU))
         self.cls_w = classifier["weight"].numpy().astype(np.float32) if classifier is not None else None
         self.cls_b = classifier["bias"].numpy().astype(np.float64) if classifier is not None else None
         self._device_name = device
@@ -176,11 +178,12 @@ class Detector:
         return (x @ self._reg_matrix).reshape(len(x), *self.reg_b.shape) + self.reg_b
 
     def __call__(
-        self, image, boxes: np.ndarray | None = None, nms_iou: float = 0.3, max_per_image: int | None = None,
+        self, image, boxes: np.ndarray | None = None, nms_iou: float | None = None, max_per_image: int | None = None,
         box_regression: bool = True, score_threshold: float | None = None, max_per_class: int | None = 100,
     ) -> ImageDetections:  # fmt: skip
         """Detect objects in ``image`` (a path or an RGB uint8 ``[H, W, 3]`` array), on ``boxes`` when
-        given, else on proposals made as in training. The limits are :func:`postprocess`'s."""
+        given, else on proposals made as in training. The limits are :func:`postprocess`'s; ``nms_iou`` None:
+        the detector's own (:attr:`nms_iou`)."""
         return detect_image([self], image, boxes, nms_iou, max_per_image, box_regression, score_threshold, max_per_class)
 
 
@@ -223,12 +226,13 @@ def ensemble_outputs(
 
 
 def detect_image(
-    members: Sequence[Detector], image, boxes: np.ndarray | None = None, nms_iou: float = 0.3,
+    members: Sequence[Detector], image, boxes: np.ndarray | None = None, nms_iou: float | None = None,
     max_per_image: int | None = None, box_regression: bool = True, score_threshold: float | None = None,
     max_per_class: int | None = 100,
 ) -> ImageDetections:  # fmt: skip
-    """One image through one detector or an ensemble (proposals from the first member)."""
+    """One image through one detector or an ensemble (proposals from the first member; ``nms_iou`` None: its)."""
     rgb = _as_rgb(image)
+    nms_iou = members[0].nms_iou if nms_iou is None else nms_iou
     h, w = rgb.shape[:2]
     boxes = members[0].proposals(rgb) if boxes is None else B.as_boxes(boxes)
     scores, deltas = ensemble_outputs(members, rgb, boxes, box_regression=box_regression)

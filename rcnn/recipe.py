@@ -27,6 +27,11 @@ The rules, each measured on roadsigns or the demo (BENCHMARKS.md, "Roadsigns in 
   as see each box about ``FT_PASSES`` times, from ``FT_STEPS`` to ``FT_MAX_GPU``; half of each batch foreground on a CPU
   (R-CNN's quarter cost the demo 11 points), its background the hardest of ``BG_CANDIDATES`` x as many draws
   (the classifier scores on a CPU, and its false positives on background were most of roadsigns' loss).
+* detection: per-class NMS at R-CNN's 0.3 unless the training objects of a class overlap each other more (crowds,
+  cells, shelves): then the least of ``NMS_CHOICES`` at which NMS would remove at most ``NMS_LOSS`` of them from a
+  perfect detector's boxes (:func:`training_nms_iou`; the detector file carries it, ``detect.nms_iou=null``); each
+  image's boxes of a class before NMS and the split's detections of a class per image raised above R-CNN's 100 and
+  40 where the training images hold that many objects of a class.
 * the SVMs' C: by cross-validation (``svm.C=null``; 2 folds and two Cs on a CPU, where each is a mining pass).
 * scores: on a CPU the fine-tuned network's own classifier (``detect.scores=softmax``), which beat the SVMs on
   roadsigns after each of three fine-tunings (Fast R-CNN's finding, against R-CNN's); then no SVMs are trained
@@ -42,9 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import FinetuneConfig, override_value
+from .config import DetectConfig, FinetuneConfig, override_value
 
-__all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "describe", "route", "log_route"]
+__all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "describe", "route", "log_route", "nms_losses",
+           "nms_choice", "training_nms_iou"]
 
 log = logging.getLogger("rcnn")
 
@@ -61,6 +67,9 @@ SS_MERGE_IOU = 0.7  # on a CPU, selective search's near-duplicates are merged be
 SS_MAX_SIDE = 500  # selective search runs on images shrunk to this longer side (R-CNN searched ILSVRC at 500 wide)
 WARP_MAX_SIDE, WARP_MAX_SIDE_GPU = 800, 1333  # crops are warped from images shrunk to this (CPU, GPU) longer side
 FG_PER_STEP = FinetuneConfig.fg_per_batch  # foreground windows a fine-tuning step (the config's default)
+NMS_CHOICES = (0.3, 0.4, 0.5, 0.6, 0.7)  # per-class NMS overlaps, R-CNN's first
+NMS_LOSS = 0.01  # the most of the training objects NMS may remove from a perfect detector's boxes
+PER_CLASS, PER_CLASS_SPLIT = DetectConfig.max_per_class, DetectConfig.max_per_class_split  # R-CNN's 100 and 40
 
 
 @dataclass(frozen=True)
@@ -81,14 +90,54 @@ class DataFacts:
     small_object_side: float  # its 5th percentile
     median_long_side: float  # the training images' longer side, pixels
     small_object_side_ss: float  # the 5th percentile of the boxes' sides where selective search runs (SS_MAX_SIDE)
+    nms_losses: tuple = ()  # ((t, the fraction of the training objects NMS at t removes from a perfect detector), ...)
+    most_of_a_class: int = 1  # the most objects of one class in one training image
+    densest_per_image: float = 0.0  # the most numerous class's training objects per training image
+
+
+def nms_losses(boxes_by_group) -> tuple:
+    """``((t, fraction), ...)`` for each t of ``NMS_CHOICES``: the fraction of the boxes greedy NMS at overlap t
+    would remove if each group (an image's boxes of one class) were a perfect detector's output, larger boxes
+    scoring higher (an order fixed by the data alone)."""
+    from . import boxes as B
+
+    groups = [np.asarray(g, np.float32) for g in boxes_by_group if len(g) > 1]
+    total = sum(len(g) for g in boxes_by_group)
+    removed = [sum(len(g) - len(B.nms(g, B.area(g), t)) for g in groups) for t in NMS_CHOICES]
+    return tuple((t, r / total if total else 0.0) for t, r in zip(NMS_CHOICES, removed))
+
+
+def nms_choice(losses) -> float:
+    """The least overlap of ``losses`` (:func:`nms_losses`) that removes at most ``NMS_LOSS`` of the objects,
+    else the largest tried; R-CNN's 0.3 without objects."""
+    return next((t for t, lost in losses if lost <= NMS_LOSS), NMS_CHOICES[-1]) if losses else NMS_CHOICES[0]
+
+
+def _training_boxes(ds) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(boxes, labels)`` of each image of ``ds``'s train split, as training reads them."""
+    from .datasets import gt_for_training
+
+    return [gt_for_training(ds, i) for i in ds.image_ids(ds.train_split)]
+
+
+def _class_groups(pairs) -> list[np.ndarray]:
+    """Each image's boxes of each of its classes."""
+    return [b[lab == c] for b, lab in pairs for c in np.unique(lab)]
+
+
+def training_nms_iou(ds) -> float:
+    """The per-class NMS overlap for a detector trained on ``ds``'s train split (:func:`nms_choice`): R-CNN's
+    0.3 where the training objects of a class barely overlap each other (VOC, roadsigns, the demo)."""
+    return nms_choice(nms_losses(_class_groups(_training_boxes(ds))))
 
 
 def data_facts(ds) -> DataFacts:
     """:class:`DataFacts` of ``ds``'s train split (annotations only: no image is decoded)."""
-    from .datasets import gt_for_training
-
     ids = ds.image_ids(ds.train_split)
-    boxes = [gt_for_training(ds, i)[0] for i in ids]
+    pairs = _training_boxes(ds)
+    boxes = [b for b, _ in pairs]
+    groups = _class_groups(pairs)
+    per_class = np.bincount(np.concatenate([lab for _, lab in pairs]).astype(np.int64), minlength=1) if pairs else np.zeros(1)
     longs = np.array([max(a.width, a.height) for a in map(ds.annotation, ids)], np.float64)
     allb = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
     side = np.sqrt(np.clip(allb[:, 2] - allb[:, 0], 0, None) * np.clip(allb[:, 3] - allb[:, 1], 0, None))
@@ -100,6 +149,8 @@ def data_facts(ds) -> DataFacts:
         small_object_side=float(np.percentile(side, 5)) if len(side) else 0.0,
         median_long_side=float(np.median(longs)) if len(longs) else 0.0,
         small_object_side_ss=float(np.percentile(side_ss, 5)) if len(side) else 0.0,
+        nms_losses=nms_losses(groups), most_of_a_class=max((len(g) for g in groups), default=0),
+        densest_per_image=float(per_class.max() / max(len(ids), 1)),
     )  # fmt: skip
 
 
@@ -194,6 +245,7 @@ def choose(facts: DataFacts, device: str, bf16: bool = False, fg_per_step: int =
                    "image's features only for the proposals they learn from (0.7% of them on roadsigns: the features "
                    "stage 584 -> 168 s, the same 72.5 VOC07 mAP); detect.scores=svm trains the SVMs"),
         ]  # fmt: skip
+    out += detection_choices(facts)
     when = "" if gpu else " (where SVMs are trained: detect.scores=svm)"
     out += [
         Choice("svm.C", None, f"chosen by cross-validation over the training images{when}"),
@@ -206,6 +258,28 @@ def choose(facts: DataFacts, device: str, bf16: bool = False, fg_per_step: int =
             Choice("svm.folds", 2, f"each (C, fold) is a mining pass of minutes on a CPU{when}"),
         ]  # fmt: skip
     return out
+
+
+def detection_choices(facts: DataFacts) -> list[Choice]:
+    """Per-class NMS, and how many boxes of a class an image and the split keep, from the training objects."""
+    nms = nms_choice(facts.nms_losses)
+    lost = dict(facts.nms_losses)
+    if nms == NMS_CHOICES[0]:
+        why = (f"R-CNN's: the training objects of a class barely overlap each other (NMS at {nms} would remove "
+               f"{lost.get(nms, 0.0):.1%} of them from a perfect detector's boxes)")
+    else:
+        why = (f"R-CNN's {NMS_CHOICES[0]} would remove {lost[NMS_CHOICES[0]]:.1%} of the training objects from a perfect "
+               f"detector's boxes (objects of a class overlap each other), {nms} removes {lost[nms]:.1%}")
+    per_class = max(PER_CLASS, 5 * facts.most_of_a_class)
+    split = max(PER_CLASS_SPLIT, float(np.ceil(3 * facts.densest_per_image)))
+    return [
+        Choice("detect.nms_iou", nms, why + " (the detector carries it: detect.nms_iou=null detects with it)"),
+        Choice("detect.max_per_class", per_class, f"each image's {per_class} best boxes of a class before NMS (R-CNN's "
+               f"{PER_CLASS}, or 5 for each of the {facts.most_of_a_class} objects of a class a training image holds at most)"),
+        Choice("detect.max_per_class_split", split, f"each class's best {split:g} detections per test image over the split "
+               f"(R-CNN's {PER_CLASS_SPLIT:g}, or 3x the {facts.densest_per_image:.1f} objects per image of the most "
+               "numerous training class)"),
+    ]  # fmt: skip
 
 
 def as_overrides(choices: list[Choice]) -> list[str]:
@@ -231,8 +305,8 @@ def route(cfg, argv: list[str], ds) -> tuple[list[str], list[dict]]:
     device = "cuda" if cfg.device.value == "cuda" or (cfg.device.value == "auto" and torch.cuda.is_available()) else "cpu"
     bf16 = device == "cpu" and cfg.features.precision.value in ("auto", "bf16") and native_bf16("cpu")
     choices = choose(data_facts(ds), device, bf16, cfg.finetune.fg_per_batch)
-    if cfg.image or cfg.detector or cfg.ensemble:  # detecting with a trained detector: it scores as it was trained
-        choices = [c for c in choices if not c.key.startswith("detect.")]
+    if cfg.detector or cfg.ensemble:  # detecting with a given detector: it scores as it was trained (image= alone
+        choices = [c for c in choices if not c.key.startswith("detect.")]  # detects with this configuration's own)
     given = override_keys(list(argv) + preset_recipe(cfg))
     if "finetune.enabled" in given and not cfg.finetune.enabled:  # no fine-tuned classifier to score with
         choices = [c for c in choices if c.key not in ("detect.scores", "svm.classifiers")]

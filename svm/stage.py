@@ -23,6 +23,7 @@ from tqdm import tqdm
 from rcnn import boxes as B
 from rcnn.config import asked_scores, to_dict
 from rcnn.detector_file import write_detector
+from rcnn.recipe import training_nms_iou
 from rcnn.store import StageStore, temporary_path, torch_save, write_json
 
 from .box_regression import encode, fit_regressor
@@ -30,9 +31,10 @@ from .train import HardNegativeMiner, SvmParams, mean_norm_scale
 
 log = logging.getLogger("svm")
 
-FORMAT_VERSION = 5  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax);
+FORMAT_VERSION = 6  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax);
 # 3: ground-truth rows mined as negatives of other classes and used as regression examples, difficult boxes kept;
-# 4: crowd regions and the proposals inside them left out; 5: C chosen by cross-validation (svm.folds)
+# 4: crowd regions and the proposals inside them left out; 5: C chosen by cross-validation (svm.folds);
+# 6: the detector carries its per-class NMS overlap, from its training objects
 MIN_REGRESSION_PAIRS = 8  # a class with fewer training pairs keeps its boxes as proposed
 
 
@@ -163,6 +165,7 @@ def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStor
     from rcnn.datasets import DatasetError, gt_for_recall
 
     cfg, ds, sc = ctx.cfg, ctx.dataset, ctx.cfg.svm
+    nms = float(cfg.detect.nms_iou) if cfg.detect.nms_iou is not None else training_nms_iou(ds)  # as it will detect
     path = store.dir / "c_selection.json"
     done: list[dict] = json.loads(path.read_text()) if path.exists() else []
     parts_of = folds_of(ids, min(sc.folds, len(ids)))
@@ -186,7 +189,7 @@ def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStor
                 a = ds.annotation(i)
                 raw = np.asarray(features.get_array(i), np.float32)
                 boxes, scores, labels = postprocess(proposals.get(i)["boxes"], raw @ (W * scale).T + b, None, a.width,
-                                                    a.height, cfg.detect.nms_iou, cfg.detect.max_per_image,
+                                                    a.height, nms, cfg.detect.max_per_image,
                                                     max_per_class=cfg.detect.max_per_class)  # fmt: skip
                 parts.append((np.full(len(scores), k), labels, scores, boxes))
                 gts.append((a.boxes, a.labels, a.difficult))
@@ -345,6 +348,7 @@ def run_svm(ctx) -> dict:
         "classifier": classifier,
         # how the detector scores where detect.scores is null: as this run asked, where it has the classifier
         "scores": "softmax" if not svms else asked if asked and classifier is not None else "svm",
+        "nms_iou": training_nms_iou(ds),  # its per-class NMS where detect.nms_iou is null: from its objects' overlaps
         "proposals": _proposal_parts(ctx), "features_key": features.key,
         "config": OmegaConf.to_yaml(cfg),
     }  # fmt: skip

@@ -418,3 +418,21 @@ def test_the_analysis_counts_the_objects_no_proposal_reached_from_the_runs_own_p
     assert {n: p["unproposed"] for n, p in a["per_class"].items()} == {n: unproposed[n] for n in a["per_class"]}
     assert all(p["missed_unproposed"] <= min(p["missed"], p["unproposed"]) for p in a["per_class"].values())
     assert "no proposal" in (copy / "eval" / "report.md").read_text()
+
+
+def test_a_detector_detects_with_its_own_nms_where_none_is_asked(trained):
+    """The detector file carries the per-class NMS its training objects call for (R-CNN's 0.3 on the demo,
+    whose objects of a class barely overlap); ``nms_iou=None`` (``detect.nms_iou=null``) detects with it."""
+    from rcnn.datasets.base import read_image
+
+    args, run = trained
+    det = Detector.load(run / "svm" / "detector.pt")
+    assert det.parts["nms_iou"] == 0.3 and det.nms_iou == 0.3
+    rgb = read_image(next((run.parent / "demo" / "JPEGImages").glob("test_*")))
+    boxes = det.proposals(rgb)
+    loose = Detector({**det.parts, "nms_iou": 0.9})
+    own, asked, rcnn = (loose(rgb, boxes=boxes, nms_iou=t) for t in (None, 0.9, 0.3))
+    np.testing.assert_array_equal(own.boxes, asked.boxes)
+    assert len(own) > len(rcnn)  # at 0.9 overlapping boxes of a class survive that 0.3 removes
+    old = {k: v for k, v in det.parts.items() if k != "nms_iou"}  # a file written before detectors carried it
+    assert Detector(old).nms_iou == 0.3

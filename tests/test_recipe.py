@@ -133,8 +133,8 @@ def test_the_route_reasons_with_the_foreground_windows_asked_for(voc, tmp_path):
 
 
 def test_detecting_with_a_trained_detector_leaves_its_scoring_to_the_detector(voc, tmp_path):
-    """The route's detect.* choices are for a run that trains its own detector; with detector=, ensemble= or
-    image= the detector file's own scoring applies (a detector trained without fine-tuning has no softmax)."""
+    """The route's detect.* choices are for a run that trains its own detector; with detector= or ensemble= the
+    detector file's own scoring applies (a detector trained without fine-tuning has no softmax)."""
     from rcnn.datasets import build_dataset
     from rcnn.recipe import route
 
@@ -143,15 +143,18 @@ def test_detecting_with_a_trained_detector_leaves_its_scoring_to_the_detector(vo
     trains, _ = route(load_config(base), base, ds)
     assert "detect.scores=softmax" in trains and "svm.classifiers=false" in trains
     off = [*base, "finetune.enabled=false"]  # no fine-tuning, no classifier: the SVMs score
-    assert not [o for o in route(load_config(off), off, ds)[0] if o.startswith("detect.") or o.startswith("svm.classifiers")]
+    assert not [o for o in route(load_config(off), off, ds)[0] if o.startswith(("detect.scores", "svm.classifiers"))]
     svms = [*base, "detect.scores=svm"]  # the SVMs asked for: they are trained
     assert "svm.classifiers=false" not in route(load_config(svms), svms, ds)[0]
     soft = [*base, "detect.scores=softmax"]
     assert "svm.classifiers=false" in route(load_config(soft), soft, ds)[0]
-    for given in ("detector=a/detector.pt", "image=photo.jpg", "ensemble=[a.pt,b.pt]"):
+    for given in ("detector=a/detector.pt", "ensemble=[a.pt,b.pt]"):
         detects, record = route(load_config([*base, given]), [*base, given], ds)
         assert not [o for o in detects if o.startswith("detect.")] and "features.mode=warp" in detects
         assert "detect.scores" not in {r["key"] for r in record}
+    # image= alone detects with this configuration's own detector: trained (or found) with the route's scoring
+    photos = [*base, "image=photo.jpg"]
+    assert route(load_config(photos), photos, ds)[0] == trains
 
 
 def test_auto_false_keeps_rcnns_defaults(voc, tmp_path, caplog):
@@ -161,3 +164,75 @@ def test_auto_false_keeps_rcnns_defaults(voc, tmp_path, caplog):
         assert main(args) == 0
     assert "auto:" not in caplog.text
     assert "recipe" not in json.loads((tmp_path / "run" / "data" / "metrics.json").read_text())
+
+
+def brute_nms_removed(group, t) -> int:
+    """Greedy NMS by hand, larger boxes first: how many of ``group`` it removes."""
+    import numpy as np
+
+    area = (group[:, 2] - group[:, 0]) * (group[:, 3] - group[:, 1])
+    kept = []
+    for i in np.argsort(-area, kind="stable"):
+        a = group[i]
+        ious = [max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1])) for b in kept]
+        ious = [x / (area[i] + (b[2] - b[0]) * (b[3] - b[1]) - x) for x, b in zip(ious, kept)]
+        if all(v <= t for v in ious):
+            kept.append(a)
+    return len(group) - len(kept)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nms_losses_match_greedy_nms_by_hand(seed):
+    import numpy as np
+
+    from rcnn.recipe import NMS_CHOICES, nms_losses
+
+    rng = np.random.default_rng(seed)
+    groups = []
+    for _ in range(20):  # crowds: boxes of one class in one image, many overlapping
+        xy = rng.uniform(0, 100, (int(rng.integers(1, 9)), 2))
+        wh = rng.uniform(10, 40, xy.shape)
+        groups.append(np.concatenate([xy, xy + wh], 1).astype(np.float32))
+    total = sum(len(g) for g in groups)
+    for t, lost in nms_losses(groups):
+        assert lost == pytest.approx(sum(brute_nms_removed(g, t) for g in groups) / total)
+    assert [t for t, _ in nms_losses(groups)] == list(NMS_CHOICES)
+
+
+def test_nms_follows_how_much_the_training_objects_overlap():
+    """R-CNN's 0.3 where the objects of a class barely overlap; the least overlap that keeps 99% of them
+    apart where they crowd; each image's boxes of a class and the split's detections grow with dense images."""
+    import numpy as np
+
+    from rcnn.recipe import nms_choice, nms_losses
+
+    apart = [np.array([[0, 0, 10, 10], [20, 0, 30, 10]], np.float32)]
+    assert nms_choice(nms_losses(apart)) == 0.3 and nms_choice(()) == 0.3
+    pair = np.array([[0, 0, 10, 10], [0, 0, 10, 5.5]], np.float32)  # IoU 0.55: NMS at 0.6 and above keeps both
+    assert nms_choice(nms_losses([pair] + apart * 40)) == 0.6  # 1 of 82 objects lost below it: more than 1%
+    assert nms_choice(nms_losses([pair] + apart * 60)) == 0.3  # 1 of 122: within it
+    assert nms_choice(((0.3, 0.5), (0.4, 0.4), (0.5, 0.3), (0.6, 0.2), (0.7, 0.1))) == 0.7  # never: the largest tried
+    plain = by_key(choose(SMALL, "cpu"))
+    assert (plain["detect.nms_iou"], plain["detect.max_per_class"], plain["detect.max_per_class_split"]) == (0.3, 100, 40)
+    crowd = DataFacts(128, 254, 1, 60.0, 12.0, 640.0, 10.0, ((0.3, 0.021), (0.4, 0.012), (0.5, 0.004), (0.6, 0.004),
+                      (0.7, 0.0)), most_of_a_class=60, densest_per_image=25.0)  # fmt: skip
+    dense = by_key(choose(crowd, "cpu"))
+    assert (dense["detect.nms_iou"], dense["detect.max_per_class"], dense["detect.max_per_class_split"]) == (0.5, 300, 75)
+
+
+def test_photos_are_detected_by_the_detector_the_route_trained(voc, tmp_path):
+    """README: "with the same keys, stage=detect image=photos/ draws the detector's boxes". The route's scoring
+    choice shapes the detector, so detection in photos keeps it (it used to drop it, and stopped there as if
+    another detector were asked for)."""
+    out = tmp_path / "run"
+    args = ["dataset=voc", f"dataset.root={voc}", "dataset.train_split=train", "progress=false", f"out={out}",
+            "device=cpu", "workers=1", "backbone.weights=none", "finetune.iterations=2"]  # fmt: skip
+    assert main(args) == 0  # the chain, down to its evaluation
+
+    def built():
+        return {m.parent.name for m in (out / "svm").glob("*/manifest.json") if json.loads(m.read_text())["complete"]}
+
+    before = built()
+    assert main([*args, "stage=detect", f"image={voc / 'JPEGImages' / 'im4.jpg'}"]) == 0
+    assert built() == before and (out / "detect" / "images" / "im4.png").is_file()
+    assert json.loads((out / "detect" / "images" / "metrics.json").read_text())["scores"] == "softmax"
