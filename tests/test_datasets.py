@@ -122,16 +122,26 @@ def test_voc_auto_splits_take_the_lists_the_tree_has(tmp_path, lists, chosen):
     assert explicit.fingerprint() == ds.fingerprint()
 
 
-def test_voc_auto_splits_missing_name_what_is_there(tmp_path):
+def test_voc_auto_splits_missing_name_what_is_there(tmp_path, caplog):
     write_voc(tmp_path, splits={"trainval": ["img1", "img2"], "val": ["img3"]})
     with pytest.raises(DatasetError, match=r"Main: no train.txt to take as the train split \(lists there: trainval, "
-                                           r"val\); set dataset.train_split=NAME"):  # fmt: skip
+                                           r"val\); set dataset.train_split=NAME \(VOC's trainval.txt holds val's"):  # fmt: skip
         voc(tmp_path)  # trainval would hold the test images
     (tmp_path / "ImageSets" / "Main" / "val.txt").unlink()
     with pytest.raises(DatasetError, match=r"Main: no test.txt or val.txt to take as the test split \(lists there: "
                                            r"trainval\); set dataset.test_split=NAME"):  # fmt: skip
-        voc(tmp_path)
+        voc(tmp_path, "dataset.train_split=trainval")
     assert voc(tmp_path, "dataset.test_split=trainval").image_ids("trainval") == ["img1", "img2"]
+    # a training list alone, both splits auto: 30% of its images held out by id, as a tree without lists
+    ids = [f"photo{k:02d}" for k in range(20)]
+    write_voc(tmp_path / "one", images={i: [("cat", 1, 1, 10, 20)] for i in ids + ["unlisted"]}, splits={"trainval": ids})
+    with caplog.at_level(logging.INFO, logger="rcnn.datasets"):
+        ds = voc(tmp_path / "one")
+    train, test = ds.image_ids("train"), ds.image_ids("test")
+    assert sorted(train + test) == ids and not set(train) & set(test) and 2 <= len(test) <= 10
+    assert "trainval.txt: no test or val list: testing on" in caplog.text
+    write_voc(tmp_path / "all", images={i: [("cat", 1, 1, 10, 20)] for i in ids}, splits={})
+    assert voc(tmp_path / "all").splits == ds.splits  # the same images held out as without any list
 
 
 def test_voc_without_split_lists_holds_out_30_percent_by_id(tmp_path, caplog):
@@ -175,6 +185,12 @@ def test_voc_xml_beside_images_a_folder_a_split(tmp_path):
     assert voc(tmp_path, "dataset.test_split=valid").image_ids("valid") == ["valid/a"]
     with pytest.raises(DatasetError, match=r"no XML files in holdout/ for the test split; set dataset.test_split=FOLDER"):
         voc(tmp_path, "dataset.test_split=holdout")
+    # a train/ folder alone (an export without a split): 30% of it held out by id
+    alone = {f"p{k}": [("cat", 1, 1, 10, 20)] for k in range(10)}
+    write_xml_beside_images(tmp_path / "one" / "train", alone)
+    ds = voc(tmp_path / "one")
+    assert sorted(ds.image_ids("train") + ds.image_ids("test")) == [f"train/{i}" for i in sorted(alone)]
+    assert ds.image_ids("test") and ds.image_path(ds.image_ids("test")[0]).parent == tmp_path / "one" / "train"
 
 
 def test_voc_xml_beside_images_in_one_folder(tmp_path):
@@ -416,6 +432,27 @@ def test_coco_images_beside_their_json_and_json_found_in_root(tmp_path, caplog):
     assert kept.classes == ("things", "dog")
     with pytest.raises(DatasetError, match=r"no instances JSON for the train split \(looked for train/_annotations"):
         coco({"root": tmp_path / "valid"})
+
+
+def test_coco_train_file_alone_holds_out_30_percent_by_file_name(tmp_path, caplog):
+    # Roboflow's export of an unsplit set: train/_annotations.coco.json alone
+    from tests.fakes import coco_json
+
+    images = [{"id": k, "file_name": f"p{k:02d}.jpg", "width": 64, "height": 48} for k in range(20)]
+    anns = [{"id": k + 1, "image_id": k, "category_id": 1, "bbox": [2, 2, 20, 20], "iscrowd": 0, "area": 400} for k in range(20)]
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "_annotations.coco.json").write_text(json.dumps(coco_json(images, anns)))
+    for k, im in enumerate(images):
+        write_image(tmp_path / "train" / im["file_name"], 64, 48, seed=k)
+    with caplog.at_level(logging.INFO, logger="rcnn.datasets"):
+        ds = coco({"root": tmp_path})
+    train, test = ds.image_ids(ds.train_split), ds.image_ids(ds.test_split)
+    assert sorted(train + test) == list(range(20)) and not set(train) & set(test) and 2 <= len(test) <= 10
+    assert all(len(ds.annotation(i).boxes) == 1 for i in train + test)  # each image keeps its own box
+    assert f"testing on {len(test)} of its 20 images" in caplog.text
+    images.reverse()  # the same file names listed in another order: the same images held out
+    (tmp_path / "train" / "_annotations.coco.json").write_text(json.dumps(coco_json(images, anns)))
+    assert sorted(coco({"root": tmp_path}).image_ids(ds.test_split)) == sorted(test)
 
 
 def test_coco_2017_layout_found_in_root(tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from .. import boxes as B
 
-__all__ = ["DatasetError", "Annotation", "ImageRecord", "DetectionDataset", "read_image", "read_file", "read_json", "check_boxes"]
+__all__ = ["DatasetError", "HOLDOUT", "held_out", "Annotation", "ImageRecord", "DetectionDataset", "read_image", "read_file", "read_json", "check_boxes"]
 
 log = logging.getLogger("rcnn.datasets")
 
@@ -23,6 +23,20 @@ ImageId = Union[int, str]
 
 class DatasetError(ValueError):
     """Missing or bad data. The message names the file, and the image or box, at fault."""
+
+
+HOLDOUT = 0.3  # the share of a dataset's images held out for testing where it names no test split
+
+
+def held_out(ids: Sequence[str]) -> set[str]:
+    """The ids held out for testing where a dataset names no test split: those whose SHA-256 falls in the first
+    ``HOLDOUT`` of its range, so the same images whatever order they are listed in, and the same again when more
+    come; with a handful of images, the lowest (at least one, never all)."""
+    share = {i: int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") / 2**64 for i in ids}  # uniform in [0, 1)
+    held = {i for i in ids if share[i] < HOLDOUT}
+    if not 0 < len(held) < len(ids):
+        held = set(sorted(ids, key=share.get)[: min(max(round(HOLDOUT * len(ids)), 1), len(ids) - 1)])
+    return held
 
 
 @dataclass(frozen=True)

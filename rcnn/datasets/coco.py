@@ -10,12 +10,14 @@ import numpy as np
 
 from .. import boxes as B
 from .base import (
+    HOLDOUT,
     Annotation,
     BoxReport,
     DatasetError,
     DetectionDataset,
     ImageRecord,
     check_boxes,
+    held_out,
     log_box_report,
     read_json,
 )
@@ -123,9 +125,10 @@ TRAIN_NAMES = ("train",)  # a split's JSON under dataset.root: <name>/_annotatio
 TEST_NAMES = ("test", "valid", "val")  # the first found is the test split
 
 
-def find_json(root: Path, names: tuple[str, ...], key: str) -> Path:
+def find_json(root: Path, names: tuple[str, ...], key: str, missing_ok: bool = False) -> Path | None:
     """The instances file of one split in ``root``: Roboflow's ``<name>/_annotations.coco.json``, COCO's
-    ``annotations/instances_<name>*.json``, or ``[annotations/]<name>.json``, for the first name found."""
+    ``annotations/instances_<name>*.json``, or ``[annotations/]<name>.json``, for the first name found (none:
+    an error that says where it looked, or None with ``missing_ok``)."""
     patterns = ("{}/_annotations.coco.json", "annotations/instances_{}*.json", "{}.json", "annotations/{}.json")
     for name in names:
         for pattern in patterns:
@@ -135,6 +138,8 @@ def find_json(root: Path, names: tuple[str, ...], key: str) -> Path:
                                    f"file; set dataset.{key}=FILE")  # fmt: skip
             if hits:
                 return hits[0]
+    if missing_ok:
+        return None
     looked = ", ".join(p.format(names[0]) for p in patterns)
     raise DatasetError(f"{root}: no instances JSON for the {key[:-5]} split (looked for {looked}"
                        f"{' and the same for ' + ', '.join(names[1:]) if len(names) > 1 else ''}); set dataset.{key}=FILE")  # fmt: skip
@@ -154,6 +159,25 @@ def images_folder(path: Path, data: dict, key: str) -> Path:
     raise DatasetError(f"{path}: its first image {first!r} is in none of {looked}; set dataset.{key}=FOLDER")
 
 
+def _held_out_images(data: dict, path: Path) -> tuple[dict, dict]:
+    """``data`` (an instances file) as a train and a test part where no test file is found: the images whose
+    ``file_name`` hashes into the first 30% test (:func:`held_out`: stable under reordering and additions)."""
+    images = [im for im in data["images"] if isinstance(im, dict)]
+    if len(images) < 2:
+        raise DatasetError(f"{path}: {len(images)} image(s) and no test split's file beside it; a dataset needs 2 at least")
+    held = held_out([str(im.get("file_name", im.get("id"))) for im in images])
+    test_ids = {im.get("id") for im in images if str(im.get("file_name", im.get("id"))) in held}
+
+    def part(test: bool) -> dict:
+        return {**data, "images": [im for im in images if (im.get("id") in test_ids) == test],
+                "annotations": [a for a in data["annotations"] if not isinstance(a, dict) or (a.get("image_id") in test_ids) == test]}  # fmt: skip
+
+    log.info("%s: no test, valid or val file beside it: testing on %d of its %d images (%d%%, chosen by a hash of "
+             "each file name), training on the rest; set dataset.test_json=FILE to choose", path, len(test_ids),
+             len(images), round(100 * HOLDOUT))  # fmt: skip
+    return part(False), part(True)
+
+
 def _without_empty_parents(by_id: list[int], cats: dict[int, str], supers: dict[int, str | None], datas, path: Path):
     """``by_id`` less the categories that no annotation uses and that name another category's supercategory:
     Roboflow's exports list the dataset itself so (``{"id": 0, "name": "signs"}`` above its classes)."""
@@ -170,13 +194,21 @@ def load_coco(cfg, hint: str = "") -> DetectionDataset:
     """COCO JSON splits. Labels are contiguous (categories sorted by id); ``iscrowd`` boxes are
     flagged ``crowd`` and ``difficult`` (ignored, as COCOeval does; left out of training)."""
     # a file not given is found in dataset.root (the config requires the one or the other)
-    named = (("train_json", cfg.train_json, TRAIN_NAMES), ("test_json", cfg.test_json, TEST_NAMES))
-    jsons = {key: Path(given) if given is not None else find_json(Path(cfg.root), names, key) for key, given, names in named}
-    if cfg.train_json is None or cfg.test_json is None:
+    jsons = {"train_json": Path(cfg.train_json) if cfg.train_json else find_json(Path(cfg.root), TRAIN_NAMES, "train_json")}
+    jsons["test_json"] = Path(cfg.test_json) if cfg.test_json else find_json(Path(cfg.root), TEST_NAMES, "test_json", True)
+    hold = jsons["test_json"] is None  # a training file alone: a share of its images tests
+    if hold:
+        jsons["test_json"] = jsons["train_json"]
+    elif cfg.train_json is None or cfg.test_json is None:
         log.info("training on %s, testing on %s", jsons["train_json"], jsons["test_json"])
     given = {cfg.train_split: (jsons["train_json"], cfg.train_images, "train_images"),
              cfg.test_split: (jsons["test_json"], cfg.test_images, "test_images")}  # fmt: skip
-    datas = {split: read_coco_json(js, hint) for split, (js, _, _) in given.items()}
+    if hold and len(given) < 2:
+        raise DatasetError(f"dataset.train_split and dataset.test_split are both {cfg.train_split!r}: name two splits")
+    if hold:
+        datas = dict(zip(given, _held_out_images(read_coco_json(jsons["train_json"], hint), jsons["train_json"])))
+    else:
+        datas = {split: read_coco_json(js, hint) for split, (js, _, _) in given.items()}
     files = {split: (js, Path(folder) if folder else images_folder(js, datas[split], key))
              for split, (js, folder, key) in given.items()}  # fmt: skip
     first_split = next(iter(files))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -13,12 +12,14 @@ import numpy as np
 
 from .. import boxes as B
 from .base import (
+    HOLDOUT,
     Annotation,
     BoxReport,
     DatasetError,
     DetectionDataset,
     ImageRecord,
     check_boxes,
+    held_out,
     image_size,
     log_box_report,
     read_file,
@@ -33,7 +34,6 @@ TEST_LISTS = ("test", "val")  # dataset.test_split=auto takes the first present
 TRAIN_LISTS = ("trainval", "train")  # dataset.train_split=auto: the first present ("train" beside "val")
 TRAIN_FOLDERS = ("train",)  # XML beside images, a folder a split (no Annotations/): the train split's folder
 TEST_FOLDERS = ("test", "valid", "val")  # and the test split's, the first present
-HOLDOUT = 0.3  # a tree without split lists: this share of its annotated images is held out for testing
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")  # looked for when <id><image_ext> is not there
 
 
@@ -149,17 +149,14 @@ def _limit(ids: list, limit: int | None) -> list:
     return ids[:limit] if limit else ids
 
 
-def _held_out(ids: list[str], where: Path, choose: str) -> dict[str, list[str]]:
-    """Images without split lists: those whose id hashes below HOLDOUT are the test split, the rest the train
+def _held_out(ids: list[str], where: Path, choose: str, which: str = "no split lists") -> dict[str, list[str]]:
+    """Images without a test list: those whose id hashes below HOLDOUT are the test split, the rest the train
     split: the same images whatever order the folder lists, and the same again when more come."""
     if len(ids) < 2:
         raise DatasetError(f"{where}: {len(ids)} annotation file(s); a dataset needs 2 at least")
-    share = {i: int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") / 2**64 for i in ids}  # uniform in [0, 1)
-    held = {i for i in ids if share[i] < HOLDOUT}
-    if not 0 < len(held) < len(ids):  # a handful of images: the lowest share (or all but the highest) instead
-        held = set(sorted(ids, key=share.get)[: min(max(round(HOLDOUT * len(ids)), 1), len(ids) - 1)])
-    log.info("%s: no split lists: testing on %d of the %d annotated images (%d%%, chosen by a hash of each id), "
-             "training on the rest; %s to choose", where, len(held), len(ids), round(100 * HOLDOUT), choose)  # fmt: skip
+    held = held_out(ids)
+    log.info("%s: %s: testing on %d of the %d annotated images (%d%%, chosen by a hash of each id), "
+             "training on the rest; %s to choose", where, which, len(held), len(ids), round(100 * HOLDOUT), choose)  # fmt: skip
     return {"train": [i for i in ids if i not in held], "test": [i for i in ids if i in held]}
 
 
@@ -171,12 +168,17 @@ def voc_splits(root: Path, train: str, test: str) -> dict[str, list[str]]:
     """``{train name: ids, test name: ids}`` of a VOC tree (the train split first), from
     ``ImageSets/Main/<split>.txt``. A name ``auto`` takes the lists the tree has: test, else val; trainval,
     else train (train where the test split is val, which trainval contains). A tree without either list
-    holds out 30% of its annotated images (by a hash of each id) as ``test`` and trains on the rest."""
+    holds out 30% of its annotated images (by a hash of each id) as ``test`` and trains on the rest; one with a
+    training list alone, 30% of that list's images."""
     lists = root / "ImageSets" / "Main"
     have = {p.stem for p in lists.glob("*.txt")} if lists.is_dir() else set()
     there = f" (lists there: {', '.join(sorted(s for s in have if '_' not in s)) or 'none'})"  # not VOC's <class>_<split>
     if train == test == AUTO and not have & {*TEST_LISTS, *TRAIN_LISTS}:
         return _held_out(_stems(root / "Annotations"), root, "write ImageSets/Main/train.txt and test.txt")
+    if train == test == AUTO and not have & set(TEST_LISTS):  # a training list alone: a share of it tests
+        name = next(s for s in TRAIN_LISTS if s in have)
+        ids = [r[0] for r in _read_lines(lists / f"{name}.txt", f"split list of '{name}'", there)]
+        return _held_out(ids, lists / f"{name}.txt", "write ImageSets/Main/test.txt", f"no {' or '.join(TEST_LISTS)} list")
     chosen = {"test_split": test, "train_split": train}
     options = {"test_split": TEST_LISTS, "train_split": TRAIN_LISTS}
     if test == AUTO:
@@ -187,8 +189,10 @@ def voc_splits(root: Path, train: str, test: str) -> dict[str, list[str]]:
         chosen["train_split"] = next((s for s in options["train_split"] if s in have), None)
     for key in ("test_split", "train_split"):
         if chosen[key] is None:
+            holds = " (VOC's trainval.txt holds val's images: training on it would test on trained ones)" if (
+                key == "train_split" and "trainval" in have) else ""
             raise DatasetError(f"{lists}: no {' or '.join(f'{o}.txt' for o in options[key])} to take as the "
-                               f"{key[:-6]} split{there}; set dataset.{key}=NAME")  # fmt: skip
+                               f"{key[:-6]} split{there}; set dataset.{key}=NAME{holds}")  # fmt: skip
     if AUTO in (train, test):
         log.info("%s: training on ImageSets/Main/%s.txt, testing on %s.txt", root, chosen["train_split"], chosen["test_split"])
     train, test = chosen["train_split"], chosen["test_split"]
@@ -198,8 +202,8 @@ def voc_splits(root: Path, train: str, test: str) -> dict[str, list[str]]:
 
 def folder_splits(root: Path, train: str, test: str) -> dict[str, list[str]] | None:
     """The splits of XML files beside their images (no Annotations/): one folder a split (Roboflow's VOC
-    export: ``train/``, ``valid/``, ``test/``; ``auto`` takes train, and test, else valid, else val), or
-    every file in ``root`` itself with 30% held out (LabelImg's folder). Ids are ``<folder>/<stem>``, or
+    export: ``train/``, ``valid/``, ``test/``; ``auto`` takes train, and test, else valid, else val, else 30% of
+    train), or every file in ``root`` itself with 30% held out (LabelImg's folder). Ids are ``<folder>/<stem>``, or
     the stem alone in a flat folder. None where neither is there."""
     wanted = {"train": (train,) if train != AUTO else TRAIN_FOLDERS, "test": (test,) if test != AUTO else TEST_FOLDERS}
     stems = {name: _stems(root / name) for names in wanted.values() for name in names}
@@ -207,6 +211,9 @@ def folder_splits(root: Path, train: str, test: str) -> dict[str, list[str]] | N
     if all(chosen.values()):
         log.info("%s: training on the XML files in %s/, testing on those in %s/", root, chosen["train"], chosen["test"])
         return {chosen[r]: [f"{chosen[r]}/{i}" for i in stems[chosen[r]]] for r in ("train", "test")}
+    if chosen["train"] and train == test == AUTO:  # a train folder alone: a share of it tests
+        ids = [f"{chosen['train']}/{i}" for i in stems[chosen["train"]]]
+        return _held_out(ids, root / chosen["train"], "make a test/ folder", f"no {'/, '.join(TEST_FOLDERS)}/ folder")
     if any(chosen.values()):
         role = "train" if chosen["train"] is None else "test"
         raise DatasetError(f"{root}: no XML files in {' or '.join(f'{n}/' for n in wanted[role])} for the {role} split; "
