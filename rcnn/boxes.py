@@ -13,6 +13,8 @@ best boxes, NMS), which the SVM stage's choice of C and detection share.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from torchvision import ops
@@ -160,11 +162,18 @@ def nms(boxes, scores, iou_threshold: float) -> np.ndarray:
     return ops.nms(_tensor(b), _tensor(s), float(iou_threshold)).numpy()
 
 
-def batched_nms(boxes, scores, labels, iou_threshold: float) -> np.ndarray:
-    """NMS within each label (``torchvision.ops.batched_nms``): kept indices ``[K]``, by score."""
+def batched_nms(boxes, scores, labels, iou_threshold: float | Sequence[float]) -> np.ndarray:
+    """NMS within each label (``torchvision.ops.batched_nms``): kept indices ``[K]``, by score. ``iou_threshold``:
+    one overlap, or one per label (indexed by it)."""
     b, s = as_boxes(boxes), np.asarray(scores, dtype=np.float32).reshape(-1)
     lab = np.asarray(labels, dtype=np.int64).reshape(-1)
-    return ops.batched_nms(_tensor(b), _tensor(s), _tensor(lab), float(iou_threshold)).numpy()
+    if np.ndim(iou_threshold) == 0:
+        return ops.batched_nms(_tensor(b), _tensor(s), _tensor(lab), float(iou_threshold)).numpy()
+    per_label = np.asarray(iou_threshold, np.float64)[lab]
+    kept = [np.flatnonzero(per_label == t)[batched_nms(b[per_label == t], s[per_label == t], lab[per_label == t], t)]
+            for t in np.unique(per_label)]  # one batched pass per distinct overlap
+    kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    return kept[np.argsort(-s[kept], kind="stable")]
 
 
 def top_per_label(scores, labels, k: int) -> np.ndarray:
@@ -214,13 +223,14 @@ RCNN_NMS_IOU = 0.3  # R-CNN's per-class NMS overlap (rcnn_test.m)
 
 def postprocess(
     boxes: np.ndarray, scores: np.ndarray, deltas: np.ndarray | None, width: int, height: int,
-    nms_iou: float = RCNN_NMS_IOU, max_per_image: int | None = None, score_threshold: float | None = None,
-    max_per_class: int | None = 100,
+    nms_iou: float | Sequence[float] = RCNN_NMS_IOU, max_per_image: int | None = None,
+    score_threshold: float | None = None, max_per_class: int | None = 100,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Proposals ``[N, 4]`` with class scores ``[N, C]`` (and regression deltas ``[N, C, 4]``) ->
     ``(boxes, scores, labels)``, best first: regressed, clipped; per class its ``max_per_class`` best
-    boxes, then NMS (as ``rcnn_test.m``: classes are never ranked against each other by their
-    uncalibrated margins); then, only when ``max_per_image`` is set, the image's best over all classes."""
+    boxes, then NMS at ``nms_iou`` (one overlap, or one a class) (as ``rcnn_test.m``: classes are never ranked
+    against each other by their uncalibrated margins); then, only when ``max_per_image`` is set, the image's
+    best over all classes."""
     n, c = scores.shape
     if deltas is not None:
         cand = decode(boxes, deltas)  # [N, C, 4]

@@ -495,8 +495,8 @@ class DetectConfig:
     # default, what its training run scored with (detector files from before it: svm)
     scores: Optional[Scores] = None
     box_regression: bool = True  # apply the detector's box regressors (when it has them)
-    # per-class greedy NMS; null = the detector's own, from its training objects: R-CNN's 0.3 where those of a class
-    # barely overlap each other, else the least of 0.4-0.7 that keeps 99% of them apart (crowds, cells, shelves)
+    # per-class greedy NMS; null = the detector's own overlap of each class, from its training objects: R-CNN's 0.3
+    # where they barely overlap each other, else the least of 0.4-0.7 that keeps 99% of them apart (crowds, cells)
     nms_iou: Optional[float] = None
     max_per_class: Optional[int] = 100  # per image and class, its best boxes before NMS (rcnn_test.m); null = all
     max_per_image: Optional[int] = None  # per image, the best over all classes after NMS; null = no such cut

@@ -60,8 +60,8 @@ def load_members(ctx, files: list[Path]) -> list[Detector]:
     return members
 
 
-def nms_iou(d, members: list[Detector]) -> float:
-    """``detect.nms_iou``, or where it is null the (first) detector's own: what its training run chose."""
+def nms_iou(d, members: list[Detector]) -> float | tuple[float, ...]:
+    """``detect.nms_iou``, or where it is null the (first) detector's own overlap of each class."""
     return float(d.nms_iou) if d.nms_iou is not None else members[0].nms_iou
 
 

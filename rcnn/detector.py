@@ -67,8 +67,10 @@ class Detector:
             raise DetectorError("detect.scores=svm: this detector has no SVMs (it was trained with svm.classifiers=false "
                                 "and scores with the fine-tuned classifier): use detect.scores=softmax or null")  # fmt: skip
         self.scores = scores
-        # per-class NMS where detect.nms_iou is null: from its training objects' overlaps (rcnn.recipe.training_nms_iou)
-        self.nms_iou = float(parts.get("nms_iou", RCNN_NMS_IOU))
+        # its NMS overlap of each class where detect.nms_iou is null: from its training objects' overlaps
+        # (rcnn.recipe.training_nms_iou); files from before: R-CNN's for every class
+        own = parts.get("nms_iou", RCNN_NMS_IOU)
+        self.nms_iou: tuple[float, ...] = tuple(float(t) for t in own) if np.ndim(own) else (float(own),) * len(self.classes)
         self.cls_w = classifier["weight"].numpy().astype(np.float32) if classifier is not None else None
         self.cls_b = classifier["bias"].numpy().astype(np.float64) if classifier is not None else None
         self._device_name = device

@@ -16,8 +16,8 @@ A detector file (``torch.save`` of plain tensors, lists and strings; read with `
     features_key      the features stage key the SVMs were trained on (detect reuses that cache)
     classifier        the fine-tuned network's (N+1)-way classifier (weight, bias), or None
     scores            how it scores where ``detect.scores`` is null: "svm" or "softmax" (absent: svm)
-    nms_iou           its per-class NMS overlap where ``detect.nms_iou`` is null, from how much its training
-                      objects of a class overlap each other (absent: R-CNN's 0.3)
+    nms_iou           [C] each class's NMS overlap where ``detect.nms_iou`` is null, from how much its training
+                      objects overlap each other (absent: R-CNN's 0.3 for every class)
     config            the YAML of the configuration that made it
 
 ``svm/stage.py`` assembles the parts and writes them here; :class:`rcnn.detector.Detector` reads them here.

@@ -28,8 +28,9 @@ The rules, each measured on roadsigns or the demo (BENCHMARKS.md, "Roadsigns in 
   (R-CNN's quarter cost the demo 11 points), its background the hardest of ``BG_CANDIDATES`` x as many draws
   (the classifier scores on a CPU, and its false positives on background were most of roadsigns' loss).
 * detection: per-class NMS at R-CNN's 0.3 unless the training objects of a class overlap each other more (crowds,
-  cells, shelves): then the least of ``NMS_CHOICES`` at which NMS would remove at most ``NMS_LOSS`` of them from a
-  perfect detector's boxes (:func:`training_nms_iou`; the detector file carries it, ``detect.nms_iou=null``); each
+  cells, shelves): then, for that class, the least of ``NMS_CHOICES`` at which NMS would remove at most ``NMS_LOSS``
+  of them from a perfect detector's boxes (:func:`training_nms_iou`; the detector file carries one overlap a
+  class, ``detect.nms_iou=null``); each
   image's boxes of a class before NMS and the split's detections of a class per image raised above R-CNN's 100 and
   40 where the training images hold that many objects of a class.
 * the SVMs' C: by cross-validation (``svm.C=null``; 2 folds and two Cs on a CPU, where each is a mining pass).
@@ -50,7 +51,7 @@ import numpy as np
 from .config import DetectConfig, FinetuneConfig, override_value
 
 __all__ = ["Choice", "DataFacts", "data_facts", "choose", "as_overrides", "describe", "route", "log_route", "nms_losses",
-           "nms_choice", "training_nms_iou"]
+           "nms_choice", "class_nms_losses", "training_nms_iou"]
 
 log = logging.getLogger("rcnn")
 
@@ -90,7 +91,9 @@ class DataFacts:
     small_object_side: float  # its 5th percentile
     median_long_side: float  # the training images' longer side, pixels
     small_object_side_ss: float  # the 5th percentile of the boxes' sides where selective search runs (SS_MAX_SIDE)
-    nms_losses: tuple = ()  # ((t, the fraction of the training objects NMS at t removes from a perfect detector), ...)
+    # per class, ((t, the fraction of its training objects NMS at t removes from a perfect detector), ...)
+    class_nms_losses: tuple = ()
+    class_names: tuple = ()
     most_of_a_class: int = 1  # the most objects of one class in one training image
     densest_per_image: float = 0.0  # the most numerous class's training objects per training image
 
@@ -125,10 +128,15 @@ def _class_groups(pairs) -> list[np.ndarray]:
     return [b[lab == c] for b, lab in pairs for c in np.unique(lab)]
 
 
-def training_nms_iou(ds) -> float:
-    """The per-class NMS overlap for a detector trained on ``ds``'s train split (:func:`nms_choice`): R-CNN's
-    0.3 where the training objects of a class barely overlap each other (VOC, roadsigns, the demo)."""
-    return nms_choice(nms_losses(_class_groups(_training_boxes(ds))))
+def class_nms_losses(pairs, num_classes: int) -> tuple:
+    """:func:`nms_losses` of each class's training objects (``pairs``: each image's boxes and labels)."""
+    return tuple(nms_losses([b[lab == c] for b, lab in pairs if (lab == c).any()]) for c in range(num_classes))
+
+
+def training_nms_iou(ds) -> list[float]:
+    """Each class's NMS overlap for a detector trained on ``ds``'s train split (:func:`nms_choice`): R-CNN's 0.3
+    where its training objects barely overlap each other (VOC, roadsigns, the demo), more where they crowd."""
+    return [nms_choice(lost) for lost in class_nms_losses(_training_boxes(ds), ds.num_classes)]
 
 
 def data_facts(ds) -> DataFacts:
@@ -149,8 +157,8 @@ def data_facts(ds) -> DataFacts:
         small_object_side=float(np.percentile(side, 5)) if len(side) else 0.0,
         median_long_side=float(np.median(longs)) if len(longs) else 0.0,
         small_object_side_ss=float(np.percentile(side_ss, 5)) if len(side) else 0.0,
-        nms_losses=nms_losses(groups), most_of_a_class=max((len(g) for g in groups), default=0),
-        densest_per_image=float(per_class.max() / max(len(ids), 1)),
+        most_of_a_class=max((len(g) for g in groups), default=0), densest_per_image=float(per_class.max() / max(len(ids), 1)),
+        class_nms_losses=class_nms_losses(pairs, ds.num_classes), class_names=tuple(ds.classes),
     )  # fmt: skip
 
 
@@ -262,18 +270,20 @@ def choose(facts: DataFacts, device: str, bf16: bool = False, fg_per_step: int =
 
 def detection_choices(facts: DataFacts) -> list[Choice]:
     """Per-class NMS, and how many boxes of a class an image and the split keep, from the training objects."""
-    nms = nms_choice(facts.nms_losses)
-    lost = dict(facts.nms_losses)
-    if nms == NMS_CHOICES[0]:
-        why = (f"R-CNN's: the training objects of a class barely overlap each other (NMS at {nms} would remove "
-               f"{lost.get(nms, 0.0):.1%} of them from a perfect detector's boxes)")
-    else:
-        why = (f"R-CNN's {NMS_CHOICES[0]} would remove {lost[NMS_CHOICES[0]]:.1%} of the training objects from a perfect "
-               f"detector's boxes (objects of a class overlap each other), {nms} removes {lost[nms]:.1%}")
+    names = facts.class_names or tuple(f"class {c}" for c in range(len(facts.class_nms_losses)))
+    crowded = []
+    for name, losses in zip(names, facts.class_nms_losses):
+        if (t := nms_choice(losses)) != NMS_CHOICES[0]:
+            lost = dict(losses)
+            crowded.append(f"{name} at {t} (R-CNN's {NMS_CHOICES[0]} would remove {lost[NMS_CHOICES[0]]:.1%} of its training "
+                           f"objects from a perfect detector's boxes, {t} {lost[t]:.1%})")  # fmt: skip
+    why = (f"the detector's own, per class from its training objects: {'; '.join(crowded)}; R-CNN's {NMS_CHOICES[0]} for the "
+           "rest" if crowded else f"the detector's own: R-CNN's {NMS_CHOICES[0]} for every class, whose training objects "
+           f"barely overlap each other (NMS at {NMS_CHOICES[0]} would remove at most {NMS_LOSS:.0%} of them)")  # fmt: skip
     per_class = max(PER_CLASS, 5 * facts.most_of_a_class)
     split = max(PER_CLASS_SPLIT, float(np.ceil(3 * facts.densest_per_image)))
     return [
-        Choice("detect.nms_iou", nms, why + " (the detector carries it: detect.nms_iou=null detects with it)"),
+        Choice("detect.nms_iou", None, why),
         Choice("detect.max_per_class", per_class, f"each image's {per_class} best boxes of a class before NMS (R-CNN's "
                f"{PER_CLASS}, or 5 for each of the {facts.most_of_a_class} objects of a class a training image holds at most)"),
         Choice("detect.max_per_class_split", split, f"each class's best {split:g} detections per test image over the split "

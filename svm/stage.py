@@ -31,10 +31,10 @@ from .train import HardNegativeMiner, SvmParams, mean_norm_scale
 
 log = logging.getLogger("svm")
 
-FORMAT_VERSION = 6  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax);
+FORMAT_VERSION = 7  # 2: the detector file carries the fine-tuned classifier (detect.scores=softmax);
 # 3: ground-truth rows mined as negatives of other classes and used as regression examples, difficult boxes kept;
 # 4: crowd regions and the proposals inside them left out; 5: C chosen by cross-validation (svm.folds);
-# 6: the detector carries its per-class NMS overlap, from its training objects
+# 6: the detector carries an NMS overlap from its training objects; 7: one a class
 MIN_REGRESSION_PAIRS = 8  # a class with fewer training pairs keeps its boxes as proposed
 
 
@@ -348,7 +348,7 @@ def run_svm(ctx) -> dict:
         "classifier": classifier,
         # how the detector scores where detect.scores is null: as this run asked, where it has the classifier
         "scores": "softmax" if not svms else asked if asked and classifier is not None else "svm",
-        "nms_iou": training_nms_iou(ds),  # its per-class NMS where detect.nms_iou is null: from its objects' overlaps
+        "nms_iou": training_nms_iou(ds),  # each class's NMS where detect.nms_iou is null: from its objects' overlaps
         "proposals": _proposal_parts(ctx), "features_key": features.key,
         "config": OmegaConf.to_yaml(cfg),
     }  # fmt: skip

@@ -21,15 +21,16 @@ TINY = [
 
 
 def brute_postprocess(boxes, scores, deltas, w, h, iou, top, per_class=None):
-    """A plain loop: per class regress, clip, drop empty boxes, its ``per_class`` best, greedy NMS; then
-    the best ``top`` overall."""
+    """A plain loop: per class regress, clip, drop empty boxes, its ``per_class`` best, greedy NMS at ``iou`` (or
+    ``iou[c]``); then the best ``top`` overall."""
     out = []
     for c in range(scores.shape[1]):
+        t = iou[c] if np.ndim(iou) else iou
         cand = B.clip(decode(boxes, deltas[:, c]) if deltas is not None else boxes, w, h)
         idx = [i for i in np.argsort(-scores[:, c], kind="stable") if B.is_valid(cand[i : i + 1])[0]][:per_class]
         kept = []
         for i in idx:
-            if all(B.iou(cand[i : i + 1], cand[j : j + 1])[0, 0] <= iou for j in kept):
+            if all(B.iou(cand[i : i + 1], cand[j : j + 1])[0, 0] <= t for j in kept):
                 kept.append(i)
         out += [(scores[i, c], c, tuple(cand[i])) for i in kept]
     out.sort(key=lambda t: -t[0])
@@ -50,6 +51,24 @@ def test_postprocess_matches_a_plain_loop(seed):
     assert lab.tolist() == [r[1] for r in ref]
     np.testing.assert_allclose(b, np.array([r[2] for r in ref]), atol=1e-4)
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= 80).all() and (b[:, 3] <= 60).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_postprocess_with_an_overlap_a_class_matches_a_plain_loop(seed):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(-10, 90, (60, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 40, (60, 2))], axis=1).astype(np.float32)
+    scores = rng.normal(0, 1, (60, 4))
+    deltas = rng.normal(0, 0.2, (60, 4, 4)) if seed % 2 else None
+    overlaps = [0.3, 0.6, 0.3, 0.45]
+    b, s, lab = postprocess(boxes, scores, deltas, 80, 60, nms_iou=overlaps, max_per_image=40)
+    ref = brute_postprocess(boxes, scores, deltas, 80, 60, overlaps, 40)
+    np.testing.assert_allclose(s, [r[0] for r in ref], rtol=1e-6)
+    assert lab.tolist() == [r[1] for r in ref]
+    np.testing.assert_allclose(b, np.array([r[2] for r in ref]), atol=1e-4)
+    same = postprocess(boxes, scores, deltas, 80, 60, nms_iou=[0.3] * 4, max_per_image=40)
+    for x, y in zip(same, postprocess(boxes, scores, deltas, 80, 60, nms_iou=0.3, max_per_image=40)):
+        np.testing.assert_array_equal(x, y)  # one overlap for every class: as the single one
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -427,12 +446,12 @@ def test_a_detector_detects_with_its_own_nms_where_none_is_asked(trained):
 
     args, run = trained
     det = Detector.load(run / "svm" / "detector.pt")
-    assert det.parts["nms_iou"] == 0.3 and det.nms_iou == 0.3
+    assert det.parts["nms_iou"] == [0.3] * 5 and det.nms_iou == (0.3,) * 5  # one a class
     rgb = read_image(next((run.parent / "demo" / "JPEGImages").glob("test_*")))
     boxes = det.proposals(rgb)
-    loose = Detector({**det.parts, "nms_iou": 0.9})
+    loose = Detector({**det.parts, "nms_iou": [0.9] * 5})
     own, asked, rcnn = (loose(rgb, boxes=boxes, nms_iou=t) for t in (None, 0.9, 0.3))
     np.testing.assert_array_equal(own.boxes, asked.boxes)
     assert len(own) > len(rcnn)  # at 0.9 overlapping boxes of a class survive that 0.3 removes
     old = {k: v for k, v in det.parts.items() if k != "nms_iou"}  # a file written before detectors carried it
-    assert Detector(old).nms_iou == 0.3
+    assert Detector(old).nms_iou == (0.3,) * 5

@@ -200,24 +200,33 @@ def test_nms_losses_match_greedy_nms_by_hand(seed):
 
 
 def test_nms_follows_how_much_the_training_objects_overlap():
-    """R-CNN's 0.3 where the objects of a class barely overlap; the least overlap that keeps 99% of them
-    apart where they crowd; each image's boxes of a class and the split's detections grow with dense images."""
+    """R-CNN's 0.3 where the objects of a class barely overlap; for a class whose objects crowd, the least overlap
+    that keeps 99% of them apart; each image's boxes of a class and the split's detections grow with dense images."""
     import numpy as np
 
-    from rcnn.recipe import nms_choice, nms_losses
+    from rcnn.recipe import class_nms_losses, nms_choice, nms_losses
 
     apart = [np.array([[0, 0, 10, 10], [20, 0, 30, 10]], np.float32)]
-    assert nms_choice(nms_losses(apart)) == 0.3 and nms_choice(()) == 0.3
+    assert nms_choice(nms_losses(apart)) == 0.3 and nms_choice(()) == 0.3 and nms_choice(nms_losses([])) == 0.3
     pair = np.array([[0, 0, 10, 10], [0, 0, 10, 5.5]], np.float32)  # IoU 0.55: NMS at 0.6 and above keeps both
     assert nms_choice(nms_losses([pair] + apart * 40)) == 0.6  # 1 of 82 objects lost below it: more than 1%
     assert nms_choice(nms_losses([pair] + apart * 60)) == 0.3  # 1 of 122: within it
     assert nms_choice(((0.3, 0.5), (0.4, 0.4), (0.5, 0.3), (0.6, 0.2), (0.7, 0.1))) == 0.7  # never: the largest tried
+    # per class: a crowded class does not loosen the others' NMS
+    pairs = [(pair, np.array([1, 1])), (apart[0], np.array([0, 0]))] + [(apart[0], np.array([0, 2]))] * 30
+    per_class = class_nms_losses(pairs, 4)
+    assert [nms_choice(lost) for lost in per_class] == [0.3, 0.6, 0.3, 0.3]  # class 3: no training object
     plain = by_key(choose(SMALL, "cpu"))
-    assert (plain["detect.nms_iou"], plain["detect.max_per_class"], plain["detect.max_per_class_split"]) == (0.3, 100, 40)
-    crowd = DataFacts(128, 254, 1, 60.0, 12.0, 640.0, 10.0, ((0.3, 0.021), (0.4, 0.012), (0.5, 0.004), (0.6, 0.004),
-                      (0.7, 0.0)), most_of_a_class=60, densest_per_image=25.0)  # fmt: skip
-    dense = by_key(choose(crowd, "cpu"))
-    assert (dense["detect.nms_iou"], dense["detect.max_per_class"], dense["detect.max_per_class_split"]) == (0.5, 300, 75)
+    assert (plain["detect.nms_iou"], plain["detect.max_per_class"], plain["detect.max_per_class_split"]) == (None, 100, 40)
+    zero = tuple((t, 0.0) for t in (0.3, 0.4, 0.5, 0.6, 0.7))
+    people = ((0.3, 0.024), (0.4, 0.012), (0.5, 0.004), (0.6, 0.004), (0.7, 0.0))
+    crowd = DataFacts(128, 254, 2, 60.0, 12.0, 640.0, 10.0, most_of_a_class=60, densest_per_image=25.0,
+                      class_nms_losses=(zero, people), class_names=("sign", "person"))  # fmt: skip
+    dense = [c for c in choose(crowd, "cpu") if c.key.startswith("detect.") and c.key != "detect.scores"]
+    assert [(c.key, c.value) for c in dense] == [("detect.nms_iou", None), ("detect.max_per_class", 300),
+                                                 ("detect.max_per_class_split", 75)]  # fmt: skip
+    assert "person at 0.5 (R-CNN's 0.3 would remove 2.4% of its training objects" in dense[0].why and "sign" not in dense[0].why
+
 
 
 def test_photos_are_detected_by_the_detector_the_route_trained(voc, tmp_path):
