@@ -151,21 +151,22 @@ def folds_of(ids: list, folds: int) -> list[list]:
     return [ids[f::folds] for f in range(folds)]
 
 
-def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStore) -> tuple[float, dict]:
+def select_C(ctx, features, proposals, ids: list, scale: float, store: StageStore, own_nms: list[float]) -> tuple[float, dict]:
     """R-CNN's C was tuned for ImageNet fc7 features; here it is chosen on the training data by K-fold
     cross-validation (``svm.folds``): for each C of ``svm.C_grid`` and each fold, SVMs (hard-negative mining,
     as the final ones) trained on the other folds' cached features score the fold's images by VOC07 mAP (no
     box regression). The C with the best mean wins (ties: the smaller), among the Cs that leave no class
     degenerate when there are such. Every image still trains the final detector (and the network, when it is
     fine-tuned: the folds then score images it has seen, an optimism shared by every C). Each (C, fold)
-    result is saved as it completes, so a killed run resumes. Returns ``(C, the selection's record)``."""
+    result is saved as it completes, so a killed run resumes. The folds are detected as the detector will be:
+    ``detect.nms_iou``, else ``own_nms`` (its own overlap a class). Returns ``(C, the selection's record)``."""
     from eval.detections import Detections
     from eval.voc import voc_eval
     from rcnn.boxes import postprocess
     from rcnn.datasets import DatasetError, gt_for_recall
 
     cfg, ds, sc = ctx.cfg, ctx.dataset, ctx.cfg.svm
-    nms = float(cfg.detect.nms_iou) if cfg.detect.nms_iou is not None else training_nms_iou(ds)  # as it will detect
+    nms = float(cfg.detect.nms_iou) if cfg.detect.nms_iou is not None else own_nms
     path = store.dir / "c_selection.json"
     done: list[dict] = json.loads(path.read_text()) if path.exists() else []
     parts_of = folds_of(ids, min(sc.folds, len(ids)))
@@ -287,9 +288,10 @@ def run_svm(ctx) -> dict:
                                 sc.target_norm)  # fmt: skip
 
     pos = _positives(ds, features, ids, scale)
+    own_nms = training_nms_iou(ds)  # the detector's NMS overlap of each class, from its training objects
     chosen, selection = None, None
     if sc.classifiers:
-        chosen, selection = (sc.C, None) if sc.C is not None else select_C(ctx, features, proposals, ids, scale, store)
+        chosen, selection = (sc.C, None) if sc.C is not None else select_C(ctx, features, proposals, ids, scale, store, own_nms)
     checkpoint = store.dir / "checkpoint.pt"
     state = _load_checkpoint(checkpoint, scale)
     resumed_at = 0 if state is None else state["next"]
@@ -348,7 +350,7 @@ def run_svm(ctx) -> dict:
         "classifier": classifier,
         # how the detector scores where detect.scores is null: as this run asked, where it has the classifier
         "scores": "softmax" if not svms else asked if asked and classifier is not None else "svm",
-        "nms_iou": training_nms_iou(ds),  # each class's NMS where detect.nms_iou is null: from its objects' overlaps
+        "nms_iou": own_nms,  # each class's NMS where detect.nms_iou is null
         "proposals": _proposal_parts(ctx), "features_key": features.key,
         "config": OmegaConf.to_yaml(cfg),
     }  # fmt: skip

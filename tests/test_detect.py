@@ -37,13 +37,17 @@ def brute_postprocess(boxes, scores, deltas, w, h, iou, top, per_class=None):
     return out[:top]
 
 
+def random_case(seed: int, classes: int, n: int = 60):
+    """``n`` random boxes, partly outside an 80 x 60 image, with scores for ``classes`` (and deltas on odd seeds)."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(-10, 90, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 40, (n, 2))], axis=1).astype(np.float32)
+    return boxes, rng.normal(0, 1, (n, classes)), rng.normal(0, 0.2, (n, classes, 4)) if seed % 2 else None
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_postprocess_matches_a_plain_loop(seed):
-    rng = np.random.default_rng(seed)
-    xy = rng.uniform(-10, 90, (60, 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(1, 40, (60, 2))], axis=1).astype(np.float32)
-    scores = rng.normal(0, 1, (60, 3))
-    deltas = rng.normal(0, 0.2, (60, 3, 4)) if seed % 2 else None
+    boxes, scores, deltas = random_case(seed, 3)
     b, s, lab = postprocess(boxes, scores, deltas, 80, 60, nms_iou=0.3, max_per_image=25)
     ref = brute_postprocess(boxes, scores, deltas, 80, 60, 0.3, 25)
     assert len(s) == len(ref) == 25
@@ -55,11 +59,7 @@ def test_postprocess_matches_a_plain_loop(seed):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_postprocess_with_an_overlap_a_class_matches_a_plain_loop(seed):
-    rng = np.random.default_rng(seed)
-    xy = rng.uniform(-10, 90, (60, 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(1, 40, (60, 2))], axis=1).astype(np.float32)
-    scores = rng.normal(0, 1, (60, 4))
-    deltas = rng.normal(0, 0.2, (60, 4, 4)) if seed % 2 else None
+    boxes, scores, deltas = random_case(seed, 4)
     overlaps = [0.3, 0.6, 0.3, 0.45]
     b, s, lab = postprocess(boxes, scores, deltas, 80, 60, nms_iou=overlaps, max_per_image=40)
     ref = brute_postprocess(boxes, scores, deltas, 80, 60, overlaps, 40)
