@@ -455,6 +455,26 @@ def test_coco_train_file_alone_holds_out_30_percent_by_file_name(tmp_path, caplo
     assert sorted(coco({"root": tmp_path}).image_ids(ds.test_split)) == sorted(test)
 
 
+@pytest.mark.parametrize("layout", ["cvat", "label-studio"])
+def test_coco_unsplit_exports_of_annotation_tools_found_in_root(tmp_path, layout):
+    """CVAT's COCO export (annotations/instances_default.json, images/) and Label Studio's (result.json, file
+    names under images/): one file, so 30% of its images test."""
+    from tests.fakes import coco_json
+
+    prefix = "images/" if layout == "label-studio" else ""
+    images = [{"id": k + 1, "file_name": f"{prefix}p{k}.jpg", "width": 64, "height": 48} for k in range(10)]
+    anns = [{"id": k + 1, "image_id": k + 1, "category_id": 1, "bbox": [2, 2, 20, 20], "iscrowd": 0} for k in range(10)]
+    path = tmp_path / ("annotations/instances_default.json" if layout == "cvat" else "result.json")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(coco_json(images, anns)))
+    for k in range(10):
+        write_image(tmp_path / "images" / f"p{k}.jpg", 64, 48, seed=k)
+    ds = coco({"root": tmp_path})
+    train, test = ds.image_ids(ds.train_split), ds.image_ids(ds.test_split)
+    assert sorted(train + test) == list(range(1, 11)) and test and not set(train) & set(test)
+    assert ds.image_path(test[0]) == tmp_path / "images" / f"p{test[0] - 1}.jpg"
+
+
 def test_coco_2017_layout_found_in_root(tmp_path):
     (tmp_path / "src").mkdir()
     paths = write_coco(tmp_path / "src")

@@ -121,7 +121,9 @@ def _split(
     return records, order
 
 
-TRAIN_NAMES = ("train",)  # a split's JSON under dataset.root: <name>/_annotations.coco.json, annotations/...
+# a split's JSON under dataset.root: <name>/_annotations.coco.json, annotations/...; the training file is "train",
+# else the one file of an unsplit export: CVAT's annotations/instances_default.json, Label Studio's result.json
+TRAIN_NAMES = ("train", "default", "result")
 TEST_NAMES = ("test", "valid", "val")  # the first found is the test split
 
 
