@@ -165,6 +165,22 @@ def test_voc_without_split_lists_holds_out_30_percent_by_id(tmp_path, caplog):
         voc(tmp_path)
 
 
+def test_voc_kaggle_layout_annotations_beside_images(tmp_path, caplog):
+    # Kaggle's VOC sets (andrewmvd's road signs, face masks, car plates) and Label Studio's export: annotations/
+    # (or Annotations/) beside images/, no split lists
+    images = {f"road{k}": [("sign", 1, 1, 10, 20)] for k in range(10)}
+    write_voc(tmp_path, images=images, splits={})
+    (tmp_path / "Annotations").rename(tmp_path / "annotations")
+    (tmp_path / "JPEGImages").rename(tmp_path / "images")
+    with caplog.at_level(logging.INFO, logger="rcnn.datasets"):
+        ds = voc(tmp_path)
+    assert sorted(ds.image_ids("train") + ds.image_ids("test")) == sorted(images) and ds.image_ids("test")
+    assert ds.image_path("road3") == tmp_path / "images" / "road3.jpg" and ds.annotation("road3").labels.tolist() == [0]
+    assert "annotations in annotations/, images in images/" in caplog.text
+    write_voc(tmp_path / "tree", images=images, splits={})
+    assert voc(tmp_path / "tree").splits == ds.splits  # the same images held out as in a VOC tree
+
+
 def write_xml_beside_images(folder, images):
     folder.mkdir(parents=True, exist_ok=True)
     for k, (image_id, objects) in enumerate(images.items()):

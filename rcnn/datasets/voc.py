@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 AUTO = "auto"  # a split name chosen from the lists the tree has
 TEST_LISTS = ("test", "val")  # dataset.test_split=auto takes the first present
 TRAIN_LISTS = ("trainval", "train")  # dataset.train_split=auto: the first present ("train" beside "val")
+ANNOTATION_DIRS = ("Annotations", "annotations")  # a tree's XML folder: VOC's, else Kaggle's and Label Studio's
+IMAGE_DIRS = ("JPEGImages", "images", "Images")  # and its images', the first present
 TRAIN_FOLDERS = ("train",)  # XML beside images, a folder a split (no Annotations/): the train split's folder
 TEST_FOLDERS = ("test", "valid", "val")  # and the test split's, the first present
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")  # looked for when <id><image_ext> is not there
@@ -164,7 +166,7 @@ def _stems(folder: Path) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.xml"))
 
 
-def voc_splits(root: Path, train: str, test: str) -> dict[str, list[str]]:
+def voc_splits(root: Path, train: str, test: str, annotations: Path | None = None) -> dict[str, list[str]]:
     """``{train name: ids, test name: ids}`` of a VOC tree (the train split first), from
     ``ImageSets/Main/<split>.txt``. A name ``auto`` takes the lists the tree has: test, else val; trainval,
     else train (train where the test split is val, which trainval contains). A tree without either list
@@ -174,7 +176,7 @@ def voc_splits(root: Path, train: str, test: str) -> dict[str, list[str]]:
     have = {p.stem for p in lists.glob("*.txt")} if lists.is_dir() else set()
     there = f" (lists there: {', '.join(sorted(s for s in have if '_' not in s)) or 'none'})"  # not VOC's <class>_<split>
     if train == test == AUTO and not have & {*TEST_LISTS, *TRAIN_LISTS}:
-        return _held_out(_stems(root / "Annotations"), root, "write ImageSets/Main/train.txt and test.txt")
+        return _held_out(_stems(annotations or root / "Annotations"), root, "write ImageSets/Main/train.txt and test.txt")
     if train == test == AUTO and not have & set(TEST_LISTS):  # a training list alone: a share of it tests
         name = next(s for s in TRAIN_LISTS if s in have)
         ids = [r[0] for r in _read_lines(lists / f"{name}.txt", f"split list of '{name}'", there)]
@@ -224,11 +226,15 @@ def folder_splits(root: Path, train: str, test: str) -> dict[str, list[str]] | N
 
 def load_voc(cfg, hint: str = "") -> DetectionDataset:
     """VOC XML: a VOC tree (``Annotations/<id>.xml``, ``JPEGImages/<id><ext>``, ``ImageSets/Main/<split>.txt``:
-    :func:`voc_splits`), or XML files beside their images (:func:`folder_splits`)."""
+    :func:`voc_splits`; or Kaggle's and Label Studio's ``annotations/`` or ``Annotations/`` beside ``images/``), or XML
+    files beside their images (:func:`folder_splits`)."""
     root = Path(cfg.root)
-    if (root / "Annotations").is_dir():
-        split_ids = voc_splits(root, cfg.train_split, cfg.test_split)
-        annotations, images = root / "Annotations", root / "JPEGImages"
+    annotations = next((root / d for d in ANNOTATION_DIRS if (root / d).is_dir()), None)
+    if annotations is not None:
+        split_ids = voc_splits(root, cfg.train_split, cfg.test_split, annotations)
+        images = next((root / d for d in IMAGE_DIRS if (root / d).is_dir()), root / IMAGE_DIRS[0])
+        if annotations.name != "Annotations" or images.name != "JPEGImages":
+            log.info("%s: annotations in %s/, images in %s/", root, annotations.name, images.name)
     else:
         split_ids = folder_splits(root, cfg.train_split, cfg.test_split) if root.is_dir() else None
         if split_ids is None:
