@@ -167,8 +167,9 @@ def _held_out_images(data: dict, path: Path) -> tuple[dict, dict]:
     images = [im for im in data["images"] if isinstance(im, dict)]
     if len(images) < 2:
         raise DatasetError(f"{path}: {len(images)} image(s) and no test split's file beside it; a dataset needs 2 at least")
-    held = held_out([str(im.get("file_name", im.get("id"))) for im in images])
-    test_ids = {im.get("id") for im in images if str(im.get("file_name", im.get("id"))) in held}
+    names = [str(im.get("file_name", im.get("id"))) for im in images]
+    held = held_out(names)
+    test_ids = {im.get("id") for im, name in zip(images, names) if name in held}
 
     def part(test: bool) -> dict:
         return {**data, "images": [im for im in images if (im.get("id") in test_ids) == test],
