@@ -331,7 +331,7 @@ def log_route(record: list[dict]) -> None:
     """What the default route chose and why, and what the command line or the dataset's recipe kept."""
     chosen = [r for r in record if r["applied"]]
     kept = [r["key"] for r in record if not r["applied"]]
-    lines = [f"  {r['key']}={r['value']}  ({r['why']})" for r in chosen]
+    lines = [f"  {r['key']}={override_value(r['value'])}  ({r['why']})" for r in chosen]  # as a command line takes it
     log.info("auto: settings chosen from the device and the data (auto=false for R-CNN's defaults; any key=value "
              "overrides one):\n%s%s", "\n".join(lines),
              f"\n  kept as given: {', '.join(kept)}" if kept else "")  # fmt: skip

@@ -115,6 +115,7 @@ def test_the_route_is_said_recorded_and_the_command_line_wins(voc, tmp_path, cap
     with caplog.at_level("INFO"):
         assert main(args) == 0
     assert "auto: settings chosen from the device and the data" in caplog.text and "features.mode=warp" in caplog.text
+    assert "  svm.C=null  (" in caplog.text and "  finetune.enabled=true  (" in caplog.text  # as the command line takes them
     recipe = {r["key"]: r for r in json.loads((tmp_path / "run" / "data" / "metrics.json").read_text())["recipe"]}
     assert recipe["features.mode"]["applied"] and recipe["features.mode"]["why"]
     assert not recipe["finetune.iterations"]["applied"]  # the command line set it
