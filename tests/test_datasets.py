@@ -491,6 +491,19 @@ def test_coco_unsplit_exports_of_annotation_tools_found_in_root(tmp_path, layout
     assert ds.image_path(test[0]) == tmp_path / "images" / f"p{test[0] - 1}.jpg"
 
 
+def test_coco_file_names_from_the_datasets_root(tmp_path):
+    # file names that carry their split's folder (train/a.jpg) while the JSON sits inside that folder
+    paths = write_coco(tmp_path)
+    for split in ("train", "test"):
+        data = json.loads(Path(paths[f"{split}_json"]).read_text())
+        for im in data["images"]:
+            im["file_name"] = f"{split}/{im['file_name']}"
+        (tmp_path / split / "_annotations.coco.json").write_text(json.dumps(data))
+        Path(paths[f"{split}_json"]).unlink()
+    ds = coco({"root": tmp_path})
+    assert ds.image_path(11) == tmp_path / "test" / "c.jpg"
+
+
 def test_coco_2017_layout_found_in_root(tmp_path):
     (tmp_path / "src").mkdir()
     paths = write_coco(tmp_path / "src")

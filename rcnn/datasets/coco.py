@@ -149,11 +149,13 @@ def find_json(root: Path, names: tuple[str, ...], key: str, missing_ok: bool = F
 
 def images_folder(path: Path, data: dict, key: str) -> Path:
     """Where a split's images are when ``dataset.<key>`` is not given: the JSON's own folder (Roboflow's
-    exports), else ``images/`` in it or beside it, or COCO's ``<split>/`` beside ``annotations/``, whichever
-    holds the first image the file names."""
+    exports), else ``images/`` in it or beside it, or COCO's ``<split>/`` beside ``annotations/``, or the folder
+    above the JSON's (file names such as ``train/a.jpg`` from the dataset's root), whichever holds the first image
+    the file names."""
     first = next((str(im["file_name"]) for im in data["images"] if isinstance(im, dict) and "file_name" in im), None)
     split = path.stem.removeprefix("instances_")
-    candidates = [path.parent, path.parent / "images", path.parent.parent / "images", path.parent.parent / split]
+    candidates = [path.parent, path.parent / "images", path.parent.parent / "images", path.parent.parent / split,
+                  path.parent.parent]  # fmt: skip
     for folder in candidates:
         if first is None or (folder / first).is_file():
             return folder
