@@ -492,12 +492,13 @@ def test_coco_unsplit_exports_of_annotation_tools_found_in_root(tmp_path, layout
 
 
 def test_coco_file_names_from_the_datasets_root(tmp_path):
-    # file names that carry their split's folder (train/a.jpg) while the JSON sits inside that folder
+    # file names that carry their split's folder (train/a.jpg; test\\c.jpg as a Windows tool writes it) while the
+    # JSON sits inside that folder
     paths = write_coco(tmp_path)
-    for split in ("train", "test"):
+    for split, sep in (("train", "/"), ("test", "\\")):
         data = json.loads(Path(paths[f"{split}_json"]).read_text())
         for im in data["images"]:
-            im["file_name"] = f"{split}/{im['file_name']}"
+            im["file_name"] = f"{split}{sep}{im['file_name']}"
         (tmp_path / split / "_annotations.coco.json").write_text(json.dumps(data))
         Path(paths[f"{split}_json"]).unlink()
     ds = coco({"root": tmp_path})

@@ -62,7 +62,7 @@ def _split(
     images = {}
     for im in data["images"]:
         try:
-            image_id, file_name = int(im["id"]), str(im["file_name"])
+            image_id, file_name = int(im["id"]), _file_name(im)
             width, height = int(im["width"]), int(im["height"])
         except (KeyError, TypeError, ValueError):
             raise DatasetError(f"{path}: malformed image entry {im!r} (needs id, file_name, width, height)") from None
@@ -147,12 +147,17 @@ def find_json(root: Path, names: tuple[str, ...], key: str, missing_ok: bool = F
                        f"{' and the same for ' + ', '.join(names[1:]) if len(names) > 1 else ''}); set dataset.{key}=FILE")  # fmt: skip
 
 
+def _file_name(im: dict) -> str:
+    """An image entry's ``file_name`` as a relative path here (a Windows tool's ``images\\a.jpg``: ``images/a.jpg``)."""
+    return str(im["file_name"]).replace("\\", "/")
+
+
 def images_folder(path: Path, data: dict, key: str) -> Path:
     """Where a split's images are when ``dataset.<key>`` is not given: the JSON's own folder (Roboflow's
     exports), else ``images/`` in it or beside it, or COCO's ``<split>/`` beside ``annotations/``, or the folder
     above the JSON's (file names such as ``train/a.jpg`` from the dataset's root), whichever holds the first image
     the file names."""
-    first = next((str(im["file_name"]) for im in data["images"] if isinstance(im, dict) and "file_name" in im), None)
+    first = next((_file_name(im) for im in data["images"] if isinstance(im, dict) and "file_name" in im), None)
     split = path.stem.removeprefix("instances_")
     candidates = [path.parent, path.parent / "images", path.parent.parent / "images", path.parent.parent / split,
                   path.parent.parent]  # fmt: skip
