@@ -170,9 +170,11 @@ def batched_nms(boxes, scores, labels, iou_threshold: float | Sequence[float]) -
     if np.ndim(iou_threshold) == 0:
         return ops.batched_nms(_tensor(b), _tensor(s), _tensor(lab), float(iou_threshold)).numpy()
     per_label = np.asarray(iou_threshold, np.float64)[lab]
-    kept = [np.flatnonzero(per_label == t)[batched_nms(b[per_label == t], s[per_label == t], lab[per_label == t], t)]
-            for t in np.unique(per_label)]  # one batched pass per distinct overlap
-    kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    kept = [np.zeros(0, np.int64)]
+    for t in np.unique(per_label):  # one batched pass per distinct overlap
+        idx = np.flatnonzero(per_label == t)
+        kept.append(idx[batched_nms(b[idx], s[idx], lab[idx], t)])
+    kept = np.concatenate(kept)
     return kept[np.argsort(-s[kept], kind="stable")]
 
 

@@ -30,9 +30,8 @@ The rules, each measured on roadsigns or the demo (BENCHMARKS.md, "Roadsigns in 
 * detection: per-class NMS at R-CNN's 0.3 unless the training objects of a class overlap each other more (crowds,
   cells, shelves): then, for that class, the least of ``NMS_CHOICES`` at which NMS would remove at most ``NMS_LOSS``
   of them from a perfect detector's boxes (:func:`training_nms_iou`; the detector file carries one overlap a
-  class, ``detect.nms_iou=null``); each
-  image's boxes of a class before NMS and the split's detections of a class per image raised above R-CNN's 100 and
-  40 where the training images hold that many objects of a class.
+  class, ``detect.nms_iou=null``); each image's boxes of a class before NMS and the split's detections of a class
+  per image raised above R-CNN's 100 and 40 where the training images hold that many objects of a class.
 * the SVMs' C: by cross-validation (``svm.C=null``; 2 folds and two Cs on a CPU, where each is a mining pass).
 * scores: on a CPU the fine-tuned network's own classifier (``detect.scores=softmax``), which beat the SVMs on
   roadsigns after each of three fine-tunings (Fast R-CNN's finding, against R-CNN's); then no SVMs are trained
@@ -123,11 +122,6 @@ def _training_boxes(ds) -> list[tuple[np.ndarray, np.ndarray]]:
     return [gt_for_training(ds, i) for i in ds.image_ids(ds.train_split)]
 
 
-def _class_groups(pairs) -> list[np.ndarray]:
-    """Each image's boxes of each of its classes."""
-    return [b[lab == c] for b, lab in pairs for c in np.unique(lab)]
-
-
 def class_nms_losses(pairs, num_classes: int) -> tuple:
     """:func:`nms_losses` of each class's training objects (``pairs``: each image's boxes and labels)."""
     return tuple(nms_losses([b[lab == c] for b, lab in pairs if (lab == c).any()]) for c in range(num_classes))
@@ -144,8 +138,8 @@ def data_facts(ds) -> DataFacts:
     ids = ds.image_ids(ds.train_split)
     pairs = _training_boxes(ds)
     boxes = [b for b, _ in pairs]
-    groups = _class_groups(pairs)
-    per_class = np.bincount(np.concatenate([lab for _, lab in pairs]).astype(np.int64), minlength=1) if pairs else np.zeros(1)
+    labels = [np.asarray(lab, np.int64) for _, lab in pairs]
+    per_class = np.bincount(np.concatenate(labels), minlength=1) if labels else np.zeros(1)
     longs = np.array([max(a.width, a.height) for a in map(ds.annotation, ids)], np.float64)
     allb = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
     side = np.sqrt(np.clip(allb[:, 2] - allb[:, 0], 0, None) * np.clip(allb[:, 3] - allb[:, 1], 0, None))
@@ -157,7 +151,7 @@ def data_facts(ds) -> DataFacts:
         small_object_side=float(np.percentile(side, 5)) if len(side) else 0.0,
         median_long_side=float(np.median(longs)) if len(longs) else 0.0,
         small_object_side_ss=float(np.percentile(side_ss, 5)) if len(side) else 0.0,
-        most_of_a_class=max((len(g) for g in groups), default=0), densest_per_image=float(per_class.max() / max(len(ids), 1)),
+        most_of_a_class=max((int(np.bincount(lab).max()) for lab in labels if len(lab)), default=0), densest_per_image=float(per_class.max() / max(len(ids), 1)),
         class_nms_losses=class_nms_losses(pairs, ds.num_classes), class_names=tuple(ds.classes),
     )  # fmt: skip
 
